@@ -1,0 +1,460 @@
+"""
+data.py -- everything about images in and tensors out, shared by every nanoMIM script.
+
+  build_dataset(spec, split)   '' / 'shapes' -> the embedded procedural dataset (no download);
+                               a folder -> ImageNet layout (DIR/{train,val}/<class>/*.jpg) or a flat class folder
+  transforms                   mae_transform, LUTTransform, MultiCropTransform (iBOT), dtm_transform,
+                               finetune_transform, eval_transform; all torchvision.transforms.v2
+  masks                        random_masking (MAE/LUT, on the device), block_mask / ibot_mask / exact_block_mask
+                               (BEiT-style blockwise, iBOT / DTM, in the loader workers)
+  make_loader / batches        one loader builder for every script; randomness per sample is a pure function of
+                               (seed, epoch, index), so DDP == single process and resume == uninterrupted
+
+Every transform is called with the image only; per-sample randomness comes from torch's RNG, which the loader
+seeds per sample (see Seeded).
+"""
+import math
+import os
+import random
+import warnings
+
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader, Dataset, Sampler
+from torchvision import tv_tensors
+from torchvision.transforms import v2
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+IMG_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.bmp', '.webp', '.tif', '.tiff', '.ppm', '.pgm')
+
+# -----------------------------------------------------------------------------
+# the embedded dataset: procedural shapes on textured backgrounds, with labels and segmentation masks
+
+SHAPE_CLASSES = ('disk', 'square', 'triangle', 'diamond', 'cross', 'ring', 'ellipse', 'star', 'half-disk', 'frame')
+SHAPES_SPLITS = {'train': (5000, 0), 'val': (1000, 10_000_019)}  # split: (number of images, seed offset)
+
+
+def _shape_region(kind, u, v, R):
+    """Boolean region of shape `kind` in rotated, centred coordinates (u, v) with radius R."""
+    r = np.sqrt(u ** 2 + v ** 2)
+    if kind == 'disk':
+        return r < R
+    if kind == 'square':
+        return np.maximum(abs(u), abs(v)) < 0.8 * R
+    if kind == 'triangle':  # equilateral, three half-planes
+        return (v < 0.5 * R) & (np.sqrt(3) * u - v < R) & (-np.sqrt(3) * u - v < R)
+    if kind == 'diamond':
+        return abs(u) + abs(v) < R
+    if kind == 'cross':
+        return ((abs(u) < R / 3) & (abs(v) < R)) | ((abs(v) < R / 3) & (abs(u) < R))
+    if kind == 'ring':
+        return (r < R) & (r > 0.55 * R)
+    if kind == 'ellipse':
+        return (u / R) ** 2 + (v / (0.45 * R)) ** 2 < 1
+    if kind == 'star':
+        return r < R * (0.55 + 0.45 * np.cos(5 * np.arctan2(v, u)))
+    if kind == 'half-disk':
+        return (r < R) & (v > -0.1 * R)
+    if kind == 'frame':
+        m = np.maximum(abs(u), abs(v))
+        return (m < 0.85 * R) & (m > 0.55 * R)
+    raise ValueError(kind)
+
+
+def _smooth_noise(rng, size, cells):
+    """Low-frequency noise in [0, 1]: a random cells x cells grid upsampled bilinearly to size x size."""
+    g = torch.from_numpy(rng.random((1, 1, cells, cells)).astype(np.float32))
+    return torch.nn.functional.interpolate(g, size=(size, size), mode='bilinear', align_corners=True)[0, 0].numpy()
+
+
+def render_shape(index, size, seed=0):
+    """Deterministic image number `index`: returns (uint8 array (size, size, 3), class label, mask (size, size)
+    with 0 = background and 1 + label on the object)."""
+    rng = np.random.default_rng([seed, index])
+    label = int(index % len(SHAPE_CLASSES))  # balanced classes
+    yy, xx = np.mgrid[0:size, 0:size].astype(np.float32) / size  # (size, size) in [0, 1)
+    # background: two colours blended by smooth noise, plus a stripe texture of random frequency/orientation
+    c0, c1 = rng.random(3), rng.random(3)
+    n = _smooth_noise(rng, size, int(rng.integers(2, 5)))[..., None]
+    theta, freq = rng.random() * math.pi, rng.uniform(4, 12)
+    stripes = 0.5 + 0.5 * np.sin(2 * math.pi * freq * (xx * math.cos(theta) + yy * math.sin(theta)))
+    img = (c0 * n + c1 * (1 - n)) * (0.85 + 0.15 * stripes[..., None])
+    # the object: random centre, radius, rotation, colour far from the background, its own texture
+    R = rng.uniform(0.22, 0.38)
+    cx, cy = rng.uniform(R * 0.8, 1 - R * 0.8, size=2)
+    a = rng.random() * 2 * math.pi
+    u = (xx - cx) * math.cos(a) + (yy - cy) * math.sin(a)
+    v = -(xx - cx) * math.sin(a) + (yy - cy) * math.cos(a)
+    region = _shape_region(SHAPE_CLASSES[label], u, v, R)
+    fg = (1 - c0 * 0.5 - c1 * 0.5 + rng.normal(0, 0.15, 3)).clip(0, 1)
+    shade = 0.8 + 0.2 * _smooth_noise(rng, size, 3)[..., None]
+    img = np.where(region[..., None], fg * shade, img)
+    img = (img + rng.normal(0, 0.02, img.shape)).clip(0, 1)
+    mask = np.where(region, label + 1, 0).astype(np.uint8)
+    return (img * 255).round().astype(np.uint8), label, mask
+
+
+class Shapes(Dataset):
+    """The embedded dataset: 10 balanced classes of shapes (SHAPE_CLASSES) on textured backgrounds, rendered on the
+    fly at any resolution, deterministic by (split, index). Items: (uint8 image (3, H, W), label), or with
+    `with_mask=True` (image, label, mask (H, W) int64 with 0 = background, 1 + label = object)."""
+    classes = SHAPE_CLASSES
+
+    def __init__(self, split='train', size=64, with_mask=False, length=None):
+        if split not in SHAPES_SPLITS:
+            raise ValueError(f'unknown split {split!r} for the embedded dataset; use train or val')
+        n, self.seed = SHAPES_SPLITS[split]
+        self.n, self.size, self.with_mask = length or n, size, with_mask
+        self.targets = [i % len(SHAPE_CLASSES) for i in range(self.n)]
+
+    def __len__(self):
+        return self.n
+
+    def __getitem__(self, i):
+        img, label, mask = render_shape(i, self.size, self.seed)
+        img = tv_tensors.Image(torch.from_numpy(img).permute(2, 0, 1).contiguous())
+        if self.with_mask:
+            return img, label, tv_tensors.Mask(torch.from_numpy(mask).long())
+        return img, label
+
+
+# -----------------------------------------------------------------------------
+# image folders
+
+
+def load_rgb(path):
+    """Open an image and convert any mode (L, P, CMYK, RGBA, I;16) to RGB; raises on unreadable files."""
+    with open(path, 'rb') as f:
+        img = Image.open(f)
+        img.load()
+    if img.mode in ('RGBA', 'LA') or (img.mode == 'P' and 'transparency' in img.info):
+        img = img.convert('RGBA')  # composite transparent pixels on white, not black
+        bg = Image.new('RGBA', img.size, (255, 255, 255, 255))
+        img = Image.alpha_composite(bg, img)
+    return img.convert('RGB')
+
+
+class ImageFolder(Dataset):
+    """<root>/<class>/<image> with classes in sorted order. Unreadable or corrupt images are skipped: a warning
+    line names the file, `num_bad` counts them in this process, and the next readable image is returned."""
+
+    def __init__(self, root):
+        if not os.path.isdir(root):
+            raise FileNotFoundError(f'data folder {root} does not exist')
+        self.classes = sorted(d.name for d in os.scandir(root) if d.is_dir())
+        if not self.classes:
+            raise ValueError(f'data folder {root} has no class sub-folders (expected {root}/<class>/<image>)')
+        self.samples = []
+        for ci, c in enumerate(self.classes):
+            for dirpath, _, files in sorted(os.walk(os.path.join(root, c), followlinks=True)):
+                self.samples += [(os.path.join(dirpath, f), ci) for f in sorted(files)
+                                 if f.lower().endswith(IMG_EXTENSIONS)]
+        if not self.samples:
+            raise ValueError(f'data folder {root} holds no images ({", ".join(IMG_EXTENSIONS)})')
+        self.targets = [c for _, c in self.samples]
+        self.num_bad = 0
+
+    def __len__(self):
+        return len(self.samples)
+
+    def __getitem__(self, i):
+        for j in range(len(self.samples)):
+            path, label = self.samples[(i + j) % len(self.samples)]
+            try:
+                return load_rgb(path), label
+            except Exception as e:
+                self.num_bad += 1
+                warnings.warn(f'skipping unreadable image {path} ({type(e).__name__}: {e}); '
+                              f'{self.num_bad} skipped so far in this process')
+        raise RuntimeError(f'no readable image in the dataset ({len(self.samples)} files)')
+
+
+def build_dataset(spec, split='train', img_size=64, with_mask=False):
+    """The dataset named by --data: '' or 'shapes' -> embedded Shapes at img_size; a folder -> ImageFolder of
+    DIR/train or DIR/val if present (ImageNet layout), else DIR itself."""
+    if spec in ('', None, 'shapes'):
+        return Shapes(split, img_size, with_mask=with_mask)
+    if not os.path.isdir(spec):
+        raise FileNotFoundError(f'--data {spec}: folder does not exist')
+    sub = os.path.join(spec, split)
+    return ImageFolder(sub if os.path.isdir(sub) else spec)
+
+
+# -----------------------------------------------------------------------------
+# transforms (torchvision.transforms.v2; PIL images and uint8 tensors alike)
+
+
+def _to_tensor(mean=IMAGENET_MEAN, std=IMAGENET_STD):
+    return [v2.ToImage(), v2.ToDtype(torch.float32, scale=True), v2.Normalize(mean, std)]
+
+
+def mae_transform(img_size, scale=(0.2, 1.0)):
+    """MAE pre-training: RandomResizedCrop(scale (0.2, 1), bicubic) + flip."""
+    return v2.Compose([v2.ToImage(), v2.RandomResizedCrop(img_size, scale=scale, interpolation=v2.InterpolationMode.BICUBIC,
+                                                          antialias=True), v2.RandomHorizontalFlip()] + _to_tensor()[1:])
+
+
+def src_crop(img_size):
+    """Simple resized crop (DeiT-III / LUT): shorter side -> img_size, random crop with 4-px reflect pad, flip."""
+    return v2.Compose([v2.ToImage(), v2.Resize(img_size, interpolation=v2.InterpolationMode.BICUBIC, antialias=True),
+                       v2.RandomCrop(img_size, padding=4, padding_mode='reflect'), v2.RandomHorizontalFlip()])
+
+
+def color_jitter(p=0.8, saturation=0.2, hue=0.1):
+    return v2.RandomApply([v2.ColorJitter(0.4, 0.4, saturation, hue)], p=p)
+
+
+def gaussian_blur(img_size, p):
+    """PIL-style blur with sigma ~ U(0.1, 2.0) (BYOL/DINO), kernel ~10% of the image, applied with probability p."""
+    k = max(3, int(0.1 * img_size) // 2 * 2 + 1)
+    return v2.RandomApply([v2.GaussianBlur(k, sigma=(0.1, 2.0))], p=p)
+
+
+class LUTTransform:
+    """Two views of one image with the same geometry (SRC by default, RRC with crop='rrc') and different
+    photometric augmentation: view 1 weak (geometry only; it is reconstructed), view 2 colour jitter (p 0.8)
+    followed by one of grayscale / solarize / blur (asymmetric, BYOL-like). Returns (view1, view2)."""
+
+    def __init__(self, img_size, crop='src'):
+        if crop == 'src':
+            self.geometry = src_crop(img_size)
+        elif crop == 'rrc':
+            self.geometry = v2.Compose([v2.ToImage(), v2.RandomResizedCrop(
+                img_size, scale=(0.2, 1.0), interpolation=v2.InterpolationMode.BICUBIC, antialias=True),
+                v2.RandomHorizontalFlip()])
+        else:
+            raise ValueError(f'--crop must be src or rrc, got {crop!r}')
+        self.strong = v2.Compose([color_jitter(), v2.RandomChoice([
+            v2.Grayscale(3), v2.RandomSolarize(128, p=1.0), gaussian_blur(img_size, 1.0)])])
+        self.finish = v2.Compose(_to_tensor()[1:])
+
+    def __call__(self, img):
+        base = self.geometry(img)  # uint8 (3, S, S), one crop for both views
+        return self.finish(base), self.finish(self.strong(base))
+
+
+class MultiCropTransform:
+    """iBOT/DINO multi-crop: 2 global crops (global 1 blur p 1.0; global 2 blur p 0.1 + solarize p 0.2) and
+    `n_local` local crops (blur p 0.5), all with flip + colour jitter (p 0.8) + grayscale (p 0.2), RRC bicubic.
+    Returns a list of 2 + n_local tensors."""
+
+    def __init__(self, global_size, local_size, n_local, global_scale=(0.25, 1.0), local_scale=(0.05, 0.25)):
+        def crop(size, scale, *extra):
+            return v2.Compose([v2.ToImage(), v2.RandomResizedCrop(size, scale=scale, antialias=True,
+                                                                  interpolation=v2.InterpolationMode.BICUBIC),
+                               v2.RandomHorizontalFlip(), color_jitter(), v2.RandomGrayscale(0.2), *extra]
+                              + _to_tensor()[1:])
+        self.global1 = crop(global_size, global_scale, gaussian_blur(global_size, 1.0))
+        self.global2 = crop(global_size, global_scale, gaussian_blur(global_size, 0.1), v2.RandomSolarize(128, p=0.2))
+        self.local = crop(local_size, local_scale, gaussian_blur(local_size, 0.5))
+        self.n_local = n_local
+
+    def __call__(self, img):
+        return [self.global1(img), self.global2(img)] + [self.local(img) for _ in range(self.n_local)]
+
+
+def dtm_transform(img_size, scale=(0.2, 1.0)):
+    """DTM / BEiT pre-training view (student and teacher see the same one): colour jitter (0.4, 0.4, 0.4),
+    flip, RandomResizedCrop bicubic."""
+    return v2.Compose([v2.ToImage(), v2.ColorJitter(0.4, 0.4, 0.4), v2.RandomHorizontalFlip(),
+                       v2.RandomResizedCrop(img_size, scale=scale, interpolation=v2.InterpolationMode.BICUBIC,
+                                            antialias=True)] + _to_tensor()[1:])
+
+
+def finetune_transform(img_size, rand_augment=(2, 9), reprob=0.25):
+    """MAE fine-tuning train transform: RRC (0.08, 1) bicubic + flip + RandAugment(n, m) + random erasing.
+    Mixup/CutMix act on batches (v2.MixUp / v2.CutMix in finetune.py)."""
+    t = [v2.ToImage(), v2.RandomResizedCrop(img_size, interpolation=v2.InterpolationMode.BICUBIC, antialias=True),
+         v2.RandomHorizontalFlip()]
+    if rand_augment:
+        t.append(v2.RandAugment(num_ops=rand_augment[0], magnitude=rand_augment[1]))
+    t += _to_tensor()[1:]
+    if reprob > 0:
+        t.append(v2.RandomErasing(p=reprob, value=0))
+    return v2.Compose(t)
+
+
+def eval_transform(img_size, crop_pct=0.875):
+    """Resize the shorter side to img_size / crop_pct, then center crop img_size (256 -> 224 at ImageNet size)."""
+    return v2.Compose([v2.ToImage(), v2.Resize(int(round(img_size / crop_pct)), interpolation=v2.InterpolationMode.BICUBIC,
+                                               antialias=True), v2.CenterCrop(img_size)] + _to_tensor()[1:])
+
+
+def denormalize(x, mean=IMAGENET_MEAN, std=IMAGENET_STD):
+    """Normalized (B, 3, H, W) -> [0, 1] pixels for saving pictures."""
+    m = torch.tensor(mean, device=x.device).view(1, 3, 1, 1)
+    s = torch.tensor(std, device=x.device).view(1, 3, 1, 1)
+    return (x * s + m).clamp(0, 1)
+
+
+# -----------------------------------------------------------------------------
+# masks
+
+
+class WithNoise:
+    """transform(img) -> (transform(img), noise (L,) ~ U(0, 1)): the per-sample masking noise of MAE/LUT, drawn in
+    the loader from the sample's seed so that masks, like crops, are a pure function of (seed, epoch, index)."""
+
+    def __init__(self, transform, num_patches):
+        self.transform, self.num_patches = transform, num_patches
+
+    def __call__(self, img):
+        return self.transform(img), torch.rand(self.num_patches)
+
+
+def random_masking(noise, mask_ratio):
+    """MAE per-sample random masking by argsort of uniform noise (B, L) (small noise = keep).
+    Returns ids_shuffle (B, L), ids_restore (B, L) (its inverse permutation) and K = int(L * (1 - mask_ratio)).
+    ids_keep = ids_shuffle[:, :K]; the binary mask (1 = removed) is mask_from_ids(ids_shuffle[:, :K], L)."""
+    if not 0.0 < mask_ratio < 1.0:
+        raise ValueError(f'mask ratio must be in (0, 1), got {mask_ratio}')
+    L = noise.shape[1]
+    ids_shuffle = torch.argsort(noise, dim=1)
+    ids_restore = torch.argsort(ids_shuffle, dim=1)
+    return ids_shuffle, ids_restore, int(L * (1 - mask_ratio))
+
+
+def mask_from_ids(ids_keep, L):
+    """(B, K) kept indices -> (B, L) float mask in the original patch order, 0 = keep, 1 = remove."""
+    mask = torch.ones(ids_keep.shape[0], L, device=ids_keep.device)
+    return mask.scatter_(1, ids_keep, 0.0)
+
+
+def block_mask(h, w, num_masking, rng, min_patches=16, max_patches=None, min_aspect=0.3):
+    """BEiT-style blockwise mask on an h x w grid: place random rectangles (area >= min_patches, log-uniform
+    aspect in (min_aspect, 1/min_aspect)) until about `num_masking` cells are masked; never more.
+    Returns a bool array (h, w). rng: numpy Generator."""
+    mask = np.zeros((h, w), dtype=bool)
+    max_patches = num_masking if max_patches is None else max_patches
+    log_aspect = (math.log(min_aspect), math.log(1 / min_aspect))
+    count = 0
+    while count < num_masking:
+        remaining = num_masking - count
+        added = 0
+        for _ in range(10):  # up to 10 attempts per block, as in BEiT / iBOT
+            target_area = rng.uniform(min_patches, max(min_patches, min(remaining, max_patches)))
+            aspect = math.exp(rng.uniform(*log_aspect))
+            bh, bw = int(round(math.sqrt(target_area * aspect))), int(round(math.sqrt(target_area / aspect)))
+            if bw < w and bh < h:
+                top, left = int(rng.integers(0, h - bh + 1)), int(rng.integers(0, w - bw + 1))
+                new = bh * bw - mask[top:top + bh, left:left + bw].sum()
+                if 0 < new <= remaining:
+                    mask[top:top + bh, left:left + bw] = True
+                    added = int(new)
+                    break
+        if added == 0:
+            break
+        count += added
+    return mask
+
+
+def ibot_mask(h, w, rng, ratio=(0.1, 0.5), no_mask_prob=0.5, min_patches=None):
+    """iBOT recipe (`--pred_ratio 0 0.3 --pred_ratio_var 0 0.2`): with probability no_mask_prob no mask at all,
+    else a blockwise mask of at most r*h*w cells with r ~ U(ratio). Returns bool (h, w)."""
+    if rng.random() < no_mask_prob:
+        return np.zeros((h, w), dtype=bool)
+    r = rng.uniform(*ratio)
+    min_patches = (min(h, w) // 3) ** 2 if min_patches is None else min_patches
+    return block_mask(h, w, r * h * w, rng, min_patches=max(1, min_patches))
+
+
+def exact_block_mask(h, w, num_masking, rng, min_patches=16):
+    """BEiT v2 / DTM: blockwise mask, then random cells are added or removed so that exactly num_masking are
+    masked. Returns bool (h, w)."""
+    mask = block_mask(h, w, num_masking, rng, min_patches=min(min_patches, num_masking), max_patches=num_masking)
+    flat = mask.reshape(-1)
+    delta = num_masking - int(flat.sum())
+    if delta > 0:
+        flat[rng.choice(np.flatnonzero(~flat), delta, replace=False)] = True
+    elif delta < 0:
+        flat[rng.choice(np.flatnonzero(flat), -delta, replace=False)] = False
+    return flat.reshape(h, w)
+
+
+# -----------------------------------------------------------------------------
+# loading: per-sample seeding, sampler, loader
+
+
+class Seeded(Dataset):
+    """Applies `transform` to base[i] with torch / numpy / random seeded from (seed, epoch, i), which the sampler
+    passes as the key (i, sample_seed). The same sample gets the same augmentation in any process, worker or
+    batch position. transform(img) may return a tensor or a tuple/list of them; with `with_rng=True` it is
+    called as transform(img, rng) with a numpy Generator (for masks). Items: (transform output, label)."""
+
+    def __init__(self, base, transform, with_rng=False):
+        self.base, self.transform, self.with_rng = base, transform, with_rng
+
+    def __len__(self):
+        return len(self.base)
+
+    def __getitem__(self, key):
+        i, sample_seed = key if isinstance(key, tuple) else (key, key)
+        item = self.base[i]
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(sample_seed)
+            random.seed(sample_seed)
+            if self.with_rng:
+                out = self.transform(item[0], np.random.default_rng(sample_seed))
+            else:
+                out = self.transform(item[0])
+        return (out,) + tuple(item[1:])
+
+
+class EpochSampler(Sampler):
+    """Distributed sampler yielding (index, sample_seed). shuffle: a permutation per epoch from (seed, epoch);
+    rank r takes every world-th index. drop_last: equal whole batches per rank (training). Without drop_last and
+    without shuffle (evaluation) every sample is seen exactly once over all ranks, no padding duplicates.
+    set_epoch(epoch, skip) skips the first `skip` samples of this rank (exact mid-epoch resume)."""
+
+    def __init__(self, n, batch_size, world=1, rank=0, seed=0, shuffle=True, drop_last=True):
+        self.n, self.batch_size, self.world, self.rank, self.seed = n, batch_size, world, rank, seed
+        self.shuffle, self.drop_last, self.epoch, self.skip = shuffle, drop_last, 0, 0
+        if drop_last and n < batch_size * world:
+            raise ValueError(f'dataset of {n} images is smaller than one global batch ({batch_size} x {world})')
+
+    def batches_per_epoch(self):
+        return self.n // (self.batch_size * self.world) if self.drop_last else math.ceil(len(self._indices()) / self.batch_size)
+
+    def set_epoch(self, epoch, skip=0):
+        self.epoch, self.skip = epoch, skip
+
+    def _indices(self):
+        if self.shuffle:
+            g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+            idx = torch.randperm(self.n, generator=g).tolist()
+        else:
+            idx = list(range(self.n))
+        if self.drop_last:
+            idx = idx[:self.n // (self.batch_size * self.world) * self.batch_size * self.world]
+        return idx[self.rank::self.world]
+
+    def __iter__(self):
+        for i in self._indices()[self.skip:]:
+            yield i, (self.seed * 1_000_003 + self.epoch) * 10_000_019 + i  # sample seed: (seed, epoch, i)
+
+    def __len__(self):
+        return len(self._indices()) - self.skip
+
+
+def make_loader(dataset, batch_size, world=1, rank=0, seed=0, num_workers=0, train=True, collate_fn=None):
+    """Loader used by every script: EpochSampler (drop_last and shuffle for training), pinned memory, persistent
+    workers. Returns (loader, sampler)."""
+    sampler = EpochSampler(len(dataset), batch_size, world, rank, seed, shuffle=train, drop_last=train)
+    loader = DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=num_workers,
+                        pin_memory=torch.cuda.is_available(), persistent_workers=num_workers > 0,
+                        drop_last=train, collate_fn=collate_fn, prefetch_factor=4 if num_workers > 0 else None)
+    return loader, sampler
+
+
+def batches(loader, sampler, start_step):
+    """Infinite stream of training batches starting at global step `start_step`, advancing epochs; yields
+    (epoch, batch). Resuming at any step reproduces the same batches as an uninterrupted run."""
+    per_epoch = sampler.batches_per_epoch()
+    epoch, skip = divmod(start_step, per_epoch)
+    while True:
+        sampler.set_epoch(epoch, skip * sampler.batch_size)
+        for b in loader:
+            yield epoch, b
+        epoch, skip = epoch + 1, 0
