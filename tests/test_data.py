@@ -1,0 +1,152 @@
+"""data.py: the embedded dataset, image folders (bad files, modes), transforms, masks, seeding and sampling."""
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import data
+
+
+def test_shapes_deterministic_balanced_and_masks_match_labels():
+    ds = data.Shapes('train', 32, with_mask=True, length=40)
+    img, label, mask = ds[7]
+    assert img.dtype == torch.uint8 and img.shape == (3, 32, 32) and mask.shape == (32, 32)
+    img2, _, _ = data.Shapes('train', 32, with_mask=True)[7]
+    assert torch.equal(img, img2)
+    assert set(mask.unique().tolist()) == {0, label + 1}  # background and the one object's class
+    assert not torch.equal(img, data.Shapes('val', 32)[7][0])  # splits differ
+    counts = np.bincount(data.Shapes('train', 32).targets, minlength=10)
+    assert counts.min() == counts.max() == 500
+
+
+def write_images(root):
+    (root / 'a').mkdir(parents=True)
+    (root / 'b').mkdir()
+    Image.new('RGB', (20, 16), (255, 0, 0)).save(root / 'a' / '0.png')
+    Image.new('L', (20, 16), 128).save(root / 'a' / '1.jpg')  # grayscale
+    Image.new('CMYK', (20, 16), (0, 255, 0, 0)).save(root / 'b' / '2.jpg')
+    Image.new('RGBA', (20, 16), (0, 0, 255, 0)).save(root / 'b' / '3.png')  # fully transparent -> white
+    (root / 'b' / '4.jpg').write_bytes(b'\xff\xd8\xff\xe0 this is not a jpeg')
+
+
+def test_image_folder_modes_and_corrupt_file(tmp_path):
+    write_images(tmp_path)
+    ds = data.ImageFolder(str(tmp_path))
+    assert ds.classes == ['a', 'b'] and len(ds) == 5
+    for i in range(4):
+        assert ds[i][0].mode == 'RGB'
+    assert ds[3][0].getpixel((0, 0)) == (255, 255, 255)
+    with pytest.warns(UserWarning, match='4.jpg'):
+        img, label = ds[4]  # the corrupt file is skipped: the next readable image comes instead
+    assert img.mode == 'RGB' and ds.num_bad == 1
+
+
+def test_folder_errors(tmp_path):
+    with pytest.raises(FileNotFoundError, match='does not exist'):
+        data.build_dataset(str(tmp_path / 'missing'))
+    with pytest.raises(ValueError, match='no class sub-folders'):
+        data.build_dataset(str(tmp_path))
+    (tmp_path / 'c').mkdir()
+    with pytest.raises(ValueError, match='holds no images'):
+        data.build_dataset(str(tmp_path))
+
+
+def test_imagenet_layout_uses_split_folder(tmp_path):
+    write_images(tmp_path / 'train')
+    ds = data.build_dataset(str(tmp_path), 'train')
+    assert len(ds) == 5
+
+
+@pytest.mark.parametrize('name', ['mae', 'lut', 'ibot', 'dtm', 'finetune', 'eval'])
+def test_transform_shapes_dtypes_and_determinism(name):
+    tf = {'mae': data.mae_transform(32), 'lut': data.LUTTransform(32), 'ibot': data.MultiCropTransform(32, 16, 3),
+          'dtm': data.dtm_transform(32), 'finetune': data.finetune_transform(32), 'eval': data.eval_transform(32)}[name]
+    ds = data.Seeded(data.Shapes('train', 40, length=8), tf)
+    out, label = ds[(3, 99)]
+    views = list(out) if isinstance(out, (list, tuple)) else [out]
+    n_expected = {'lut': 2, 'ibot': 5}.get(name, 1)
+    assert len(views) == n_expected
+    for v in views:
+        assert v.dtype == torch.float32 and v.shape[0] == 3 and v.shape[1] == v.shape[2] and v.shape[1] in (16, 32)
+        assert -3 < v.mean() < 3
+    again, _ = ds[(3, 99)]
+    again = list(again) if isinstance(again, (list, tuple)) else [again]
+    assert all(torch.equal(a, b) for a, b in zip(views, again))  # same seed, same augmentation
+    if name != 'eval':
+        other, _ = ds[(3, 100)]
+        other = list(other) if isinstance(other, (list, tuple)) else [other]
+        assert not all(torch.equal(a, b) for a, b in zip(views, other))
+
+
+def test_lut_views_share_geometry():
+    # on a flat-colour image with a bright square, photometric changes keep the square where it is
+    img = torch.zeros(3, 32, 32, dtype=torch.uint8)
+    img[:, 4:12, 20:28] = 255
+    tf = data.LUTTransform(32)
+    torch.manual_seed(1)
+    v1, v2 = tf(img)
+    d1 = (v1 - v1.mean()).abs().sum(0)
+    d2 = (v2 - v2.mean()).abs().sum(0)
+    assert (d1 > d1.mean()).eq(d2 > d2.mean()).float().mean() > 0.9
+
+
+def test_random_masking_invariants():
+    torch.manual_seed(0)
+    noise = torch.rand(5, 49)
+    ids_shuffle, ids_restore, K = data.random_masking(noise, 0.75)
+    assert K == 12
+    ar = torch.arange(49).expand(5, -1)
+    assert torch.equal(torch.gather(ids_shuffle, 1, ids_restore), ar)  # ids_restore inverts ids_shuffle
+    mask = data.mask_from_ids(ids_shuffle[:, :K], 49)
+    assert torch.equal(mask.sum(1), torch.full((5,), 37.0))
+    for b in range(5):  # the mask marks exactly the removed set, and kept = the K smallest noise values
+        kept = set(ids_shuffle[b, :K].tolist())
+        assert kept == set(torch.nonzero(mask[b] == 0).flatten().tolist())
+        assert kept == set(noise[b].argsort()[:K].tolist())
+    assert len({tuple(sorted(ids_shuffle[b, :K].tolist())) for b in range(5)}) == 5  # per-sample masks differ
+    with pytest.raises(ValueError, match='mask ratio'):
+        data.random_masking(noise, 1.0)
+
+
+def test_block_masks():
+    rng = np.random.default_rng(0)
+    counts = [data.block_mask(14, 14, 75, rng).sum() for _ in range(200)]
+    assert max(counts) <= 75 and min(counts) >= 16
+    assert all(data.exact_block_mask(14, 14, 75, rng).sum() == 75 for _ in range(100))
+    assert all(data.exact_block_mask(8, 8, 24, rng).sum() == 24 for _ in range(100))
+    draws = np.array([data.ibot_mask(14, 14, rng).sum() for _ in range(2000)])
+    # no-mask probability 0.5: binomial std over 2000 draws is 0.011
+    assert abs((draws == 0).mean() - 0.5) < 0.05
+    masked = draws[draws > 0]
+    assert masked.max() <= 0.5 * 196 and 40 < masked.mean() < 75  # official code: mean about 57.6
+    m = data.block_mask(14, 14, 30, np.random.default_rng(3))
+    assert m.dtype == bool and m.shape == (14, 14)
+
+
+def test_sampler_partitions_and_eval_counts_once():
+    tr = [data.EpochSampler(103, 8, world=2, rank=r, seed=1) for r in range(2)]
+    for s in tr:
+        s.set_epoch(3)
+    a, b = [i for i, _ in tr[0]], [i for i, _ in tr[1]]
+    assert len(a) == len(b) == 48 and not set(a) & set(b)
+    ev = [data.EpochSampler(103, 8, world=2, rank=r, shuffle=False, drop_last=False) for r in range(2)]
+    seen = sorted(i for s in ev for i, _ in s)
+    assert seen == list(range(103))
+    s = data.EpochSampler(103, 8, seed=1)
+    s.set_epoch(2)
+    full = list(s)
+    s.set_epoch(2, skip=16)
+    assert list(s) == full[16:]
+    s.set_epoch(3)
+    assert list(s) != full
+    with pytest.raises(ValueError, match='smaller than one global batch'):
+        data.EpochSampler(10, 8, world=2)
+
+
+def test_batches_resume_matches_uninterrupted():
+    ds = data.Seeded(data.Shapes('train', 16, length=40), data.mae_transform(16))
+    loader, sampler = data.make_loader(ds, 8, seed=0)  # 5 batches per epoch
+    full = [b[1][0] for _, b in zip(range(8), data.batches(loader, sampler, 0))]
+    loader, sampler = data.make_loader(ds, 8, seed=0)
+    tail = [b[1][0] for _, b in zip(range(5), data.batches(loader, sampler, 3))]
+    assert all(torch.equal(x, y) for x, y in zip(full[3:], tail))
