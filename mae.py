@@ -291,7 +291,7 @@ def main(argv=None):
     # model, optimizer
     model = MAE(cfg).to(device)
     optimizer = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=base_lr, betas=(0.9, 0.95),
-                                  fused=device_type == 'cuda')
+                                  fused=device_type == 'cuda', foreach=device_type != 'cuda')
     step = 0
     resume = os.path.join(cfg.out_dir, 'checkpoint.pt') if cfg.resume == 'auto' else cfg.resume
     if resume and not (cfg.resume == 'auto' and not os.path.exists(resume)):
