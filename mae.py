@@ -86,7 +86,7 @@ def get_config(argv=None):
             p.add_argument(f'--{f.name}', type=f.type, default=f.default, help=f'(default {f.default!r})')
     cfg = Config(**vars(p.parse_args(argv)))
     for k, v in (EMBEDDED if cfg.data in ('', 'shapes') else RECIPE).items():
-        if getattr(cfg, k) in (0, '', -1):
+        if getattr(cfg, k) == Config.__dataclass_fields__[k].default:  # left at its 'pick by data' default
             setattr(cfg, k, v)
     if cfg.patch_size == 0:
         cfg.patch_size = vit.SIZES[cfg.model][3] if cfg.model in vit.SIZES else 16

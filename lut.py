@@ -1,0 +1,556 @@
+"""
+lut.py -- LUT pre-training (Kim et al., ECCV 2024, "Learning with Unmasked Tokens Drives Stronger Vision
+Learners"), one file: MAE plus a broader-contextualization loss on the unmasked tokens.
+
+MAE's loss only touches masked tokens. LUT also pulls the pooled *unmasked* tokens of a masked view towards a
+momentum encoder's pooled view of the *whole* image (the other view), so visible tokens carry global context.
+Per image: two views with one geometry (simple resized crop) and different colour augmentation; one noise draw
+keeps patches ids_shuffle[:K] of view 1 and the disjoint ids_shuffle[K:2K] of view 2. The online encoder runs on
+both masked views; the MAE decoder and pixel loss on view 1 only; q_v = predictor(head(mean of kept patch
+tokens)); a momentum (EMA) copy of encoder + head sees both full views, z_v = head(mean of all patch tokens);
+L_BC = (d(q1, z2) + d(q2, z1)) / 2 with d(a, b) = 2 - 2 cos(a, b); total = w_mae L_MAE + w_bc L_BC.
+
+  python lut.py                                               # embedded data, CPU: both losses fall
+  torchrun --nproc_per_node=8 lut.py --epochs 400 --data /path/to/imagenet  # ViT-B/16, eff. batch 4096
+  python lut.py --help                                        # every knob, with its default
+
+Measured (2-core shared CPU under load ~16, OMP_NUM_THREADS=1, torch 2.15, fp32): `python lut.py --max_steps 40`
+(tiny, 64 px, batch 64) logs L_MAE 1.76 -> 0.97 and L_BC 1.62 -> 0.46 (means over steps 1-10 and 31-40), 8 img/s.
+
+BatchNorm in the online head and predictor uses the statistics of the whole global batch under DDP
+(GlobalBatchNorm1d: an all-reduce, differentiable, on NCCL and gloo alike, as the official SyncBatchNorm does), so
+N processes with batch B equal one process with batch N*B. Each view is normalised by itself (q1, q2: two calls).
+The momentum branch is a plain module (never DDP-wrapped) in eval mode: its BN uses running statistics, EMA'd
+from the online ones.
+
+Letters in shape comments: B batch, L patches, K kept patches per view, D encoder width, Dd decoder width,
+P pixels per patch (p*p*3), Dh head hidden width.
+"""
+import argparse
+import copy
+import dataclasses
+import json
+import math
+import os
+import random
+import sys
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+import data
+import vit
+
+METHOD = 'lut'
+
+# -----------------------------------------------------------------------------
+# config: typed defaults, one comment each; 0 / '' = pick by data (embedded CPU default or the paper recipe)
+
+
+@dataclass
+class Config:
+    data: str = ''             # image folder (ImageNet layout: DIR/train/<class>/*.jpg) or '' for the embedded shapes
+    model: str = ''            # tiny|small|base|large|huge; '' = tiny on embedded data, base on a folder
+    img_size: int = 0          # input resolution; 0 = 64 embedded, 224 folder
+    patch_size: int = 0        # 0 = 8 embedded, the model's own (16, 14 for huge) on a folder
+    mask_ratio: float = 0.75   # fraction of patches removed per view; >= 0.5 so the two kept sets are disjoint
+    norm_pix_loss: bool = True  # per-patch normalised pixel target (the recipe of every published model)
+    decoder_dim: int = 0       # 0 = 128 embedded, 512 folder
+    decoder_depth: int = 0     # 0 = 2 embedded, 8 folder
+    decoder_heads: int = 0     # 0 = 4 embedded, 16 folder
+    crop: str = 'src'          # geometry shared by the two views: src (simple resized crop, LUT recipe) or rrc
+    head_dim: int = 4096       # hidden width of the projection head and of the predictor (D -> head_dim -> D)
+    momentum: float = 0.996    # EMA momentum of the target encoder + head at step 0; half cosine to 1 at the end
+    w_mae: float = 1.0         # weight of the reconstruction loss L_MAE
+    w_bc: float = -1           # weight of the broader-contextualization loss L_BC; -1 = 1.0 tiny/small, 0.25 base+
+    epochs: int = 0            # 0 = 8 embedded, 1600 folder
+    batch_size: int = 0        # per process; 0 = 64 embedded, 512 folder (4096 on 8 GPUs)
+    accum_iter: int = 1        # gradient accumulation steps (effective batch = batch_size * accum_iter * world)
+    blr: float = 0.0           # base lr, lr = blr * effective_batch / 256; 0 = 1.5e-4 folder (recipe), 1.5e-3 embedded
+    lr: float = 0.0            # absolute lr; overrides blr when > 0
+    min_lr: float = 0.0        # end of the cosine schedule
+    warmup_epochs: float = -1  # linear warm-up; -1 = 1 embedded, 40 folder
+    weight_decay: float = 0.05  # AdamW; none on biases, norms, tokens, position embeddings
+    out_dir: str = 'out/lut'   # checkpoint.pt, log.jsonl, recon.png
+    resume: str = ''           # '' fresh, 'auto' = out_dir/checkpoint.pt if present, or a path
+    save_every: int = 500      # steps between checkpoints (always saved at the end)
+    dtype: str = ''            # bf16|fp16|fp32; '' = bf16 on CUDA, fp32 on CPU
+    compile: bool = False      # torch.compile the model and the momentum branch
+    seed: int = 0              # data order, augmentation and masks are pure functions of (seed, epoch, index)
+    num_workers: int = -1      # loader workers per process; -1 = 2 embedded, 10 folder
+    log_every: int = 20        # steps between log lines (the only host syncs)
+    max_steps: int = 0         # stop after this many optimizer steps (0 = run all epochs); schedule unchanged
+    device: str = ''           # cuda|cpu|cuda:N; '' = cuda if available
+
+
+EMBEDDED = dict(model='tiny', img_size=64, patch_size=8, decoder_dim=128, decoder_depth=2, decoder_heads=4,
+                epochs=8, batch_size=64, blr=1.5e-3, warmup_epochs=1, num_workers=2)
+RECIPE = dict(model='base', img_size=224, patch_size=0, decoder_dim=512, decoder_depth=8, decoder_heads=16,
+              epochs=1600, batch_size=512, blr=1.5e-4, warmup_epochs=40, num_workers=10)
+ARCH_KEYS = ('model', 'img_size', 'patch_size', 'decoder_dim', 'decoder_depth', 'decoder_heads', 'head_dim')
+
+
+def get_config(argv=None):
+    """argparse from the dataclass (unknown flags rejected), then fill the data-dependent defaults."""
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    for f in dataclasses.fields(Config):
+        if f.type is bool:
+            p.add_argument(f'--{f.name}', type=lambda s: s.lower() in ('1', 'true', 'yes', 'on'), default=f.default,
+                           metavar='BOOL', help=f'(default {f.default})')
+        else:
+            p.add_argument(f'--{f.name}', type=f.type, default=f.default, help=f'(default {f.default!r})')
+    cfg = Config(**vars(p.parse_args(argv)))
+    for k, v in (EMBEDDED if cfg.data in ('', 'shapes') else RECIPE).items():
+        if getattr(cfg, k) == Config.__dataclass_fields__[k].default:  # left at its 'pick by data' default
+            setattr(cfg, k, v)
+    if cfg.patch_size == 0:
+        cfg.patch_size = vit.SIZES[cfg.model][3] if cfg.model in vit.SIZES else 16
+    if cfg.w_bc == -1:  # the LUT recipe: 1.0 for ViT-S, 0.25 for ViT-B (and larger)
+        cfg.w_bc = 1.0 if cfg.model in ('tiny', 'small') else 0.25
+    if cfg.model not in vit.SIZES:
+        p.error(f'--model must be one of {", ".join(vit.SIZES)}')
+    if cfg.img_size % cfg.patch_size:
+        p.error(f'--img_size {cfg.img_size} is not divisible by --patch_size {cfg.patch_size}')
+    if not 0.5 <= cfg.mask_ratio < 1.0:
+        p.error(f'--mask_ratio must be in [0.5, 1) for LUT (the two views keep disjoint patch sets), '
+                f'got {cfg.mask_ratio}')
+    if int((cfg.img_size // cfg.patch_size) ** 2 * (1 - cfg.mask_ratio)) < 1:
+        p.error(f'--mask_ratio {cfg.mask_ratio} keeps no patch of a {cfg.img_size // cfg.patch_size}^2 grid')
+    if cfg.crop not in ('src', 'rrc'):
+        p.error(f'--crop must be src or rrc, got {cfg.crop!r}')
+    if not 0.0 <= cfg.momentum <= 1.0 or cfg.w_mae < 0 or cfg.w_bc < 0 or cfg.head_dim < 1:
+        p.error('--momentum must be in [0, 1], --w_mae and --w_bc >= 0, --head_dim >= 1')
+    if cfg.dtype not in ('', 'bf16', 'fp16', 'fp32'):
+        p.error('--dtype must be bf16, fp16 or fp32')
+    return cfg
+
+# -----------------------------------------------------------------------------
+# model: MAE (ViT encoder on the kept patches + light decoder) + projection head and predictor; momentum branch
+
+
+class AllReduceSum(torch.autograd.Function):
+    """Sum over processes, differentiable: every rank's loss depends on every rank's input through the shared
+    statistics, so the gradient of the sum is the sum of the gradients (DDP then averages, as for the loss)."""
+
+    @staticmethod
+    def forward(ctx, x):
+        x = x.clone()
+        dist.all_reduce(x)
+        return x
+
+    @staticmethod
+    def backward(ctx, grad):
+        grad = grad.clone()
+        dist.all_reduce(grad)
+        return grad
+
+
+class GlobalBatchNorm1d(nn.BatchNorm1d):
+    """BatchNorm1d whose training statistics come from the global batch over all processes (what SyncBatchNorm
+    does, which refuses CPU tensors): mean, then centred variance, each one differentiable all-reduce, in fp32.
+    One process: plain BatchNorm1d. Eval mode: running statistics, no communication. Same state_dict as
+    BatchNorm1d."""
+
+    def forward(self, x):
+        if not self.training:
+            return super().forward(x)
+        x = x.float()  # (N, C)
+        world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+        reduce = AllReduceSum.apply if world > 1 else (lambda t: t)
+        n = x.shape[0] * world  # every process holds an equal batch (the sampler drops the remainder)
+        mean = reduce(x.sum(0)) / n  # (C,)
+        var = reduce(((x - mean) ** 2).sum(0)) / n  # (C,) biased, for normalising
+        with torch.no_grad():
+            self.running_mean.lerp_(mean, self.momentum)
+            self.running_var.lerp_(var * n / max(n - 1, 1), self.momentum)  # unbiased, as BatchNorm
+            self.num_batches_tracked += 1
+        return (x - mean) * torch.rsqrt(var + self.eps) * self.weight + self.bias
+
+
+def mlp(dim, hidden):
+    """LUT head / predictor: Linear(D, Dh, no bias) -> BN -> ReLU -> Linear(Dh, D, no bias); no BN at the end."""
+    return nn.Sequential(nn.Linear(dim, hidden, bias=False), GlobalBatchNorm1d(hidden), nn.ReLU(inplace=True),
+                         nn.Linear(hidden, dim, bias=False))
+
+
+class LUT(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        self.encoder = vit.vit(cfg.model, img_size=cfg.img_size, patch_size=cfg.patch_size, num_classes=0)
+        D, Dd, p = self.encoder.embed_dim, cfg.decoder_dim, cfg.patch_size
+        self.patch_size, self.num_patches = p, self.encoder.num_patches
+        self.decoder_embed = nn.Linear(D, Dd)
+        self.mask_token = nn.Parameter(torch.zeros(1, 1, Dd))
+        self.decoder_pos_embed = nn.Parameter(vit.sincos_pos_embed(Dd, self.encoder.grid)[None], requires_grad=False)
+        self.decoder_blocks = nn.ModuleList([vit.Block(Dd, cfg.decoder_heads) for _ in range(cfg.decoder_depth)])
+        self.decoder_norm = nn.LayerNorm(Dd, eps=1e-6)
+        self.decoder_pred = nn.Linear(Dd, p * p * 3)
+        self.head = mlp(D, cfg.head_dim)  # projection head: also in the momentum branch
+        self.predictor = mlp(D, cfg.head_dim)  # online only
+        # MAE init (models_mae.py): xavier_uniform Linear, zero bias, LN (1, 0), tokens N(0, 0.02)
+        nn.init.normal_(self.mask_token, std=0.02)
+        for m in [self.decoder_embed, self.decoder_pred, *self.decoder_blocks.modules()]:
+            if isinstance(m, nn.Linear):
+                nn.init.xavier_uniform_(m.weight)
+                nn.init.zeros_(m.bias)
+
+    def forward_encoder(self, imgs, ids_keep):
+        """imgs (B, 3, H, W), ids_keep (B, K) -> latent (B, 1+K, D); the encoder never sees mask tokens."""
+        return self.encoder.forward_kept(imgs, ids_keep)
+
+    def forward_decoder(self, latent, ids_restore):
+        """latent (B, 1+K, D), ids_restore (B, L) -> pred (B, L, P) in the original patch order."""
+        x = self.decoder_embed(latent)  # (B, 1+K, Dd)
+        B, L, K = x.shape[0], ids_restore.shape[1], x.shape[1] - 1
+        x_ = torch.cat([x[:, 1:], self.mask_token.expand(B, L - K, -1)], dim=1)  # (B, L, Dd), shuffled order
+        x_ = torch.gather(x_, 1, ids_restore[..., None].expand(-1, -1, x.shape[-1]))  # unshuffle
+        x = torch.cat([x[:, :1], x_], dim=1) + self.decoder_pos_embed  # (B, 1+L, Dd)
+        for blk in self.decoder_blocks:
+            x = blk(x)
+        return self.decoder_pred(self.decoder_norm(x))[:, 1:]  # (B, L, P), [CLS] dropped
+
+    def forward(self, view1, view2, noise, mask_ratio, norm_pix):
+        """view1, view2 (B, 3, H, W), noise (B, L) -> (L_MAE, q1 (B, D), q2 (B, D), pred (B, L, P), mask (B, L) of
+        view 1 with 1 = removed). Two encoder passes on the disjoint kept sets; only view 1 is decoded."""
+        ids_keep1, ids_keep2, ids_restore = two_view_masks(noise, mask_ratio)  # (B, K), (B, K), (B, L)
+        latent1 = self.forward_encoder(view1, ids_keep1)  # (B, 1+K, D)
+        latent2 = self.forward_encoder(view2, ids_keep2)  # (B, 1+K, D)
+        mask = data.mask_from_ids(ids_keep1, noise.shape[1])  # (B, L)
+        pred = self.forward_decoder(latent1, ids_restore)  # only view 1 is reconstructed
+        target = pixel_target(view1, self.patch_size, norm_pix)
+        loss = mae_loss(pred, target, mask)
+        q1 = self.predictor(self.head(pool_patches(latent1)))  # (B, D); BN sees each view's batch alone
+        q2 = self.predictor(self.head(pool_patches(latent2)))  # (B, D)
+        return loss, q1, q2, pred, mask
+
+
+class Momentum(nn.Module):
+    """The target branch: an EMA copy of the online encoder + head (not the predictor), on full unmasked views.
+    Always in eval mode (its BN normalises with its EMA'd running statistics), no gradient, never DDP-wrapped."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.encoder, self.head = copy.deepcopy(model.encoder), copy.deepcopy(model.head)
+        self.requires_grad_(False)
+        self.eval()
+
+    def train(self, mode=True):
+        return super().train(False)
+
+    @torch.no_grad()
+    def forward(self, imgs):
+        """imgs (B, 3, H, W) -> z (B, D): head of the mean of all L patch tokens after the final norm."""
+        return self.head(pool_patches(self.encoder.forward_features(imgs)))
+
+
+def tracked(model):
+    """The online modules the momentum branch follows, in Momentum's parameter and buffer order."""
+    return nn.ModuleDict({'encoder': model.encoder, 'head': model.head})
+
+
+def two_view_masks(noise, mask_ratio):
+    """One noise draw (B, L) for both views: view 1 keeps ids_shuffle[:, :K], view 2 the next K, so the two kept
+    sets are disjoint (needs mask_ratio >= 0.5). Returns ids_keep1 (B, K), ids_keep2 (B, K), ids_restore (B, L)
+    (the unshuffle of view 1, whose removed patches are everything but ids_keep1)."""
+    if mask_ratio < 0.5:
+        raise ValueError(f'LUT needs mask_ratio >= 0.5 so that the two views keep disjoint patches, got {mask_ratio}')
+    ids_shuffle, ids_restore, K = data.random_masking(noise, mask_ratio)
+    return ids_shuffle[:, :K], ids_shuffle[:, K:2 * K], ids_restore
+
+
+def pool_patches(latent):
+    """(B, 1+n, D) -> (B, D): mean over the patch tokens, [CLS] excluded (LUT pools patches, not [CLS])."""
+    return latent[:, 1:].mean(dim=1)
+
+# -----------------------------------------------------------------------------
+# loss
+
+
+def pixel_target(imgs, p, norm_pix):
+    """Patchified pixels (B, L, P); with norm_pix each patch is (t - mean) / sqrt(var + 1e-6), unbiased var."""
+    t = vit.patchify(imgs, p)
+    if norm_pix:
+        t = (t - t.mean(dim=-1, keepdim=True)) / (t.var(dim=-1, keepdim=True) + 1e-6) ** 0.5
+    return t
+
+
+def mae_loss(pred, target, mask):
+    """Per-patch MSE (B, L), averaged over the removed patches only (mask 1 = removed)."""
+    loss = ((pred.float() - target.float()) ** 2).mean(dim=-1)  # (B, L)
+    return (loss * mask).sum() / mask.sum()
+
+
+def bc_distance(a, b):
+    """d(a, b) = 2 - 2 cos(a, b) = |a/|a| - b/|b||^2 per row: (B, D), (B, D) -> (B,), in fp32."""
+    return 2 - 2 * (F.normalize(a.float(), dim=-1) * F.normalize(b.float(), dim=-1)).sum(-1)
+
+
+def bc_loss(q1, q2, z1, z2):
+    """L_BC: cross-view only, symmetric, mean over the batch: (d(q1, z2) + d(q2, z1)) / 2 (engines/engine_lut.py
+    of the official code skips the same-view pairs)."""
+    return 0.5 * (bc_distance(q1, z2).mean() + bc_distance(q2, z1).mean())
+
+# -----------------------------------------------------------------------------
+# optimizer and schedules
+
+
+def param_groups(model, weight_decay):
+    """AdamW groups: no weight decay on biases, norms (1-D params), tokens and position embeddings."""
+    decay, no_decay = [], []
+    for n, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        skip = p.ndim <= 1 or n.endswith(('cls_token', 'mask_token', 'pos_embed'))
+        (no_decay if skip else decay).append(p)
+    return [{'params': decay, 'weight_decay': weight_decay}, {'params': no_decay, 'weight_decay': 0.0}]
+
+
+def lr_at(step, base_lr, min_lr, warmup_steps, total_steps):
+    """Per-step linear warm-up from 0, then half-cycle cosine to min_lr (MAE util/lr_sched.py)."""
+    if step < warmup_steps:
+        return base_lr * step / warmup_steps
+    t = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+    return min_lr + (base_lr - min_lr) * 0.5 * (1.0 + math.cos(math.pi * min(t, 1.0)))
+
+
+def momentum_at(step, base, total_steps):
+    """EMA momentum after optimizer step `step`: 1 - (1 - base) (1 + cos(pi step / T)) / 2, base at 0, 1 at T."""
+    return 1.0 - (1.0 - base) * 0.5 * (1.0 + math.cos(math.pi * min(step / max(1, total_steps), 1.0)))
+
+
+@torch.no_grad()
+def ema_update(target, online, m):
+    """target <- m target + (1 - m) online over parameters and floating buffers (BN running statistics), one
+    fused multi-tensor lerp each; integer buffers (BN num_batches_tracked) are copied. m = 0 copies, m = 1 keeps."""
+    torch._foreach_lerp_(list(target.parameters()), list(online.parameters()), 1.0 - m)
+    pairs = list(zip(target.buffers(), online.buffers()))
+    floats = [(t, o) for t, o in pairs if t.is_floating_point()]
+    if floats:
+        torch._foreach_lerp_([t for t, _ in floats], [o for _, o in floats], 1.0 - m)
+    for t, o in pairs:
+        if not t.is_floating_point():
+            t.copy_(o)
+# -----------------------------------------------------------------------------
+# checkpointing
+
+
+def rng_state():
+    return {'python': random.getstate(), 'numpy': np.random.get_state(), 'torch': torch.get_rng_state(),
+            'cuda': torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+
+
+def save_checkpoint(path, state):
+    """Atomic: write a temp file in the same folder, fsync, rename; a killed process never leaves a torn file."""
+    tmp = f'{path}.tmp.{os.getpid()}'
+    try:
+        with open(tmp, 'wb') as f:
+            torch.save(state, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def load_checkpoint(path, cfg):
+    """Load a checkpoint to resume from; refuses another method's or another architecture's checkpoint."""
+    try:
+        ckpt = torch.load(path, map_location='cpu', weights_only=False)
+    except Exception as e:
+        sys.exit(f'error: cannot read checkpoint {path} ({type(e).__name__}: {e})')
+    if ckpt.get('method') != METHOD:
+        sys.exit(f'error: {path} is a {ckpt.get("method", "non-nanoMIM")} checkpoint, not {METHOD}')
+    old = ckpt['config']
+    diff = [f'{k}={old.get(k)} (now {getattr(cfg, k)})' for k in ARCH_KEYS if old.get(k) != getattr(cfg, k)]
+    if diff:
+        sys.exit(f'error: {path} was trained with ' + ', '.join(diff))
+    return ckpt
+
+
+@torch.no_grad()
+def save_reconstructions(model, imgs, noise, cfg, path):
+    """PNG rows: original | masked | reconstruction | reconstruction with the visible patches pasted.
+    Under norm_pix_loss each predicted patch is un-normalised with the true patch's mean and std."""
+    import torchvision
+    model.eval()
+    _, _, _, pred, mask = model(imgs, imgs, noise, cfg.mask_ratio, cfg.norm_pix_loss)
+    p = cfg.patch_size
+    target = vit.patchify(imgs, p)  # (B, L, P)
+    if cfg.norm_pix_loss:
+        pred = pred * (target.var(-1, keepdim=True) + 1e-6) ** 0.5 + target.mean(-1, keepdim=True)
+    m = mask[..., None]  # (B, L, 1)
+    rows = [target, target * (1 - m), pred, target * (1 - m) + pred * m]
+    rows = [data.denormalize(vit.unpatchify(r.float(), p)) for r in rows]
+    grid = torch.stack(rows, dim=1).flatten(0, 1)  # (4B, 3, H, W): one image per row
+    torchvision.utils.save_image(grid, path, nrow=4, padding=1)
+    model.train()
+
+# -----------------------------------------------------------------------------
+# training
+
+
+def main(argv=None):
+    cfg = get_config(argv)
+
+    # distributed: torchrun sets RANK/LOCAL_RANK/WORLD_SIZE; plain `python` runs one process
+    ddp = int(os.environ.get('RANK', -1)) != -1
+    rank, local_rank, world = (int(os.environ['RANK']), int(os.environ['LOCAL_RANK']),
+                               int(os.environ['WORLD_SIZE'])) if ddp else (0, 0, 1)
+    device = cfg.device or ('cuda' if torch.cuda.is_available() else 'cpu')
+    if device.startswith('cuda'):
+        device = f'cuda:{local_rank}' if ddp else device
+        torch.cuda.set_device(device)
+    if ddp:
+        dist.init_process_group(backend='nccl' if device.startswith('cuda') else 'gloo')
+    master = rank == 0
+    device_type = 'cuda' if device.startswith('cuda') else 'cpu'
+    torch.manual_seed(cfg.seed + rank)
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+
+    # precision: bf16 autocast by default on CUDA, fp16 with a GradScaler, fp32 on CPU
+    dtype = cfg.dtype or ('bf16' if device_type == 'cuda' else 'fp32')
+    ptdtype = {'bf16': torch.bfloat16, 'fp16': torch.float16, 'fp32': torch.float32}[dtype]
+    autocast = nullcontext() if dtype == 'fp32' else torch.autocast(device_type, dtype=ptdtype)
+    scaler = torch.amp.GradScaler(device_type, enabled=dtype == 'fp16')
+
+    # data
+    try:
+        base = data.build_dataset(cfg.data, 'train', cfg.img_size)
+    except (FileNotFoundError, ValueError) as e:
+        sys.exit(f'error: {e}')
+    num_patches = (cfg.img_size // cfg.patch_size) ** 2
+    dataset = data.Seeded(base, data.WithNoise(data.LUTTransform(cfg.img_size, cfg.crop), num_patches))
+    try:
+        loader, sampler = data.make_loader(dataset, cfg.batch_size, world, rank, cfg.seed, cfg.num_workers)
+    except ValueError as e:
+        sys.exit(f'error: {e}')
+    steps_per_epoch = sampler.batches_per_epoch() // cfg.accum_iter
+    total_steps = cfg.epochs * steps_per_epoch
+    end_step = min(total_steps, cfg.max_steps) if cfg.max_steps > 0 else total_steps
+    eff_batch = cfg.batch_size * cfg.accum_iter * world
+    base_lr = cfg.lr if cfg.lr > 0 else cfg.blr * eff_batch / 256
+    warmup_steps = int(cfg.warmup_epochs * steps_per_epoch)
+
+    # model, optimizer; the momentum branch starts as a copy of the online encoder + head
+    model = LUT(cfg).to(device)
+    momentum = Momentum(model)
+    optimizer = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=base_lr, betas=(0.9, 0.95),
+                                  fused=device_type == 'cuda', foreach=device_type != 'cuda')
+    step = 0
+    resume = os.path.join(cfg.out_dir, 'checkpoint.pt') if cfg.resume == 'auto' else cfg.resume
+    if resume and not (cfg.resume == 'auto' and not os.path.exists(resume)):
+        ckpt = load_checkpoint(resume, cfg)
+        model.load_state_dict(ckpt['model'])
+        momentum.load_state_dict(ckpt['momentum'])
+        optimizer.load_state_dict(ckpt['optimizer'])
+        scaler.load_state_dict(ckpt['scaler'])
+        step = ckpt['step']
+        if master:
+            print(f'resumed from {resume} at step {step}')
+        del ckpt
+    if master:
+        os.makedirs(cfg.out_dir, exist_ok=True)
+        print(json.dumps({'method': METHOD, **dataclasses.asdict(cfg), 'world': world, 'device': device,
+                          'dtype': dtype, 'effective_batch': eff_batch, 'lr': base_lr, 'steps': total_steps}))
+        print(f'encoder {vit.count_params(model.encoder) / 1e6:.2f}M params, total {vit.count_params(model) / 1e6:.2f}M, '
+              f'{len(base)} images, {steps_per_epoch} steps/epoch')
+    fwd = torch.compile(model) if cfg.compile else model
+    target = torch.compile(momentum) if cfg.compile else momentum
+    if ddp:
+        fwd = DDP(fwd, device_ids=[local_rank] if device_type == 'cuda' else None)
+        for t in momentum.state_dict().values():  # DDP gave every rank rank 0's online model; same for its copy
+            dist.broadcast(t, 0)
+
+    # a fixed batch for the reconstruction picture
+    vis_imgs = torch.stack([data.eval_transform(cfg.img_size)(data.build_dataset(cfg.data, 'val', cfg.img_size)[i][0])
+                            for i in range(8)]).to(device) if master else None
+    vis_noise = torch.rand(8, num_patches, generator=torch.Generator().manual_seed(0)).to(device) if master else None
+
+    def checkpoint():
+        state = {'method': METHOD, 'model': model.state_dict(), 'momentum': momentum.state_dict(),
+                 'optimizer': optimizer.state_dict(),
+                 'scaler': scaler.state_dict(), 'step': step, 'epoch': step / max(1, steps_per_epoch),
+                 'config': dataclasses.asdict(cfg), 'rng': rng_state(),
+                 'encoder': vit.backbone_state_dict(model.encoder)}
+        save_checkpoint(os.path.join(cfg.out_dir, 'checkpoint.pt'), state)
+        save_reconstructions(model, vis_imgs, vis_noise, cfg, os.path.join(cfg.out_dir, 'recon.png'))
+
+    # the loop: one optimizer step = accum_iter micro-batches
+    model.train()
+    stream = data.batches(loader, sampler, step * cfg.accum_iter)
+    loss_sum = torch.zeros(3, device=device)  # (total, L_MAE, L_BC) summed on the device, read only on log steps
+    bad = torch.zeros((), device=device)  # any non-finite loss since the last check
+    t0, t_start, step_start = time.time(), time.time(), step
+    while step < end_step:
+        torch.manual_seed(cfg.seed + 1_000_003 * rank + 7919 * step)  # in-step randomness: a function of (seed, rank, step)
+        lr = lr_at(step, base_lr, cfg.min_lr, warmup_steps, total_steps)
+        for g in optimizer.param_groups:
+            g['lr'] = lr
+        for micro in range(cfg.accum_iter):
+            _, (((view1, view2), noise), _) = next(stream)
+            view1, view2 = view1.to(device, non_blocking=True), view2.to(device, non_blocking=True)
+            noise = noise.to(device, non_blocking=True)
+            sync = nullcontext() if (not ddp or micro == cfg.accum_iter - 1) else fwd.no_sync()
+            with sync:
+                with autocast:
+                    loss_mae, q1, q2, _, _ = fwd(view1, view2, noise, cfg.mask_ratio, cfg.norm_pix_loss)
+                    z1, z2 = target(view1), target(view2)  # (B, D) each, full views, no grad
+                    loss_bc = bc_loss(q1, q2, z1, z2)
+                    loss = cfg.w_mae * loss_mae + cfg.w_bc * loss_bc
+                scaler.scale(loss / cfg.accum_iter).backward()
+            loss_sum += torch.stack([loss, loss_mae, loss_bc]).detach() / cfg.accum_iter
+            bad = torch.maximum(bad, (~torch.isfinite(loss.detach())).float())
+        log_now = (step + 1) % cfg.log_every == 0 or step + 1 == end_step
+        if log_now:
+            scaler.unscale_(optimizer)
+            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), float('inf'))
+        scaler.step(optimizer)
+        scaler.update()
+        optimizer.zero_grad(set_to_none=True)
+        m = momentum_at(step, cfg.momentum, total_steps)
+        ema_update(momentum, tracked(model), m)
+        step += 1
+        save_now = step % cfg.save_every == 0 or step == end_step
+        if log_now or save_now:
+            if ddp:
+                dist.all_reduce(bad, op=dist.ReduceOp.MAX)
+            if bad.item():  # the only place a non-finite loss is looked for: never saved
+                print(f'error: non-finite loss by step {step} (loss {loss.item():.4g}); nothing saved', file=sys.stderr)
+                sys.exit(2)
+        if log_now:
+            n = step - step_start
+            if ddp:
+                dist.all_reduce(loss_sum, op=dist.ReduceOp.AVG)
+            dt = time.time() - t0
+            ips = n * eff_batch / dt
+            eta = (end_step - step) * dt / n
+            total, l_mae, l_bc = (loss_sum / n).tolist()
+            rec = {'step': step, 'epoch': round(step / steps_per_epoch, 3), 'loss': total, 'loss_mae': l_mae,
+                   'loss_bc': l_bc, 'momentum': m, 'lr': lr, 'grad_norm': grad_norm.item(), 'img_per_s': ips,
+                   'eta_min': eta / 60}
+            if master:
+                print(f"step {step}/{end_step} ep {rec['epoch']:.2f} loss {total:.4f} (mae {l_mae:.4f} bc {l_bc:.4f}) "
+                      f"m {m:.5f} lr {lr:.2e} gnorm {rec['grad_norm']:.3f} {ips:.0f} img/s eta {eta / 60:.1f} min",
+                      flush=True)
+                with open(os.path.join(cfg.out_dir, 'log.jsonl'), 'a') as f:
+                    f.write(json.dumps(rec) + '\n')
+            loss_sum.zero_()
+            t0, step_start = time.time(), step
+        if save_now and master:
+            checkpoint()
+    if master:
+        print(f'done: {step} steps in {(time.time() - t_start) / 60:.1f} min; checkpoint in {cfg.out_dir}')
+    if ddp:
+        dist.destroy_process_group()
+
+
+if __name__ == '__main__':
+    main()
