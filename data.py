@@ -522,7 +522,8 @@ def make_loader(dataset, batch_size, world=1, rank=0, seed=0, num_workers=0, tra
     sampler = EpochSampler(len(dataset), batch_size, world, rank, seed, shuffle=train, drop_last=train)
     loader = DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=num_workers,
                         pin_memory=torch.cuda.is_available(), persistent_workers=num_workers > 0,
-                        drop_last=train, collate_fn=collate_fn, prefetch_factor=4 if num_workers > 0 else None)
+                        drop_last=train, collate_fn=collate_fn, prefetch_factor=4 if num_workers > 0 else None,
+                        generator=torch.Generator().manual_seed(seed))  # worker seeds never draw on the global RNG
     return loader, sampler
 
 

@@ -1,0 +1,697 @@
+"""
+dtm.py -- DTM pre-training (Kim, Heo, Han, "Morphing Tokens Draw Strong Masked Image Models", ICLR 2025,
+arXiv 2401.00254), one file.
+
+A ViT student sees a blockwise-masked image (exactly 75 of 196 patches replaced by a mask token inside the
+encoder) and predicts, with a Linear head on every patch token, the patch features a frozen teacher computes on
+the unmasked image. The targets are not matched token by token: each step the teacher tokens are grouped by
+iterated bipartite soft matching (ToMe) into a random number of clusters ("dynamic token morphing"), the same
+grouping averages the student's tokens, and the two sets of cluster means are aligned with a size-weighted
+smooth L1 loss. Supervision thus ranges from token level (no merge) to nearly image level (a few clusters).
+
+Teachers (--teacher): clip:PATH (the paper: an OpenAI-format CLIP ViT state_dict), vit:PATH (a checkpoint of
+this project, or an official MAE / iBOT / BEiT-layout backbone), ema (an EMA copy of the student; the default).
+
+  python dtm.py                                                  # embedded data, EMA teacher, CPU, minutes
+  python dtm.py --teacher vit:out/mae/checkpoint.pt              # distil from this project's MAE encoder
+  torchrun --nproc_per_node=8 dtm.py --data /path/to/imagenet --teacher clip:/path/to/ViT-B-16.pt
+                                                                 # paper recipe: ViT-B/16, 300 ep, batch 2048
+  python dtm.py --help                                           # every knob, with its default
+
+Letters in shape comments: B batch, L patches, D student width, C teacher (target) width, M clusters,
+W CLIP width.
+"""
+import argparse
+import copy
+import dataclasses
+import json
+import math
+import os
+import random
+import sys
+import time
+import warnings
+from contextlib import nullcontext
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+import data
+import vit
+
+METHOD = 'dtm'
+
+# -----------------------------------------------------------------------------
+# config: typed defaults, one comment each; 0 / '' = pick by data (embedded CPU default or the paper recipe)
+
+
+@dataclass
+class Config:
+    data: str = ''             # image folder (ImageNet layout: DIR/train/<class>/*.jpg) or '' for the embedded shapes
+    model: str = ''            # student size tiny|small|base|large|huge; '' = tiny on embedded data, base on a folder
+    img_size: int = 0          # input resolution; 0 = 64 embedded, 224 folder
+    patch_size: int = 0        # 0 = 8 embedded, the model's own (16, 14 for huge) on a folder
+    teacher: str = 'ema'       # ema | vit:PATH | clip:PATH; frozen, eval mode, sees the unmasked view
+    num_mask: int = 0          # masked patches per image, exactly; 0 = 75 of 196 scaled to the grid, round(75 L / 196)
+    drop_path: float = 0.1     # student stochastic depth (linear in depth)
+    layer_scale: float = 0.1   # student layer-scale init (BEiT)
+    morph_levels: int = 2      # morphings per step with independent schedules; their losses are averaged
+    morph_n: int = -1          # most tokens one morphing removes; -1 = all patches L; 0 = plain token-wise loss
+    morph_k: int = 14          # most bipartite matching iterations per morphing
+    morph_sampling: str = 'code'  # code: removed ~ U{0..n}, same r each iteration, even/odd split;
+    #                               paper: remaining ~ U, removals spread exactly, random split (see morph_schedule)
+    loss_type: str = 'smoothl1'  # distance between cluster means: smoothl1 | l1 | l2 | cosine
+    beta: float = 2.0          # smooth L1 change point
+    normalize_target: bool = False  # standardise each morphed target token over its channels
+    ema_momentum: float = 0.0  # EMA teacher only: momentum, cosine to 1; 0 = 0.99 embedded, 0.999 folder
+    epochs: int = 0            # 0 = 1 embedded, 300 folder
+    batch_size: int = 0        # per process; 0 = 32 embedded, 256 folder (2048 on 8 GPUs)
+    accum_iter: int = 1        # gradient accumulation steps (effective batch = batch_size * accum_iter * world)
+    blr: float = 0.0           # base lr, lr = blr * sqrt(effective_batch / 2048); 0 = 1.5e-3 folder, 1e-2 embedded
+    lr: float = 0.0            # absolute lr; overrides blr when > 0
+    min_lr: float = 1e-5       # end of the cosine schedule
+    warmup_epochs: float = -1  # linear warm-up from 0; -1 = 0.2 embedded, 10 folder
+    weight_decay: float = 0.05  # AdamW; none on biases, norms, [CLS] and position embeddings
+    clip_grad: float = 3.0     # global gradient-norm clip; 0 = off
+    out_dir: str = 'out/dtm'   # checkpoint.pt, log.jsonl
+    resume: str = ''           # '' fresh, 'auto' = out_dir/checkpoint.pt if present, or a path
+    save_every: int = 500      # steps between checkpoints (always saved at the end)
+    dtype: str = ''            # bf16|fp16|fp32; '' = bf16 on CUDA, fp32 on CPU
+    compile: bool = False      # torch.compile the model
+    seed: int = 0              # data order, augmentation and masks are pure functions of (seed, epoch, index)
+    num_workers: int = -1      # loader workers per process; -1 = 2 embedded, 10 folder
+    log_every: int = 20        # steps between log lines (the only host syncs)
+    max_steps: int = 0         # stop after this many optimizer steps (0 = run all epochs); schedule unchanged
+    device: str = ''           # cuda|cpu|cuda:N; '' = cuda if available
+
+
+EMBEDDED = dict(model='tiny', img_size=64, patch_size=8, epochs=1, batch_size=32, blr=1e-2, warmup_epochs=0.2,
+                num_workers=2, ema_momentum=0.99)
+RECIPE = dict(model='base', img_size=224, patch_size=0, epochs=300, batch_size=256, blr=1.5e-3, warmup_epochs=10,
+              num_workers=10, ema_momentum=0.999)
+ARCH_KEYS = ('model', 'img_size', 'patch_size', 'teacher')  # must match on resume
+LOSS_TYPES = ('smoothl1', 'l1', 'l2', 'cosine')
+
+
+def get_config(argv=None):
+    """argparse from the dataclass (unknown flags rejected), then fill the data-dependent defaults."""
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    for f in dataclasses.fields(Config):
+        if f.type is bool:
+            p.add_argument(f'--{f.name}', type=lambda s: s.lower() in ('1', 'true', 'yes', 'on'), default=f.default,
+                           metavar='BOOL', help=f'(default {f.default})')
+        else:
+            p.add_argument(f'--{f.name}', type=f.type, default=f.default, help=f'(default {f.default!r})')
+    cfg = Config(**vars(p.parse_args(argv)))
+    for k, v in (EMBEDDED if cfg.data in ('', 'shapes') else RECIPE).items():
+        if getattr(cfg, k) in ((-1,) if getattr(Config, k) == -1 else (0, '')):  # -1 marks knobs where 0 is a value
+            setattr(cfg, k, v)
+    if cfg.patch_size == 0:
+        cfg.patch_size = vit.SIZES[cfg.model][3] if cfg.model in vit.SIZES else 16
+    if cfg.model not in vit.SIZES:
+        p.error(f'--model must be one of {", ".join(vit.SIZES)}')
+    if cfg.img_size % cfg.patch_size:
+        p.error(f'--img_size {cfg.img_size} is not divisible by --patch_size {cfg.patch_size}')
+    L = (cfg.img_size // cfg.patch_size) ** 2
+    cfg.num_mask = cfg.num_mask or round(75 * L / 196)
+    cfg.morph_n = L if cfg.morph_n == -1 else cfg.morph_n
+    kind, _, path = cfg.teacher.partition(':')
+    if not (cfg.teacher == 'ema' or (kind in ('vit', 'clip') and path)):
+        p.error(f'--teacher must be ema, vit:PATH or clip:PATH, got {cfg.teacher!r}')
+    if not 0 < cfg.num_mask < L:
+        p.error(f'--num_mask must be in [1, {L - 1}] for {L} patches, got {cfg.num_mask}')
+    if not 0 <= cfg.morph_n <= L:
+        p.error(f'--morph_n must be in [0, {L}] (or -1 = {L}), got {cfg.morph_n}')
+    if cfg.morph_k < 1 or cfg.morph_levels < 1:
+        p.error('--morph_k and --morph_levels must be at least 1')
+    if cfg.morph_sampling not in ('code', 'paper'):
+        p.error('--morph_sampling must be code or paper')
+    if cfg.loss_type not in LOSS_TYPES:
+        p.error(f'--loss_type must be one of {", ".join(LOSS_TYPES)}')
+    if cfg.dtype not in ('', 'bf16', 'fp16', 'fp32'):
+        p.error('--dtype must be bf16, fp16 or fp32')
+    return cfg
+
+
+class MaskedView:
+    """transform(img, rng) -> (view (3, S, S), mask (L,) bool with exactly num_mask True): one augmented view that
+    student and teacher share (BEiT / DTM), and a BEiT block mask with an exact count drawn from the sample's rng."""
+
+    def __init__(self, img_size, grid, num_mask):
+        self.transform, self.grid, self.num_mask = data.dtm_transform(img_size), grid, num_mask
+
+    def __call__(self, img, rng):
+        mask = data.exact_block_mask(self.grid, self.grid, self.num_mask, rng)
+        return self.transform(img), torch.from_numpy(mask.reshape(-1))
+
+# -----------------------------------------------------------------------------
+# model: BEiT-style student (mask token inside the encoder) + Linear head to the teacher's width (paper sec. 3)
+
+
+class DTM(nn.Module):
+    def __init__(self, cfg, target_dim=None):
+        super().__init__()
+        self.encoder = vit.vit(cfg.model, img_size=cfg.img_size, patch_size=cfg.patch_size, num_classes=0,
+                               pos_embed='learned', mask_token=True, weight_init='trunc_normal',
+                               layer_scale=cfg.layer_scale, drop_path_rate=cfg.drop_path)
+        D = self.encoder.embed_dim
+        self.head = nn.Linear(D, target_dim or D)  # the official lm_head, shared by all patch tokens
+        # BEiT init: mask token N(0, 0.02), residual branch outputs of block i scaled by 1/sqrt(2 i)
+        nn.init.trunc_normal_(self.encoder.mask_token, std=0.02)
+        nn.init.trunc_normal_(self.head.weight, std=0.02)
+        nn.init.zeros_(self.head.bias)
+        with torch.no_grad():
+            for i, blk in enumerate(self.encoder.blocks, start=1):
+                blk.attn.proj.weight.div_(math.sqrt(2.0 * i))
+                blk.mlp.fc2.weight.div_(math.sqrt(2.0 * i))
+        self.loss_type, self.beta, self.normalize_target = cfg.loss_type, cfg.beta, cfg.normalize_target
+
+    def forward(self, imgs, mask, target, clusters):
+        """imgs (B, 3, H, W), mask (B, L) bool (True = masked), target (B, L, C) teacher tokens, clusters: list of
+        (assign (B, L), M) from morph_clusters -> loss averaged over the morphings."""
+        pred = self.head(self.encoder.forward_features(imgs, mask)[:, 1:])  # (B, L, C), [CLS] dropped
+        losses = [dtm_loss(pred, target, assign, M, self.loss_type, self.beta, self.normalize_target)
+                  for assign, M in clusters]
+        return sum(losses) / len(losses)
+
+# -----------------------------------------------------------------------------
+# teachers: frozen, eval mode, no grad; forward(imgs) -> patch tokens (B, L, C)
+
+
+class ViTTeacher(nn.Module):
+    """A ViT of vit.py (this project's checkpoints, official MAE / iBOT backbones, or the EMA copy of the student):
+    patch tokens after the final norm."""
+
+    def __init__(self, encoder):
+        super().__init__()
+        self.encoder, self.dim = encoder, encoder.embed_dim
+
+    def forward(self, imgs):
+        return self.encoder.forward_features(imgs)[:, 1:]  # (B, L, C)
+
+
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+def imagenet_to_clip(x):
+    """ImageNet-normalised pixels (B, 3, H, W) -> CLIP-normalised: (x * s_in + m_in - m_clip) / s_clip.
+    (The official code feeds ImageNet-normalised pixels to CLIP as they are.)"""
+    s_in, m_in, s_c, m_c = (torch.tensor(v, device=x.device, dtype=x.dtype).view(1, 3, 1, 1)
+                            for v in (data.IMAGENET_STD, data.IMAGENET_MEAN, CLIP_STD, CLIP_MEAN))
+    return (x * s_in + m_in - m_c) / s_c
+
+
+class QuickGELU(nn.Module):
+    def forward(self, x):
+        return x * torch.sigmoid(1.702 * x)
+
+
+class CLIPAttention(nn.Module):
+    """The parameters of nn.MultiheadAttention (in_proj_weight (3W, W), in_proj_bias, out_proj), computed with SDPA."""
+
+    def __init__(self, width, heads):
+        super().__init__()
+        self.heads = heads
+        self.in_proj_weight = nn.Parameter(torch.empty(3 * width, width))
+        self.in_proj_bias = nn.Parameter(torch.zeros(3 * width))
+        self.out_proj = nn.Linear(width, width)
+
+    def forward(self, x):
+        B, N, W = x.shape
+        qkv = F.linear(x, self.in_proj_weight, self.in_proj_bias).reshape(B, N, 3, self.heads, W // self.heads)
+        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # (B, heads, N, W/heads) each
+        return self.out_proj(F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(B, N, W))
+
+
+class CLIPMlp(nn.Module):
+    def __init__(self, width):
+        super().__init__()
+        self.c_fc, self.gelu, self.c_proj = nn.Linear(width, 4 * width), QuickGELU(), nn.Linear(4 * width, width)
+
+    def forward(self, x):
+        return self.c_proj(self.gelu(self.c_fc(x)))
+
+
+class CLIPBlock(nn.Module):
+    def __init__(self, width, heads):
+        super().__init__()
+        self.ln_1, self.attn = nn.LayerNorm(width), CLIPAttention(width, heads)
+        self.ln_2, self.mlp = nn.LayerNorm(width), CLIPMlp(width)
+
+    def forward(self, x):
+        x = x + self.attn(self.ln_1(x))
+        return x + self.mlp(self.ln_2(x))
+
+
+class CLIPVisual(nn.Module):
+    """OpenAI CLIP ViT image tower with the parameter names of its state_dict (conv1, class_embedding,
+    positional_embedding, ln_pre, transformer.resblocks.{i}, ln_post, proj). forward: ImageNet-normalised
+    pixels -> patch tokens after ln_post, projected to the joint space (B, L, C) -- the DTM target."""
+
+    def __init__(self, width, layers, patch_size, grid, output_dim):
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, width, patch_size, patch_size, bias=False)
+        self.class_embedding = nn.Parameter(torch.zeros(width))
+        self.positional_embedding = nn.Parameter(torch.zeros(1 + grid * grid, width))
+        self.ln_pre = nn.LayerNorm(width)
+        self.transformer = nn.Module()
+        self.transformer.resblocks = nn.ModuleList([CLIPBlock(width, width // 64) for _ in range(layers)])
+        self.ln_post = nn.LayerNorm(width)
+        self.proj = nn.Parameter(torch.zeros(width, output_dim))
+        self.dim = output_dim
+
+    def forward(self, imgs):
+        x = self.conv1(imagenet_to_clip(imgs)).flatten(2).transpose(1, 2)  # (B, L, W), CLIP's own pixel statistics
+        cls = self.class_embedding.to(x.dtype).expand(x.shape[0], 1, -1)
+        x = torch.cat([cls, x], dim=1) + self.positional_embedding.to(x.dtype)  # (B, 1+L, W)
+        x = self.ln_pre(x)
+        for blk in self.transformer.resblocks:
+            x = blk(x)
+        return self.ln_post(x[:, 1:]) @ self.proj.to(x.dtype)  # (B, L, C), [CLS] dropped
+
+
+def read_checkpoint(path):
+    """torch.load a teacher file; a TorchScript archive (OpenAI's released CLIP files) gives its state_dict."""
+    if not os.path.isfile(path):
+        sys.exit(f'error: teacher checkpoint {path} does not exist')
+    try:
+        with warnings.catch_warnings():  # torch.load hands TorchScript archives to torch.jit.load, with two warnings
+            warnings.filterwarnings('ignore', message='.*TorchScript')
+            warnings.filterwarnings('ignore', message='.*torch.jit.load.*deprecated')
+            obj = torch.load(path, map_location='cpu', weights_only=False)
+    except Exception as e:
+        sys.exit(f'error: cannot read teacher checkpoint {path} ({type(e).__name__}: {e})')
+    return obj.state_dict() if isinstance(obj, torch.jit.ScriptModule) else obj
+
+
+def load_clip_visual(path, img_size):
+    """CLIPVisual from an OpenAI-format state_dict (full model with 'visual.' keys, or the visual tower alone);
+    width, depth, patch and output width are read from the tensors, the position embedding is resized to img_size."""
+    sd = read_checkpoint(path)
+    sd = sd.get('state_dict', sd) if isinstance(sd, dict) else sd
+    if isinstance(sd, dict) and any(k.startswith('visual.') for k in sd):
+        sd = {k[len('visual.'):]: v for k, v in sd.items() if k.startswith('visual.')}
+    if not isinstance(sd, dict) or not {'conv1.weight', 'positional_embedding', 'proj'} <= set(sd):
+        sys.exit(f'error: {path} is not an OpenAI-format CLIP ViT state_dict '
+                 '(no visual conv1 / positional_embedding / proj)')
+    sd = {k: v.float() for k, v in sd.items() if torch.is_tensor(v)}
+    width, _, p, _ = sd['conv1.weight'].shape
+    layers = 1 + max((int(k.split('.')[2]) for k in sd if k.startswith('transformer.resblocks.')), default=-1)
+    if img_size % p:
+        sys.exit(f'error: --img_size {img_size} is not divisible by the CLIP patch size {p}')
+    grid = img_size // p
+    sd['positional_embedding'] = vit.interpolate_pos_embed(sd['positional_embedding'][None], (grid, grid))[0]
+    model = CLIPVisual(width, layers, p, grid, sd['proj'].shape[1])
+    try:
+        model.load_state_dict(sd)
+    except RuntimeError as e:
+        sys.exit(f'error: {path} does not match a CLIP ViT of width {width}, {layers} layers, patch {p}: '
+                 + str(e).strip().splitlines()[-1].strip()[:300])
+    return model
+
+
+def load_vit_encoder(path, cfg, verbose=True):
+    """A vit.py ViT for any backbone vit.load_backbone reads; size (from SIZES by width and depth) and patch size
+    come from the tensors; learned position embedding (a fixed sin-cos one loads as its values)."""
+    ckpt = read_checkpoint(path)
+    try:
+        sd, fmt = vit.extract_backbone(ckpt)
+    except ValueError as e:
+        sys.exit(f'error: teacher {path}: {e}')
+    if 'patch_embed.proj.weight' not in sd:
+        sys.exit(f'error: teacher {path} ({fmt}) has no ViT backbone (no patch_embed.proj.weight)')
+    D, _, p, _ = sd['patch_embed.proj.weight'].shape
+    depth = 1 + max((int(k.split('.')[1]) for k in sd if k.startswith('blocks.')), default=-1)
+    name = next((n for n, s in vit.SIZES.items() if s[:2] == (D, depth)), None)
+    if name is None:
+        sys.exit(f'error: teacher {path} is a ViT of width {D}, depth {depth}: '
+                 f'not one of the sizes {", ".join(vit.SIZES)}')
+    if cfg.img_size % p or cfg.img_size // p != cfg.img_size // cfg.patch_size:
+        sys.exit(f'error: teacher patch size {p} does not give the student\'s {cfg.img_size // cfg.patch_size}-wide '
+                 f'grid at --img_size {cfg.img_size}; use --patch_size {p}')
+    layer_scale = 1.0 if any('.ls1.' in k for k in sd) else None
+    enc = vit.vit(name, img_size=cfg.img_size, patch_size=p, num_classes=0, pos_embed='learned',
+                  layer_scale=layer_scale, weight_init='trunc_normal')
+    missing, _ = vit.load_backbone(ckpt, enc, verbose=False)
+    if [k for k in missing if not k.startswith('norm.')]:
+        sys.exit(f'error: teacher {path} lacks {", ".join(missing[:4])}{" ..." if len(missing) > 4 else ""}')
+    if verbose:
+        print(f'teacher: ViT-{name} patch {p} from {path} ({fmt}); missing: {missing or "none"}')
+    return enc
+
+
+def build_teacher(cfg, student_encoder=None, verbose=True):
+    """--teacher ema (a copy of student_encoder) | vit:PATH | clip:PATH -> frozen module in eval mode with .dim."""
+    kind, _, path = cfg.teacher.partition(':')
+    if kind == 'ema':
+        teacher = ViTTeacher(copy.deepcopy(student_encoder))
+    elif kind == 'vit':
+        teacher = ViTTeacher(load_vit_encoder(path, cfg, verbose))
+    else:
+        teacher = load_clip_visual(path, cfg.img_size)
+    return teacher.requires_grad_(False).eval()
+
+
+@torch.no_grad()
+def ema_update(teacher, student, m):
+    """teacher <- m * teacher + (1 - m) * student, every parameter in one fused call."""
+    torch._foreach_lerp_(list(teacher.parameters()), list(student.parameters()), 1.0 - m)
+
+# -----------------------------------------------------------------------------
+# token morphing (paper sec. 3.2, Algorithm 1) and loss
+
+
+def morph_schedule(N, n, k, rng, sampling='code'):
+    """Dynamic scheduler: one draw -> tokens merged at each matching iteration (list of ints), each capped at
+    half the tokens left (one bipartite round removes at most its A side); N - sum = clusters left.
+    code : removed ~ U{0..n}, iters ~ U{1..k}, r = ceil(removed / iters) (floor if r * iters > n), the same r
+           every iteration (the official scheme: up to r * iters tokens go, more than `removed` when ceil rounds up)
+    paper: remaining ~ U{max(1, N - n)..N}, iters ~ U{1..k}; the N - remaining removals spread evenly over the
+           iterations, later ones taking what an earlier cap left, so exactly N - remaining go when the caps allow
+    rng: random.Random."""
+    t, rs = N, []
+    if sampling == 'code':
+        removed = rng.randint(0, n)
+        iters = rng.randint(1, k)
+        r = math.ceil(removed / iters)
+        if r * iters > n:
+            r = removed // iters
+        for _ in range(iters):
+            rs.append(min(r, t // 2))
+            t -= rs[-1]
+    else:
+        left = N - rng.randint(max(1, N - n), N)
+        iters = rng.randint(1, k)
+        for p in range(iters):
+            rs.append(min(math.ceil(left / (iters - p)), t // 2))
+            t, left = t - rs[-1], left - rs[-1]
+    return rs
+
+
+def cluster_means(x, assign, M):
+    """x (B, L, C), assign (B, L) cluster ids in [0, M) -> per-cluster means (B, M, C) (sizes from the assignment)."""
+    B, L, C = x.shape
+    sums = x.new_zeros(B, M, C).scatter_add_(1, assign[..., None].expand(-1, -1, C), x)  # (B, M, C)
+    sizes = x.new_zeros(B, M).scatter_add_(1, assign, x.new_ones(B, L))  # (B, M)
+    return sums / sizes[..., None]
+
+
+@torch.no_grad()
+def morph_clusters(x, rs, random_split=False):
+    """Iterated bipartite soft matching (ToMe) on teacher tokens x (B, L, C), r = rs[p] merges at iteration p.
+    Each iteration: unit-normalise the current cluster means, split them into A / B (alternate positions, or a
+    random half per image with random_split), cosine scores A B^T, every A token picks its best B partner, the r
+    A tokens with the highest scores join their partner's cluster. Returns (assign (B, L) long: the cluster of
+    every original token, M = L - sum(rs) clusters, each non-empty). New order: kept A (by position), then B.
+    Every token may merge: the official code runs ToMe with class_token=True on patch-only tensors, which keeps
+    the top-left patch a singleton forever (and caps a round at (t - 1) // 2); that quirk is not reproduced."""
+    B, L, _ = x.shape
+    x = x.float()
+    ar = torch.arange(L, device=x.device)
+    assign = ar.expand(B, L).clone()  # (B, L): every token its own cluster
+    t, feats = L, x
+    for r in rs:
+        if r == 0:
+            continue
+        if random_split:  # paper: random halves
+            perm = torch.rand(B, t, device=x.device).argsort(dim=1)  # (B, t)
+            a_idx, b_idx = perm[:, :t // 2], perm[:, t // 2:]
+        else:  # official code (ToMe): even / odd positions
+            a_idx, b_idx = ar[0:t:2].expand(B, -1), ar[1:t:2].expand(B, -1)
+        ta, tb = a_idx.shape[1], b_idx.shape[1]
+        metric = F.normalize(feats, dim=-1)  # (B, t, C)
+        a = metric.gather(1, a_idx[..., None].expand(-1, -1, metric.shape[-1]))  # (B, ta, C)
+        b = metric.gather(1, b_idx[..., None].expand(-1, -1, metric.shape[-1]))  # (B, tb, C)
+        best, dst = (a @ b.transpose(1, 2)).max(dim=-1)  # (B, ta): best cosine score and its B partner
+        order = best.argsort(dim=-1, descending=True, stable=True)  # (B, ta)
+        src, keep = order[:, :r], order[:, r:].sort(dim=-1).values  # merged A / kept A (kept by position)
+        new_id = torch.empty(B, t, dtype=torch.long, device=x.device)  # current cluster -> next cluster id
+        new_id.scatter_(1, a_idx.gather(1, keep), ar[:ta - r].expand(B, -1))
+        new_id.scatter_(1, a_idx.gather(1, src), ta - r + dst.gather(1, src))
+        new_id.scatter_(1, b_idx, ta - r + ar[:tb].expand(B, -1))
+        assign = new_id.gather(1, assign)  # (B, L)
+        t -= r
+        feats = cluster_means(x, assign, t)  # (B, t, C): size-weighted means of the merged clusters
+    return assign, t
+
+
+def draw_clusters(target, rng, cfg):
+    """cfg.morph_levels independent morphings of the teacher tokens (B, L, C) -> list of (assign (B, L), M)."""
+    L = target.shape[1]
+    return [morph_clusters(target, morph_schedule(L, cfg.morph_n, cfg.morph_k, rng, cfg.morph_sampling),
+                           random_split=cfg.morph_sampling == 'paper') for _ in range(cfg.morph_levels)]
+
+
+def token_distance(u, v, loss_type='smoothl1', beta=2.0):
+    """Per-token distance (B, L) between (B, L, C) tensors: channel mean of smooth L1 (beta) / L1 / squared error,
+    or 1 - cosine similarity."""
+    if loss_type == 'smoothl1':
+        return F.smooth_l1_loss(u, v, reduction='none', beta=beta).mean(dim=-1)
+    if loss_type == 'l1':
+        return (u - v).abs().mean(dim=-1)
+    if loss_type == 'l2':
+        return ((u - v) ** 2).mean(dim=-1)
+    return 1.0 - F.cosine_similarity(u, v, dim=-1, eps=1e-6)
+
+
+def dtm_loss(pred, target, assign, M, loss_type='smoothl1', beta=2.0, normalize_target=False):
+    """L_DTM = (1/L) sum_c |c| d(mean_c pred, mean_c target), over every token (masked and visible), mean over B.
+    pred (B, L, C) student, target (B, L, C) teacher, assign (B, L) cluster ids in [0, M). Written as the
+    token-wise loss between the cluster means broadcast back to their member tokens, which weights each
+    cluster by its size. fp32."""
+    idx = assign[..., None].expand(-1, -1, pred.shape[-1])  # (B, L, C)
+    u = cluster_means(pred.float(), assign, M).gather(1, idx)  # (B, L, C): each token holds its cluster's mean
+    v = cluster_means(target.float(), assign, M).gather(1, idx)
+    if normalize_target:
+        v = (v - v.mean(dim=-1, keepdim=True)) / (v.var(dim=-1, keepdim=True) + 1e-6) ** 0.5
+    return token_distance(u, v, loss_type, beta).mean()
+
+# -----------------------------------------------------------------------------
+# optimizer and schedules
+
+
+def param_groups(model, weight_decay):
+    """AdamW groups: no weight decay on biases, norms (1-D params), [CLS] and position embeddings; the mask
+    token is decayed (BEiT / DTM)."""
+    decay, no_decay = [], []
+    for n, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        skip = p.ndim <= 1 or n.endswith(('cls_token', 'pos_embed'))
+        (no_decay if skip else decay).append(p)
+    return [{'params': decay, 'weight_decay': weight_decay}, {'params': no_decay, 'weight_decay': 0.0}]
+
+
+def lr_at(step, base_lr, min_lr, warmup_steps, total_steps):
+    """Per-step linear warm-up from 0, then half-cycle cosine to min_lr."""
+    if step < warmup_steps:
+        return base_lr * step / warmup_steps
+    t = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+    return min_lr + (base_lr - min_lr) * 0.5 * (1.0 + math.cos(math.pi * min(t, 1.0)))
+
+
+def ema_at(step, base, total_steps):
+    """EMA teacher momentum: cosine from base at step 0 to 1 at the last step (BYOL)."""
+    return 1.0 - (1.0 - base) * 0.5 * (1.0 + math.cos(math.pi * min(step / max(1, total_steps), 1.0)))
+
+# -----------------------------------------------------------------------------
+# checkpointing
+
+
+def rng_state():
+    return {'python': random.getstate(), 'numpy': np.random.get_state(), 'torch': torch.get_rng_state(),
+            'cuda': torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+
+
+def save_checkpoint(path, state):
+    """Atomic: write a temp file in the same folder, fsync, rename; a killed process never leaves a torn file."""
+    tmp = f'{path}.tmp.{os.getpid()}'
+    with open(tmp, 'wb') as f:
+        torch.save(state, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path, cfg):
+    """Load a checkpoint to resume from; refuses another method's or another architecture's checkpoint."""
+    try:
+        ckpt = torch.load(path, map_location='cpu', weights_only=False)
+    except Exception as e:
+        sys.exit(f'error: cannot read checkpoint {path} ({type(e).__name__}: {e})')
+    if ckpt.get('method') != METHOD:
+        sys.exit(f'error: {path} is a {ckpt.get("method", "non-nanoMIM")} checkpoint, not {METHOD}')
+    old = ckpt['config']
+    diff = [f'{k}={old.get(k)} (now {getattr(cfg, k)})' for k in ARCH_KEYS if old.get(k) != getattr(cfg, k)]
+    if diff:
+        sys.exit(f'error: {path} was trained with ' + ', '.join(diff))
+    return ckpt
+
+# -----------------------------------------------------------------------------
+# training
+
+
+def main(argv=None):
+    cfg = get_config(argv)
+
+    # distributed: torchrun sets RANK/LOCAL_RANK/WORLD_SIZE; plain `python` runs one process
+    ddp = int(os.environ.get('RANK', -1)) != -1
+    rank, local_rank, world = (int(os.environ['RANK']), int(os.environ['LOCAL_RANK']),
+                               int(os.environ['WORLD_SIZE'])) if ddp else (0, 0, 1)
+    device = cfg.device or ('cuda' if torch.cuda.is_available() else 'cpu')
+    if device.startswith('cuda'):
+        device = f'cuda:{local_rank}' if ddp else device
+        torch.cuda.set_device(device)
+    if ddp:
+        dist.init_process_group(backend='nccl' if device.startswith('cuda') else 'gloo')
+    master = rank == 0
+    device_type = 'cuda' if device.startswith('cuda') else 'cpu'
+    torch.manual_seed(cfg.seed + rank)
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+
+    # precision: bf16 autocast by default on CUDA, fp16 with a GradScaler, fp32 on CPU
+    dtype = cfg.dtype or ('bf16' if device_type == 'cuda' else 'fp32')
+    ptdtype = {'bf16': torch.bfloat16, 'fp16': torch.float16, 'fp32': torch.float32}[dtype]
+    autocast = nullcontext() if dtype == 'fp32' else torch.autocast(device_type, dtype=ptdtype)
+    scaler = torch.amp.GradScaler(device_type, enabled=dtype == 'fp16')
+
+    # data
+    try:
+        base = data.build_dataset(cfg.data, 'train', cfg.img_size)
+    except (FileNotFoundError, ValueError) as e:
+        sys.exit(f'error: {e}')
+    grid = cfg.img_size // cfg.patch_size
+    dataset = data.Seeded(base, MaskedView(cfg.img_size, grid, cfg.num_mask), with_rng=True)
+    try:
+        loader, sampler = data.make_loader(dataset, cfg.batch_size, world, rank, cfg.seed, cfg.num_workers)
+    except ValueError as e:
+        sys.exit(f'error: {e}')
+    # a new loader iterator (first step, resume, new epoch) draws its base seed from here, not from the global
+    # RNG that drop path reads: otherwise a resumed run would drop other paths than an uninterrupted one
+    loader.generator = torch.Generator().manual_seed(cfg.seed)
+    steps_per_epoch = sampler.batches_per_epoch() // cfg.accum_iter
+    total_steps = cfg.epochs * steps_per_epoch
+    end_step = min(total_steps, cfg.max_steps) if cfg.max_steps > 0 else total_steps
+    eff_batch = cfg.batch_size * cfg.accum_iter * world
+    base_lr = cfg.lr if cfg.lr > 0 else cfg.blr * math.sqrt(eff_batch / 2048)  # square-root rule (BEiT v2 / DTM)
+    warmup_steps = int(cfg.warmup_epochs * steps_per_epoch)
+
+    # model, teacher, optimizer
+    file_teacher = None if cfg.teacher == 'ema' else build_teacher(cfg, verbose=master)
+    model = DTM(cfg, file_teacher.dim if file_teacher else None).to(device)
+    teacher = (file_teacher or build_teacher(cfg, model.encoder)).to(device)  # plain module, never DDP-wrapped
+    optimizer = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=base_lr, betas=(0.9, 0.999),
+                                  fused=device_type == 'cuda')
+    step = 0
+    resume = os.path.join(cfg.out_dir, 'checkpoint.pt') if cfg.resume == 'auto' else cfg.resume
+    if resume and not (cfg.resume == 'auto' and not os.path.exists(resume)):
+        ckpt = load_checkpoint(resume, cfg)
+        model.load_state_dict(ckpt['model'])
+        optimizer.load_state_dict(ckpt['optimizer'])
+        scaler.load_state_dict(ckpt['scaler'])
+        if cfg.teacher == 'ema':
+            teacher.load_state_dict(ckpt['teacher'])
+        step = ckpt['step']
+        if master:
+            print(f'resumed from {resume} at step {step}')
+        del ckpt
+    if master:
+        os.makedirs(cfg.out_dir, exist_ok=True)
+        print(json.dumps({'method': METHOD, **dataclasses.asdict(cfg), 'world': world, 'device': device,
+                          'dtype': dtype, 'effective_batch': eff_batch, 'lr': base_lr, 'steps': total_steps}))
+        print(f'encoder {vit.count_params(model.encoder) / 1e6:.2f}M params, total {vit.count_params(model) / 1e6:.2f}M, '
+              f'teacher {cfg.teacher} {vit.count_params(teacher) / 1e6:.2f}M ({teacher.dim}-d targets), '
+              f'{len(base)} images, {steps_per_epoch} steps/epoch')
+    fwd = torch.compile(model) if cfg.compile else model
+    if ddp:
+        fwd = DDP(fwd, device_ids=[local_rank] if device_type == 'cuda' else None)
+        for t in teacher.state_dict().values():  # the EMA copy was taken from each rank's own init: use rank 0's
+            dist.broadcast(t, 0)
+
+    def checkpoint():
+        state = {'method': METHOD, 'model': model.state_dict(), 'optimizer': optimizer.state_dict(),
+                 'scaler': scaler.state_dict(), 'step': step, 'epoch': step / max(1, steps_per_epoch),
+                 'config': dataclasses.asdict(cfg), 'rng': rng_state(),
+                 'encoder': vit.backbone_state_dict(model.encoder)}
+        if cfg.teacher == 'ema':
+            state['teacher'] = teacher.state_dict()
+        save_checkpoint(os.path.join(cfg.out_dir, 'checkpoint.pt'), state)
+
+    # the loop: one optimizer step = accum_iter micro-batches
+    model.train()
+    stream = data.batches(loader, sampler, step * cfg.accum_iter)
+    loss_sum = torch.zeros((), device=device)  # summed on the device, read only on log steps
+    bad = torch.zeros((), device=device)  # any non-finite loss since the last check
+    clusters_sum = 0.0  # mean cluster count of the morphings, a host-side number
+    t0, t_start, step_start = time.time(), time.time(), step
+    while step < end_step:
+        torch.manual_seed(cfg.seed + 1_000_003 * rank + 7919 * step)  # in-step randomness: a function of (seed, rank, step)
+        rng = random.Random(cfg.seed + 1_000_003 * rank + 7919 * step)  # the morph schedules, likewise
+        lr = lr_at(step, base_lr, cfg.min_lr, warmup_steps, total_steps)
+        for g in optimizer.param_groups:
+            g['lr'] = lr
+        for micro in range(cfg.accum_iter):
+            _, ((imgs, mask), _) = next(stream)
+            imgs, mask = imgs.to(device, non_blocking=True), mask.to(device, non_blocking=True)
+            with torch.no_grad(), autocast:
+                target = teacher(imgs).float()  # (B, L, C) on the unmasked view
+            clusters = draw_clusters(target, rng, cfg)  # morph_levels x (assign (B, L), M)
+            clusters_sum += sum(M for _, M in clusters) / len(clusters) / cfg.accum_iter
+            sync = nullcontext() if (not ddp or micro == cfg.accum_iter - 1) else fwd.no_sync()
+            with sync:
+                with autocast:
+                    loss = fwd(imgs, mask, target, clusters)
+                scaler.scale(loss / cfg.accum_iter).backward()  # every micro-batch counts (not only the last)
+            loss_sum += loss.detach() / cfg.accum_iter
+            bad = torch.maximum(bad, (~torch.isfinite(loss.detach())).float())
+        log_now = (step + 1) % cfg.log_every == 0 or step + 1 == end_step
+        if log_now or cfg.clip_grad > 0:
+            scaler.unscale_(optimizer)
+            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip_grad or float('inf'))
+        scaler.step(optimizer)
+        scaler.update()
+        optimizer.zero_grad(set_to_none=True)
+        if cfg.teacher == 'ema':
+            ema_update(teacher.encoder, model.encoder, ema_at(step, cfg.ema_momentum, total_steps))
+        step += 1
+        save_now = step % cfg.save_every == 0 or step == end_step
+        if log_now or save_now:
+            if ddp:
+                dist.all_reduce(bad, op=dist.ReduceOp.MAX)
+            if bad.item():  # the only place a non-finite loss is looked for: never saved
+                print(f'error: non-finite loss by step {step} (loss {loss.item():.4g}); nothing saved', file=sys.stderr)
+                sys.exit(2)
+        if log_now:
+            n = step - step_start
+            if ddp:
+                dist.all_reduce(loss_sum, op=dist.ReduceOp.AVG)
+            dt = time.time() - t0
+            ips = n * eff_batch / dt
+            eta = (end_step - step) * dt / n
+            rec = {'step': step, 'epoch': round(step / steps_per_epoch, 3), 'loss': loss_sum.item() / n, 'lr': lr,
+                   'grad_norm': grad_norm.item(), 'clusters': clusters_sum / n, 'img_per_s': ips, 'eta_min': eta / 60}
+            if master:
+                print(f"step {step}/{end_step} ep {rec['epoch']:.2f} loss {rec['loss']:.4f} lr {lr:.2e} "
+                      f"gnorm {rec['grad_norm']:.3f} clusters {rec['clusters']:.1f} {ips:.0f} img/s "
+                      f"eta {eta / 60:.1f} min", flush=True)
+                with open(os.path.join(cfg.out_dir, 'log.jsonl'), 'a') as f:
+                    f.write(json.dumps(rec) + '\n')
+            loss_sum.zero_()
+            clusters_sum = 0.0
+            t0, step_start = time.time(), step
+        if save_now and master:
+            checkpoint()
+    if master:
+        print(f'done: {step} steps in {(time.time() - t_start) / 60:.1f} min; checkpoint in {cfg.out_dir}')
+    if ddp:
+        dist.destroy_process_group()
+
+
+if __name__ == '__main__':
+    main()
