@@ -109,7 +109,7 @@ def get_config(argv=None):
             p.add_argument(f'--{f.name}', type=f.type, default=f.default, help=f'(default {f.default!r})')
     cfg = Config(**vars(p.parse_args(argv)))
     for k, v in (EMBEDDED if cfg.data in ('', 'shapes') else RECIPE).items():
-        if getattr(cfg, k) in ((-1,) if getattr(Config, k) == -1 else (0, '')):  # -1 marks knobs where 0 is a value
+        if getattr(cfg, k) == Config.__dataclass_fields__[k].default:  # left at its 'pick by data' default
             setattr(cfg, k, v)
     if cfg.patch_size == 0:
         cfg.patch_size = vit.SIZES[cfg.model][3] if cfg.model in vit.SIZES else 16
@@ -572,9 +572,6 @@ def main(argv=None):
         loader, sampler = data.make_loader(dataset, cfg.batch_size, world, rank, cfg.seed, cfg.num_workers)
     except ValueError as e:
         sys.exit(f'error: {e}')
-    # a new loader iterator (first step, resume, new epoch) draws its base seed from here, not from the global
-    # RNG that drop path reads: otherwise a resumed run would drop other paths than an uninterrupted one
-    loader.generator = torch.Generator().manual_seed(cfg.seed)
     steps_per_epoch = sampler.batches_per_epoch() // cfg.accum_iter
     total_steps = cfg.epochs * steps_per_epoch
     end_step = min(total_steps, cfg.max_steps) if cfg.max_steps > 0 else total_steps

@@ -358,12 +358,16 @@ def _convert_beit(sd):
 
 def extract_backbone(ckpt):
     """Find the backbone in any supported checkpoint object and return (state_dict in common layout, format).
-    Formats: nanoMIM ({'encoder': ...}); official MAE / LUT / DTM / BEiT ({'model': ...}); iBOT / DINO
-    ({'teacher': ...} with 'backbone.' prefix); a bare backbone state_dict."""
+    Formats: nanoMIM ({'encoder': ...}); official MAE / LUT / DTM / BEiT ({'model': ...}: LUT's online encoder, pick
+    'model_ema' yourself for its teacher); iBOT / DINO ({'teacher': ...} with 'backbone.' prefix); {'state_dict': ...};
+    a bare backbone state_dict; an nn.Module. Wrapper prefixes are stripped (DDP, compile, iBOT/DINO, LUT, nanoMIM),
+    BEiT keys converted; relative position bias tables (BEiT / DTM) are dropped, which the format string says."""
+    if isinstance(ckpt, nn.Module):
+        ckpt = ckpt.state_dict()
     if not isinstance(ckpt, dict):
-        raise ValueError('checkpoint is not a dict of tensors')
-    if 'encoder' in ckpt:
-        sd, fmt = ckpt['encoder'], 'nanomim'
+        raise ValueError(f'checkpoint is a {type(ckpt).__name__}, not a dict of tensors')
+    if 'encoder' in ckpt and isinstance(ckpt['encoder'], dict):
+        sd, fmt = ckpt['encoder'], f"nanoMIM {ckpt.get('method', '')}".strip()
     elif 'teacher' in ckpt:
         sd, fmt = ckpt['teacher'], 'ibot/dino teacher'
     elif 'model' in ckpt:
@@ -372,19 +376,25 @@ def extract_backbone(ckpt):
         sd, fmt = ckpt['state_dict'], 'state_dict'
     else:
         sd, fmt = ckpt, 'bare state_dict'
-    if not isinstance(sd, dict) or not any(torch.is_tensor(v) for v in sd.values()):
+    sd = {k: v for k, v in sd.items() if torch.is_tensor(v)} if isinstance(sd, dict) else {}
+    if not sd:
         raise ValueError(f'checkpoint ({fmt}) holds no tensors')
-    for prefix in ('module.', 'backbone.', 'encoder.', '_orig_mod.'):  # DDP, iBOT/DINO wrapper, DTM, compile
-        if any(k.startswith(prefix) for k in sd):
+    for prefix in ('module.', '_orig_mod.', 'backbone.', 'base_encoder.', 'encoder.', 'ema.'):
+        if any(k.startswith(prefix) for k in sd):  # DDP, compile, iBOT/DINO wrapper, LUT, nanoMIM models
             sd = {k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix)}
     sd = _convert_beit(sd)
-    return {k: v for k, v in sd.items() if k.startswith(BACKBONE_PREFIXES)}, fmt
+    if any('relative_position' in k for k in sd):
+        fmt += ', relative position bias dropped (this ViT has none)'
+    sd = {k: v for k, v in sd.items() if k.startswith(BACKBONE_PREFIXES) and 'relative_position' not in k}
+    if sd and 'pos_embed' not in sd:
+        fmt += ', no absolute position embedding (the model keeps its own)'
+    return sd, fmt
 
 
 def load_backbone(path_or_ckpt, model, verbose=True):
     """Load a pre-trained backbone into `model` (a VisionTransformer) from a path or a loaded checkpoint:
     detects the format, maps keys, interpolates the position embedding to the model's grid, and reports
-    missing/unexpected keys. A width/depth mismatch raises ValueError with one clear line.
+    missing/unexpected keys. A width/depth/patch or any shape mismatch raises ValueError with one clear line.
     Returns (missing_keys, unexpected_keys)."""
     ckpt = path_or_ckpt
     if isinstance(path_or_ckpt, str):
@@ -403,10 +413,21 @@ def load_backbone(path_or_ckpt, model, verbose=True):
         raise ValueError(f'checkpoint backbone is width {D}, depth {depth}, patch {p}; the model is width '
                          f'{model.embed_dim}, depth {len(model.blocks)}, patch {model.patch_size} -- pick the '
                          f'matching --model / --patch_size')
-    if 'pos_embed' in sd and sd['pos_embed'].shape != model.pos_embed.shape:
-        sd['pos_embed'] = interpolate_pos_embed(sd['pos_embed'], (model.grid, model.grid))
+    if 'pos_embed' in sd:
+        pe = sd['pos_embed'].reshape(1, -1, D)
+        n = pe.shape[1]
+        if math.isqrt(n) ** 2 == n:  # patch rows only (no [CLS] row): [CLS] gets a zero position embedding
+            pe = torch.cat([pe.new_zeros(1, 1, D), pe], dim=1)
+        elif math.isqrt(n - 1) ** 2 != n - 1:
+            raise ValueError(f'checkpoint pos_embed has {n} rows: neither a square grid nor [CLS] + a square grid')
+        sd['pos_embed'] = interpolate_pos_embed(pe, (model.grid, model.grid))
     if model.global_pool == 'avg':  # MAE fine-tuning: the pre-trained final norm is dropped, fc_norm is fresh
         sd = {k: v for k, v in sd.items() if not k.startswith('norm.')}
+    own = model.state_dict()
+    bad = [f'{k} {tuple(v.shape)} vs {tuple(own[k].shape)}' for k, v in sd.items() if k in own and v.shape != own[k].shape]
+    if bad:
+        raise ValueError(f'checkpoint tensor shapes differ from the model (checkpoint vs model): {bad[0]}'
+                         + (f' and {len(bad) - 1} more' if len(bad) > 1 else ''))
     missing, unexpected = model.load_state_dict(sd, strict=False)
     missing = [k for k in missing if not k.startswith(('head.', 'fc_norm.', 'mask_token'))]
     if verbose:
