@@ -1,0 +1,820 @@
+"""
+eval_seg.py -- semantic segmentation with a pre-trained ViT (the MAE / BEiT / iBOT ADE20K protocol), one file.
+
+Four blocks of the pre-trained ViT (4, 6, 8, 12 of 12) become a 4-level feature pyramid (deconv 4x, deconv 2x,
+identity, max-pool: strides p/4, p/2, p, 2p for patch size p), read by an UperNet head (pooling pyramid + FPN)
+with an auxiliary FCN head; the whole network is fine-tuned with AdamW, layer-wise lr decay and a poly schedule,
+then scored by single-scale sliding-window mIoU. `--head linear` is the fast probe: frozen backbone, BatchNorm +
+1x1 conv on the last block's patch tokens, upsampled.
+
+  python eval_seg.py --checkpoint out/mae/checkpoint.pt     # embedded shapes (11 classes), CPU, minutes
+  python eval_seg.py --checkpoint none                      # same with a random-init backbone (the baseline)
+  torchrun --nproc_per_node=8 eval_seg.py --checkpoint mae_pretrain_vit_base.pth \
+      --data /path/to/ADEChallengeData2016                  # paper recipe: ViT-B/16, 512 px, 160k iters, batch 16
+  python eval_seg.py --eval_only --resume out/seg/checkpoint.pt  # score a fine-tuned model again
+  python eval_seg.py --help                                 # every knob, with its default
+
+Data: '' = the embedded shapes with their masks (0 background, 1..10 the shapes); a folder in the ADE20K layout
+(ADEChallengeData2016/{images,annotations}/{training,validation}, labels reduced by one, 0 -> ignore);
+'voc:DIR' = a VOC-style folder (JPEGImages/*.jpg, SegmentationClassPNG/*.png palette PNGs, 255 = ignore).
+
+Letters in shape comments: B batch, L patches, D width, C classes, h x w patch grid, H x W pixels, c head width.
+"""
+import argparse
+import dataclasses
+import json
+import math
+import os
+import random
+import sys
+import time
+import warnings
+from contextlib import nullcontext
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+from PIL import Image
+from torch.nn.parallel import DistributedDataParallel as DDP
+from torchvision import tv_tensors
+from torchvision.transforms import v2
+
+import data
+import vit
+
+METHOD = 'seg'
+IGNORE = 255  # label of pixels that count neither in the loss nor in the metric
+
+# -----------------------------------------------------------------------------
+# config: typed defaults, one comment each; 0 / '' = pick by data (embedded CPU default or the paper recipe)
+
+
+@dataclass
+class Config:
+    data: str = ''             # '' embedded shapes; an ADE20K folder (ADEChallengeData2016 layout); voc:DIR
+    checkpoint: str = ''       # pre-trained backbone (any format vit.load_backbone reads), or 'none' = random init
+    model: str = ''            # tiny|small|base|large|huge; '' = tiny on embedded data, base on a folder
+    img_size: int = 0          # training crop and sliding window; 0 = 64 embedded, 512 folder
+    patch_size: int = 0        # 0 = 8 embedded, the model's own (16, 14 for huge) on a folder
+    head: str = 'upernet'      # upernet (fine-tune everything) | linear (frozen backbone, BN + 1x1 conv probe)
+    layers: str = ''           # 1-based blocks feeding the pyramid, e.g. 4,6,8,12; '' = 4,6,8,12 scaled to the depth
+    channels: int = 0          # UperNet width; 0 = 64 embedded, 512 folder (the auxiliary FCN head gets half)
+    aux_weight: float = 0.4    # weight of the auxiliary FCN head's loss on the stride-p level; 0 = no auxiliary head
+    out_norm: bool = False     # apply the backbone's final LayerNorm to each tapped block (iBOT); MAE/BEiT use raw outputs
+    drop_path: float = 0.1     # stochastic depth of the backbone while fine-tuning (0 for the linear probe)
+    iters: int = 0             # optimizer steps; 0 = 300 embedded, 160000 folder
+    batch_size: int = 0        # per process; 0 = 16 embedded, 2 folder (16 on 8 GPUs)
+    accum_iter: int = 1        # gradient accumulation steps (effective batch = batch_size * accum_iter * world)
+    lr: float = 0.0            # peak lr of the head (backbone layers get lr * layer_decay^k); 0 = 1e-4 folder, 1e-3 embedded
+    min_lr: float = 0.0        # end of the poly schedule
+    layer_decay: float = 0.65  # layer-wise lr decay: block i of a depth-N ViT gets decay^(N + 1 - i), the head 1
+    warmup_iters: int = -1     # linear warm-up; -1 = 30 embedded, 1500 folder
+    weight_decay: float = 0.05  # AdamW; none on biases, norms, tokens, position embeddings
+    eval_every: int = 0        # steps between evaluations; 0 = only at the end (the recipe evaluates every 16000)
+    eval_mode: str = 'slide'   # slide (img_size windows, overlapping logits averaged) | whole (the image at once)
+    stride: int = 0            # sliding-window stride; 0 = 2/3 of img_size (341 at 512, as in the recipe)
+    val_size: int = 0          # evaluate on the first N validation images; 0 = all
+    eval_only: bool = False    # evaluate the model of --resume (or the loaded backbone) and exit
+    out_dir: str = 'out/seg'   # checkpoint.pt, log.jsonl, seg.png
+    resume: str = ''           # '' fresh, 'auto' = out_dir/checkpoint.pt if present, or a path
+    save_every: int = 4000     # steps between checkpoints (always saved at the end)
+    dtype: str = ''            # bf16|fp16|fp32; '' = bf16 on CUDA, fp32 on CPU
+    compile: bool = False      # torch.compile the model
+    seed: int = 0              # data order and augmentation are pure functions of (seed, epoch, index)
+    num_workers: int = -1      # loader workers per process; -1 = 2 embedded, 8 folder
+    log_every: int = 20        # steps between log lines (the only host syncs)
+    max_steps: int = 0         # stop after this many optimizer steps (0 = run all iters); schedule unchanged
+    device: str = ''           # cuda|cpu|cuda:N; '' = cuda if available
+
+
+EMBEDDED = dict(model='tiny', img_size=64, patch_size=8, channels=64, iters=300, batch_size=16, lr=1e-3,
+                warmup_iters=30, num_workers=2)
+RECIPE = dict(model='base', img_size=512, patch_size=0, channels=512, iters=160_000, batch_size=2, lr=1e-4,
+              warmup_iters=1500, num_workers=8)
+ARCH_KEYS = ('model', 'img_size', 'patch_size', 'head', 'layers', 'channels', 'aux_weight', 'out_norm')  # must match on resume
+
+
+def get_config(argv=None):
+    """argparse from the dataclass (unknown flags rejected), then fill the data-dependent defaults."""
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    for f in dataclasses.fields(Config):
+        if f.type is bool:
+            p.add_argument(f'--{f.name}', type=lambda s: s.lower() in ('1', 'true', 'yes', 'on'), default=f.default,
+                           metavar='BOOL', help=f'(default {f.default})')
+        else:
+            p.add_argument(f'--{f.name}', type=f.type, default=f.default, help=f'(default {f.default!r})')
+    cfg = Config(**vars(p.parse_args(argv)))
+    unset = {f.name: f.default for f in dataclasses.fields(Config)}  # a knob left at its default is filled by data
+    for k, v in (EMBEDDED if cfg.data in ('', 'shapes') else RECIPE).items():
+        if getattr(cfg, k) == unset[k]:
+            setattr(cfg, k, v)
+    if cfg.patch_size == 0:
+        cfg.patch_size = vit.SIZES[cfg.model][3] if cfg.model in vit.SIZES else 16
+    if cfg.model not in vit.SIZES:
+        p.error(f'--model must be one of {", ".join(vit.SIZES)}')
+    if cfg.img_size % cfg.patch_size:
+        p.error(f'--img_size {cfg.img_size} is not divisible by --patch_size {cfg.patch_size}')
+    if not cfg.checkpoint and not cfg.resume:
+        p.error('--checkpoint is required: a pre-trained checkpoint, or none for a random-init backbone')
+    if cfg.head not in ('upernet', 'linear') or cfg.eval_mode not in ('slide', 'whole'):
+        p.error('--head must be upernet or linear, --eval_mode slide or whole')
+    if cfg.head == 'upernet' and cfg.batch_size < 2:
+        p.error('--batch_size must be >= 2: the UperNet pooling pyramid has BatchNorm on 1x1 maps')
+    try:
+        cfg.layers = ','.join(map(str, parse_layers(cfg.layers, vit.SIZES[cfg.model][1])))
+    except ValueError as e:
+        p.error(str(e))
+    cfg.stride = cfg.stride or max(1, cfg.img_size * 2 // 3)
+    if cfg.dtype not in ('', 'bf16', 'fp16', 'fp32'):
+        p.error('--dtype must be bf16, fp16 or fp32')
+    return cfg
+
+
+def parse_layers(spec, depth):
+    """'4,6,8,12' -> [4, 6, 8, 12]; '' -> ViT-B's blocks 4, 6, 8, 12 scaled to `depth` (8, 12, 16, 24 for 24)."""
+    if not spec:
+        return [max(1, round(depth * k / 12)) for k in (4, 6, 8, 12)]
+    try:
+        layers = [int(s) for s in spec.split(',')]
+    except ValueError:
+        raise ValueError(f'--layers must be 4 comma-separated block numbers, got {spec!r}') from None
+    if len(layers) != 4 or layers != sorted(set(layers)) or not 1 <= layers[0] <= layers[-1] <= depth:
+        raise ValueError(f'--layers must be 4 increasing block numbers in 1..{depth}, got {spec!r}')
+    return layers
+
+# -----------------------------------------------------------------------------
+# data: image + mask pairs, one joint transform for both
+
+
+def reduce_zero_label(mask):
+    """ADE20K convention: label 0 ("other") -> ignore, every other label -1 (1..150 -> 0..149); ignore stays."""
+    mask = mask.clone()
+    ignore = (mask == 0) | (mask == IGNORE)
+    mask -= 1
+    mask[ignore] = IGNORE
+    return mask
+
+
+def load_mask(path):
+    """Label PNG -> (H, W) int64 of class indices; palette ('P') and grayscale PNGs hold the indices themselves."""
+    with open(path, 'rb') as f:
+        m = Image.open(f)
+        m.load()
+    if m.mode not in ('P', 'L', 'I', 'I;16'):
+        raise ValueError(f'label image {path} is mode {m.mode}; expected a palette or grayscale PNG of class indices')
+    return torch.from_numpy(np.array(m).astype(np.int64))
+
+
+class PairFolder(torch.utils.data.Dataset):
+    """(image path, mask path) pairs -> ((uint8 Image (3, H, W), Mask (H, W) int64), index). Labels >= num_classes
+    other than 255 are turned into ignore, with a warning naming the file."""
+
+    def __init__(self, pairs, num_classes, classes, reduce_zero=False):
+        self.pairs, self.num_classes, self.classes, self.reduce_zero = pairs, num_classes, classes, reduce_zero
+
+    def __len__(self):
+        return len(self.pairs)
+
+    def __getitem__(self, i):
+        img_path, mask_path = self.pairs[i]
+        img = tv_tensors.Image(v2.functional.pil_to_tensor(data.load_rgb(img_path)))
+        mask = load_mask(mask_path)
+        if mask.shape != img.shape[-2:]:
+            raise ValueError(f'{mask_path} is {tuple(mask.shape)}, its image {img_path} is {tuple(img.shape[-2:])}')
+        if self.reduce_zero:
+            mask = reduce_zero_label(mask)
+        bad = (mask >= self.num_classes) & (mask != IGNORE)
+        if bad.any():
+            warnings.warn(f'{mask_path}: labels {mask[bad].unique().tolist()} >= {self.num_classes} classes are ignored')
+            mask[bad] = IGNORE
+        return (img, tv_tensors.Mask(mask)), i
+
+
+class ShapesSeg(torch.utils.data.Dataset):
+    """The embedded shapes with their masks: 11 classes (background + 10 shapes), no ignore pixels."""
+
+    def __init__(self, split, size):
+        self.base = data.Shapes(split, size, with_mask=True)
+        self.num_classes, self.classes = 1 + len(data.SHAPE_CLASSES), ('background',) + data.SHAPE_CLASSES
+
+    def __len__(self):
+        return len(self.base)
+
+    def __getitem__(self, i):
+        img, _, mask = self.base[i]
+        return (img, mask), i
+
+
+def _stems(folder, ext):
+    return {os.path.splitext(f)[0]: os.path.join(folder, f) for f in os.listdir(folder) if f.lower().endswith(ext)}
+
+
+def ade20k(root, split):
+    """ADEChallengeData2016/{images,annotations}/{training,validation}: 150 classes after reduce-zero-label."""
+    if os.path.isdir(os.path.join(root, 'ADEChallengeData2016')):
+        root = os.path.join(root, 'ADEChallengeData2016')
+    sub = {'train': 'training', 'val': 'validation'}[split]
+    img_dir, ann_dir = os.path.join(root, 'images', sub), os.path.join(root, 'annotations', sub)
+    if not (os.path.isdir(img_dir) and os.path.isdir(ann_dir)):
+        raise FileNotFoundError(f'--data {root}: expected the ADE20K layout {{images,annotations}}/{sub}/ '
+                                f'(or voc:DIR for a VOC-style folder)')
+    imgs, anns = _stems(img_dir, ('.jpg', '.jpeg', '.png')), _stems(ann_dir, '.png')
+    pairs = [(imgs[s], anns[s]) for s in sorted(imgs) if s in anns]
+    if not pairs:
+        raise ValueError(f'--data {root}: no image in images/{sub} has an annotation in annotations/{sub}')
+    info, classes = os.path.join(root, 'objectInfo150.txt'), [f'class{i}' for i in range(150)]
+    if os.path.exists(info):  # Idx Ratio Train Val Name, tab-separated; the first of the ';'-separated names
+        with open(info) as f:
+            rows = [line.rstrip('\n').split('\t') for line in f][1:]
+        classes = [r[4].split(';')[0].strip() for r in rows] if len(rows) == 150 and min(map(len, rows)) >= 5 else classes
+    return PairFolder(pairs, 150, classes, reduce_zero=True)
+
+
+VOC_CLASSES = ('background', 'aeroplane', 'bicycle', 'bird', 'boat', 'bottle', 'bus', 'car', 'cat', 'chair', 'cow',
+               'diningtable', 'dog', 'horse', 'motorbike', 'person', 'pottedplant', 'sheep', 'sofa', 'train',
+               'tvmonitor')
+
+
+def voc(root, split):
+    """JPEGImages/*.jpg + SegmentationClassPNG/*.png (or SegmentationClass/) palette PNGs, 255 = ignore; the split
+    from ImageSets/Segmentation/{train,val}.txt if present, else every image; classes from class_names.txt if
+    present (one name a line, background first), else the 21 of PASCAL VOC."""
+    img_dir = os.path.join(root, 'JPEGImages')
+    ann_dir = next((os.path.join(root, d) for d in ('SegmentationClassPNG', 'SegmentationClass')
+                    if os.path.isdir(os.path.join(root, d))), None)
+    if not os.path.isdir(img_dir) or ann_dir is None:
+        raise FileNotFoundError(f'--data voc:{root}: expected JPEGImages/ and SegmentationClassPNG/ (or SegmentationClass/)')
+    imgs, anns = _stems(img_dir, ('.jpg', '.jpeg', '.png')), _stems(ann_dir, '.png')
+    split_file = os.path.join(root, 'ImageSets', 'Segmentation', f'{split}.txt')
+    if os.path.exists(split_file):
+        with open(split_file) as f:
+            stems = [s.strip() for s in f if s.strip()]
+        missing = [s for s in stems if s not in imgs or s not in anns]
+        if missing:
+            raise FileNotFoundError(f'{split_file}: {len(missing)} entries have no image or label, e.g. {missing[0]}')
+    else:
+        stems = sorted(s for s in imgs if s in anns)
+    if not stems:
+        raise ValueError(f'--data voc:{root}: no image in JPEGImages has a label PNG')
+    classes = VOC_CLASSES
+    names = os.path.join(root, 'class_names.txt')
+    if os.path.exists(names):
+        with open(names) as f:
+            classes = tuple(s.strip() for s in f if s.strip())
+    return PairFolder([(imgs[s], anns[s]) for s in stems], len(classes), classes)
+
+
+def build_seg_dataset(spec, split, img_size):
+    """The dataset named by --data; items ((Image, Mask), index); has .num_classes and .classes."""
+    if spec in ('', 'shapes'):
+        return ShapesSeg(split, img_size)
+    kind, root = spec.split(':', 1) if spec.startswith(('voc:', 'ade:')) else ('ade', spec)
+    if not os.path.isdir(root):
+        raise FileNotFoundError(f'--data {spec}: folder {root} does not exist')
+    return voc(root, split) if kind == 'voc' else ade20k(root, split)
+
+
+def photometric_distortion():
+    """mmseg PhotoMetricDistortion, each with probability 0.5: brightness +-32/255, contrast and saturation
+    x[0.5, 1.5], hue +-18 (OpenCV units: 0.1 of a turn). Acts on the image only."""
+    return v2.Compose([v2.RandomApply([v2.ColorJitter(brightness=32 / 255)]), v2.RandomApply([v2.ColorJitter(contrast=0.5)]),
+                       v2.RandomApply([v2.ColorJitter(saturation=0.5)]), v2.RandomApply([v2.ColorJitter(hue=0.1)])])
+
+
+class SegTrainTransform:
+    """(Image, Mask) -> (normalized float image (3, S, S), mask (S, S)): random resize of the shorter side to
+    [0.5, 2] x S, random S x S crop (mask padded with the ignore label), flip -- one geometry for both -- then
+    photometric distortion of the image."""
+
+    def __init__(self, img_size, ratio=(0.5, 2.0)):
+        self.geometry = v2.Compose([
+            v2.RandomResize(int(ratio[0] * img_size), int(ratio[1] * img_size) + 1, antialias=True),  # mask: nearest
+            v2.RandomCrop(img_size, pad_if_needed=True, fill={tv_tensors.Image: 0, tv_tensors.Mask: IGNORE}),
+            v2.RandomHorizontalFlip()])
+        self.photometric = photometric_distortion()
+        self.finish = v2.Compose(data._to_tensor()[1:])
+
+    def __call__(self, pair):
+        img, mask = self.geometry(pair)
+        return self.finish(self.photometric(img)), mask
+
+
+class SegEvalTransform:
+    """(Image, Mask) -> (normalized image with its shorter side resized to img_size, mask at its own size):
+    predictions are scored at the label's resolution."""
+
+    def __init__(self, img_size):
+        self.image = v2.Compose([v2.Resize(img_size, antialias=True)] + data._to_tensor()[1:])
+
+    def __call__(self, pair):
+        return self.image(pair[0]), pair[1]
+
+
+def collate_lists(batch):
+    """Evaluation batches keep variable-size images apart: ((images list, masks list), indices)."""
+    (imgs, masks), idx = zip(*[b[0] for b in batch]), [b[1] for b in batch]
+    return (list(imgs), list(masks)), idx
+
+# -----------------------------------------------------------------------------
+# model: ViT blocks -> feature pyramid -> UperNet (PPM + FPN) + auxiliary FCN head, or a linear probe
+
+
+def conv_bn_relu(cin, cout, k):
+    """mmseg ConvModule: conv (no bias) + BatchNorm + ReLU, 'same' padding."""
+    return nn.Sequential(nn.Conv2d(cin, cout, k, padding=k // 2, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True))
+
+
+def tokens_to_map(t, h, w):
+    """Block output (B, 1+L, D) -> patch feature map (B, D, h, w); [CLS] dropped."""
+    B, _, D = t.shape
+    return t[:, 1:].transpose(1, 2).reshape(B, D, h, w)
+
+
+class FeaturePyramid(nn.Module):
+    """Four same-stride ViT maps (B, D, h, w) -> (B, D, 4h, 4w), (B, D, 2h, 2w), (B, D, h, w), (B, D, h/2, w/2):
+    deconv-BN-GELU-deconv, deconv, identity, max-pool (BEiT / MAE segmentation backbones)."""
+
+    def __init__(self, dim):
+        super().__init__()
+        self.up4 = nn.Sequential(nn.ConvTranspose2d(dim, dim, 2, stride=2), nn.BatchNorm2d(dim), nn.GELU(),
+                                 nn.ConvTranspose2d(dim, dim, 2, stride=2))
+        self.up2 = nn.ConvTranspose2d(dim, dim, 2, stride=2)
+        self.down2 = nn.MaxPool2d(2, stride=2)
+
+    def forward(self, feats):
+        return [self.up4(feats[0]), self.up2(feats[1]), feats[2], self.down2(feats[3])]
+
+
+class UperHead(nn.Module):
+    """UperNet (Xiao et al. 2018, mmseg UPerHead): pooling pyramid (scales 1, 2, 3, 6) on the coarsest level, FPN
+    top-down path with lateral 1x1 and output 3x3 convs, all levels upsampled to the finest and fused.
+    levels (B, D, h_i, w_i) x 4, finest first -> logits (B, C, h_0, w_0)."""
+
+    def __init__(self, dim, channels, num_classes, pool_scales=(1, 2, 3, 6)):
+        super().__init__()
+        self.ppm = nn.ModuleList([nn.Sequential(nn.AdaptiveAvgPool2d(s), conv_bn_relu(dim, channels, 1))
+                                  for s in pool_scales])
+        self.ppm_out = conv_bn_relu(dim + len(pool_scales) * channels, channels, 3)
+        self.lateral = nn.ModuleList([conv_bn_relu(dim, channels, 1) for _ in range(3)])
+        self.fpn_out = nn.ModuleList([conv_bn_relu(channels, channels, 3) for _ in range(3)])
+        self.fuse = conv_bn_relu(4 * channels, channels, 3)
+        self.dropout = nn.Dropout2d(0.1)
+        self.cls = nn.Conv2d(channels, num_classes, 1)
+
+    def forward(self, levels):
+        top = levels[3]
+        pooled = [F.interpolate(m(top), size=top.shape[-2:], mode='bilinear', align_corners=False) for m in self.ppm]
+        lat = [conv(x) for conv, x in zip(self.lateral, levels[:3])] + [self.ppm_out(torch.cat([top] + pooled, 1))]
+        for i in (3, 2, 1):  # top-down: each level gets the upsampled coarser one added
+            lat[i - 1] = lat[i - 1] + F.interpolate(lat[i], size=lat[i - 1].shape[-2:], mode='bilinear', align_corners=False)
+        outs = [conv(x) for conv, x in zip(self.fpn_out, lat[:3])] + [lat[3]]  # (B, c, h_i, w_i) each
+        size = outs[0].shape[-2:]
+        outs = [outs[0]] + [F.interpolate(o, size=size, mode='bilinear', align_corners=False) for o in outs[1:]]
+        return self.cls(self.dropout(self.fuse(torch.cat(outs, 1))))  # (B, C, h_0, w_0)
+
+
+def fcn_head(dim, channels, num_classes):
+    """Auxiliary head (mmseg FCNHead, one conv): (B, D, h, w) -> (B, C, h, w); the classifier is the last module."""
+    return nn.Sequential(conv_bn_relu(dim, channels, 3), nn.Dropout2d(0.1), nn.Conv2d(channels, num_classes, 1))
+
+
+class Segmenter(nn.Module):
+    def __init__(self, cfg, num_classes):
+        super().__init__()
+        linear = cfg.head == 'linear'
+        self.backbone = vit.vit(cfg.model, img_size=cfg.img_size, patch_size=cfg.patch_size, num_classes=0,
+                                drop_path_rate=0.0 if linear else cfg.drop_path)
+        D, self.patch_size, self.head = self.backbone.embed_dim, cfg.patch_size, cfg.head
+        self.layers, self.out_norm = [int(s) for s in cfg.layers.split(',')], cfg.out_norm
+        if linear:  # iBOT's linear segmentation probe: frozen backbone, BN + 1x1 conv on the last tapped block
+            self.layers, self.out_norm = self.layers[-1:], True
+            self.bn, self.cls = nn.BatchNorm2d(D), nn.Conv2d(D, num_classes, 1)
+            self.pyramid = self.decode = self.aux = None
+        else:
+            self.pyramid = FeaturePyramid(D)
+            self.decode = UperHead(D, cfg.channels, num_classes)
+            self.aux = fcn_head(D, cfg.channels // 2, num_classes) if cfg.aux_weight > 0 else None
+        for m in self.modules():  # mmseg init: kaiming convs, classifiers N(0, 0.01)
+            if isinstance(m, nn.Conv2d) and m is not self.backbone.patch_embed.proj:
+                nn.init.kaiming_normal_(m.weight, mode='fan_out', nonlinearity='relu')
+        for m in (self.cls if linear else self.decode.cls, self.aux[-1] if self.aux else None):
+            if m is not None:
+                nn.init.normal_(m.weight, std=0.01)
+                nn.init.zeros_(m.bias)
+        self.freeze_unused(linear)
+
+    def freeze_unused(self, linear):
+        """Parameters that get no gradient are frozen (DDP needs every trained parameter used): the whole backbone
+        for the linear probe; otherwise blocks after the last tapped one, and the final norm unless out_norm.
+        The position embedding (a fixed sin-cos table during MAE pre-training) is trained, as in MAE/BEiT fine-tuning."""
+        bb = self.backbone
+        if linear:
+            bb.requires_grad_(False)
+            return
+        bb.pos_embed.requires_grad_(True)
+        for blk in bb.blocks[max(self.layers):]:
+            blk.requires_grad_(False)
+        bb.norm.requires_grad_(self.out_norm)
+
+    def features(self, x):
+        """(B, 3, H, W) -> one (B, D, H/p, W/p) map per tapped block."""
+        h, w = x.shape[-2] // self.patch_size, x.shape[-1] // self.patch_size
+        outs = self.backbone.forward_intermediates(x, self.layers)  # (B, 1+L, D) each, raw block outputs
+        if self.out_norm:
+            outs = [self.backbone.norm(t) for t in outs]
+        return [tokens_to_map(t, h, w) for t in outs]
+
+    def forward(self, x):
+        """(B, 3, H, W) -> (logits (B, C, H, W), auxiliary logits (B, C, H, W) while training with an aux head, else None)."""
+        size = x.shape[-2:]
+        if self.head == 'linear':
+            with torch.no_grad():
+                f = self.features(x)[0]  # (B, D, h, w)
+            logits = self.cls(self.bn(f))  # (B, C, h, w)
+            return F.interpolate(logits, size=size, mode='bilinear', align_corners=False), None
+        levels = self.pyramid(self.features(x))  # strides p/4, p/2, p, 2p
+        logits = F.interpolate(self.decode(levels), size=size, mode='bilinear', align_corners=False)
+        aux = None
+        if self.aux is not None and self.training:
+            aux = F.interpolate(self.aux(levels[2]), size=size, mode='bilinear', align_corners=False)
+        return logits, aux
+
+# -----------------------------------------------------------------------------
+# loss and metric
+
+
+def seg_loss(logits, target, aux=None, aux_weight=0.4):
+    """Pixel cross-entropy (fp32) averaged over non-ignored pixels (0, not NaN, when all are ignored), plus the
+    weighted auxiliary term. logits (B, C, H, W), target (B, H, W) with 255 = ignore."""
+    n = (target != IGNORE).sum().clamp(min=1)
+    loss = F.cross_entropy(logits.float(), target, ignore_index=IGNORE, reduction='sum') / n
+    if aux is not None:
+        loss = loss + aux_weight * F.cross_entropy(aux.float(), target, ignore_index=IGNORE, reduction='sum') / n
+    return loss
+
+
+def confusion_matrix(pred, label, num_classes):
+    """pred, label (...) int -> (C, C) int64 counts, rows = ground truth, columns = prediction; pixels labelled
+    255 (or outside 0..C-1) are skipped. Runs on the tensors' device."""
+    valid = (label >= 0) & (label < num_classes)
+    idx = label[valid] * num_classes + pred[valid]
+    return torch.bincount(idx, minlength=num_classes ** 2).reshape(num_classes, num_classes)
+
+
+def reduce_confusion(cm):
+    """Sum the per-process confusion matrices in place (every process then holds the total)."""
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(cm, op=dist.ReduceOp.SUM)
+    return cm
+
+
+def seg_metrics(cm):
+    """Confusion matrix (C, C) -> mIoU, mAcc, aAcc (percent) and per-class IoU (C,) (percent, NaN for a class absent
+    from both prediction and label, which the mean skips; a class predicted but absent from the labels scores 0)."""
+    cm = cm.double()
+    tp, gt, pred = cm.diag(), cm.sum(1), cm.sum(0)
+    iou = tp / (gt + pred - tp)  # NaN where the union is empty
+    acc = tp / gt  # NaN where the class has no labelled pixel
+    return {'mIoU': 100 * iou.nanmean().item(), 'mAcc': 100 * acc.nanmean().item(),
+            'aAcc': 100 * (tp.sum() / cm.sum().clamp(min=1)).item(), 'iou': (100 * iou).tolist()}
+
+# -----------------------------------------------------------------------------
+# inference
+
+
+def window_starts(n, crop, stride):
+    """Top (or left) edges of sliding windows along a side of n >= crop pixels: every `stride`, the last one flush
+    with the far edge (mmseg slide_inference)."""
+    steps = max(n - crop + stride - 1, 0) // stride + 1
+    return [min(i * stride, n - crop) for i in range(steps)]
+
+
+@torch.no_grad()
+def predict(model, imgs, num_classes, cfg):
+    """imgs (B, 3, H, W) -> logits (B, C, H, W) in fp32. slide: crop x crop windows, overlapping logits averaged;
+    whole: the image at once, padded to a multiple of the patch size. Images smaller than the window are padded."""
+    B, _, H, W = imgs.shape
+    crop, p = cfg.img_size, cfg.patch_size
+    if cfg.eval_mode == 'whole':
+        x = F.pad(imgs, (0, -W % p, 0, -H % p))
+        return model(x)[0].float()[..., :H, :W]
+    x = F.pad(imgs, (0, max(crop - W, 0), 0, max(crop - H, 0)))
+    Hp, Wp = x.shape[-2:]
+    logits = torch.zeros(B, num_classes, Hp, Wp, device=imgs.device)
+    count = torch.zeros(1, 1, Hp, Wp, device=imgs.device)
+    for y in window_starts(Hp, crop, cfg.stride):
+        for x0 in window_starts(Wp, crop, cfg.stride):
+            logits[..., y:y + crop, x0:x0 + crop] += model(x[..., y:y + crop, x0:x0 + crop])[0].float()
+            count[..., y:y + crop, x0:x0 + crop] += 1
+    return (logits / count)[..., :H, :W]
+
+
+def label_logits(logits, size):
+    """Scores at the label's resolution: (B, C, H', W') -> (B, C, H, W), bilinear."""
+    return logits if logits.shape[-2:] == size else F.interpolate(logits, size=size, mode='bilinear', align_corners=False)
+
+
+@torch.no_grad()
+def evaluate(model, loader, num_classes, cfg, device, autocast):
+    """Confusion matrix over this process's share of the validation set, summed over processes -> seg_metrics."""
+    was_training = model.training
+    model.eval()
+    cm = torch.zeros(num_classes, num_classes, dtype=torch.long, device=device)
+    for (imgs, masks), _ in loader:
+        same = len({(i.shape, m.shape) for i, m in zip(imgs, masks)}) == 1
+        groups = [(torch.stack(imgs), torch.stack(masks))] if same else [(i[None], m[None]) for i, m in zip(imgs, masks)]
+        for x, y in groups:
+            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+            with autocast:
+                logits = predict(model, x, num_classes, cfg)
+            cm += confusion_matrix(label_logits(logits, y.shape[-2:]).argmax(1), y, num_classes)
+    model.train(was_training)
+    return seg_metrics(reduce_confusion(cm)), cm
+
+# -----------------------------------------------------------------------------
+# optimizer and schedules
+
+
+def layer_id(name, depth):
+    """Layer of a parameter for lr decay (BEiT / MAE): tokens, position and patch embedding 0, block i (0-based)
+    i + 1, everything else (final norm, pyramid, heads) depth + 1."""
+    if name.startswith('backbone.'):
+        n = name[len('backbone.'):]
+        if n.startswith(('cls_token', 'mask_token', 'pos_embed', 'patch_embed.')):
+            return 0
+        if n.startswith('blocks.'):
+            return int(n.split('.')[1]) + 1
+    return depth + 1
+
+
+def param_groups(model, weight_decay, layer_decay, depth):
+    """AdamW groups by (layer, decay): lr scale layer_decay^(depth + 1 - layer); no weight decay on biases, norms
+    (1-D params), tokens and position embeddings."""
+    groups = {}
+    for n, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        skip = p.ndim <= 1 or n.endswith(('cls_token', 'mask_token', 'pos_embed'))
+        i = layer_id(n, depth)
+        g = groups.setdefault((i, skip), {'params': [], 'weight_decay': 0.0 if skip else weight_decay,
+                                          'lr_scale': layer_decay ** (depth + 1 - i)})
+        g['params'].append(p)
+    return list(groups.values())
+
+
+def lr_at(step, base_lr, min_lr, warmup_steps, total_steps, power=1.0):
+    """Poly decay from base_lr to min_lr, (1 - step / total)^power, times a linear warm-up from 0 (mmseg 'poly')."""
+    lr = min_lr + (base_lr - min_lr) * (1 - min(step, total_steps) / total_steps) ** power
+    return lr * step / warmup_steps if step < warmup_steps else lr
+
+# -----------------------------------------------------------------------------
+# checkpointing
+
+
+def rng_state():
+    return {'python': random.getstate(), 'numpy': np.random.get_state(), 'torch': torch.get_rng_state(),
+            'cuda': torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+
+
+def save_checkpoint(path, state):
+    """Atomic: write a temp file in the same folder, fsync, rename; a killed process never leaves a torn file."""
+    tmp = f'{path}.tmp.{os.getpid()}'
+    with open(tmp, 'wb') as f:
+        torch.save(state, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path, cfg, num_classes):
+    """Load a checkpoint to resume from; refuses another method's, architecture's or label set's checkpoint."""
+    try:
+        ckpt = torch.load(path, map_location='cpu', weights_only=False)
+    except Exception as e:
+        sys.exit(f'error: cannot read checkpoint {path} ({type(e).__name__}: {e})')
+    method = ckpt.get('method') if isinstance(ckpt, dict) else None
+    if method != METHOD:
+        sys.exit(f'error: {path} is a {method or "non-nanoMIM"} checkpoint, not {METHOD}; pre-trained backbones go to --checkpoint')
+    old = ckpt['config']
+    diff = [f'{k}={old.get(k)} (now {getattr(cfg, k)})' for k in ARCH_KEYS if old.get(k) != getattr(cfg, k)]
+    if ckpt.get('num_classes') != num_classes:
+        diff.append(f'{ckpt.get("num_classes")} classes (now {num_classes})')
+    if diff:
+        sys.exit(f'error: {path} was trained with ' + ', '.join(diff))
+    return ckpt
+
+
+def palette():
+    """(256, 3) uint8 PASCAL VOC colour map (bits of the class index spread over R, G, B): 0 black, 255 (ignore) cream."""
+    i, pal = np.arange(256), np.zeros((256, 3), dtype=np.int64)
+    for j in range(8):  # bit 3j + k of the index -> bit 7 - j of channel k
+        for k in range(3):
+            pal[:, k] |= ((i >> (3 * j + k)) & 1) << (7 - j)
+    return pal.astype(np.uint8)
+
+
+@torch.no_grad()
+def save_predictions(model, items, num_classes, cfg, device, path):
+    """PNG rows: image | prediction | ground truth, labels coloured with the VOC palette, each at img_size x img_size."""
+    import torchvision
+    was_training = model.training
+    model.eval()
+    pal, S, tiles = torch.from_numpy(palette()).to(device), cfg.img_size, []
+    for img, mask in items:
+        img, mask = img[None].to(device), mask[None].to(device)
+        pred = label_logits(predict(model, img, num_classes, cfg), mask.shape[-2:]).argmax(1)
+        for lab in (pred, mask):
+            rgb = pal[lab.clamp(0, 255)].permute(0, 3, 1, 2).float() / 255  # (1, 3, H, W)
+            tiles.append(F.interpolate(rgb, size=(S, S), mode='nearest'))
+        tiles.insert(-2, F.interpolate(data.denormalize(img), size=(S, S), mode='bilinear', align_corners=False))
+    torchvision.utils.save_image(torch.cat(tiles), path, nrow=3, padding=1)
+    model.train(was_training)
+
+# -----------------------------------------------------------------------------
+# training
+
+
+def main(argv=None):
+    cfg = get_config(argv)
+
+    # distributed: torchrun sets RANK/LOCAL_RANK/WORLD_SIZE; plain `python` runs one process
+    ddp = int(os.environ.get('RANK', -1)) != -1
+    rank, local_rank, world = (int(os.environ['RANK']), int(os.environ['LOCAL_RANK']),
+                               int(os.environ['WORLD_SIZE'])) if ddp else (0, 0, 1)
+    device = cfg.device or ('cuda' if torch.cuda.is_available() else 'cpu')
+    if device.startswith('cuda'):
+        device = f'cuda:{local_rank}' if ddp else device
+        torch.cuda.set_device(device)
+    if ddp:
+        dist.init_process_group(backend='nccl' if device.startswith('cuda') else 'gloo')
+    master = rank == 0
+    device_type = 'cuda' if device.startswith('cuda') else 'cpu'
+    torch.manual_seed(cfg.seed + rank)
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+
+    # precision: bf16 autocast by default on CUDA, fp16 with a GradScaler, fp32 on CPU
+    dtype = cfg.dtype or ('bf16' if device_type == 'cuda' else 'fp32')
+    ptdtype = {'bf16': torch.bfloat16, 'fp16': torch.float16, 'fp32': torch.float32}[dtype]
+    autocast = nullcontext() if dtype == 'fp32' else torch.autocast(device_type, dtype=ptdtype)
+    scaler = torch.amp.GradScaler(device_type, enabled=dtype == 'fp16')
+
+    # data
+    try:
+        base = build_seg_dataset(cfg.data, 'train', cfg.img_size)
+        val = build_seg_dataset(cfg.data, 'val', cfg.img_size)
+    except (FileNotFoundError, ValueError) as e:
+        sys.exit(f'error: {e}')
+    num_classes = base.num_classes
+    if cfg.val_size > 0:
+        val = torch.utils.data.Subset(val, range(min(cfg.val_size, len(val))))
+    dataset = data.Seeded(base, SegTrainTransform(cfg.img_size))
+    val_set = data.Seeded(val, SegEvalTransform(cfg.img_size))
+    try:
+        loader, sampler = data.make_loader(dataset, cfg.batch_size, world, rank, cfg.seed, cfg.num_workers)
+    except ValueError as e:
+        sys.exit(f'error: {e}')
+    val_loader, _ = data.make_loader(val_set, cfg.batch_size, world, rank, cfg.seed, cfg.num_workers, train=False,
+                                     collate_fn=collate_lists)
+    steps_per_epoch = max(1, sampler.batches_per_epoch() // cfg.accum_iter)
+    total_steps = cfg.iters
+    end_step = min(total_steps, cfg.max_steps) if cfg.max_steps > 0 else total_steps
+    eff_batch = cfg.batch_size * cfg.accum_iter * world
+    base_lr = cfg.lr
+    warmup_steps = cfg.warmup_iters
+
+    # model, optimizer
+    model = Segmenter(cfg, num_classes).to(device)
+    depth = len(model.backbone.blocks)
+    optimizer = torch.optim.AdamW(param_groups(model, cfg.weight_decay, cfg.layer_decay, depth), lr=base_lr,
+                                  betas=(0.9, 0.999), fused=device_type == 'cuda')
+    step = 0
+    resume = os.path.join(cfg.out_dir, 'checkpoint.pt') if cfg.resume == 'auto' else cfg.resume
+    if resume and not (cfg.resume == 'auto' and not os.path.exists(resume)):
+        ckpt = load_checkpoint(resume, cfg, num_classes)
+        model.load_state_dict(ckpt['model'])
+        optimizer.load_state_dict(ckpt['optimizer'])
+        scaler.load_state_dict(ckpt['scaler'])
+        step = ckpt['step']
+        if master:
+            print(f'resumed from {resume} at step {step}')
+        del ckpt
+    elif cfg.checkpoint.lower() == 'none':
+        if master:
+            print('backbone: random initialisation (--checkpoint none)')
+    elif cfg.checkpoint:
+        try:
+            vit.load_backbone(cfg.checkpoint, model.backbone, verbose=master)
+        except (FileNotFoundError, ValueError) as e:
+            sys.exit(f'error: {e}')
+    else:
+        sys.exit(f'error: no checkpoint to resume in {cfg.out_dir}; give --checkpoint PATH or --checkpoint none')
+    if master:
+        os.makedirs(cfg.out_dir, exist_ok=True)
+        print(json.dumps({'method': METHOD, **dataclasses.asdict(cfg), 'world': world, 'device': device,
+                          'dtype': dtype, 'effective_batch': eff_batch, 'lr': base_lr, 'steps': total_steps,
+                          'num_classes': num_classes}))
+        print(f'backbone {vit.count_params(model.backbone) / 1e6:.2f}M params, total {vit.count_params(model) / 1e6:.2f}M '
+              f'({vit.count_params(model, trainable=True) / 1e6:.2f}M trained), {len(base)} train / {len(val)} val '
+              f'images, {num_classes} classes, blocks {cfg.layers}')
+    if ddp and device_type == 'cuda':  # the heads' BatchNorm sees 2 images per GPU in the recipe: statistics over all
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)  # GPUs (in place, same parameters); gloo/CPU keeps plain BN
+    fwd = torch.compile(model) if cfg.compile else model
+    if ddp:
+        fwd = DDP(fwd, device_ids=[local_rank] if device_type == 'cuda' else None)
+    vis_items = [val_set[i][0] for i in range(min(4, len(val_set)))] if master else None
+
+    def report(metrics):
+        """Rank 0 prints mIoU / mAcc / aAcc and the per-class IoU, and logs them."""
+        if not master:
+            return
+        names = base.classes
+        per_class = ', '.join(f'{names[c]} {v:.1f}' for c, v in enumerate(metrics['iou']) if not math.isnan(v))
+        print(f"eval step {step}: mIoU {metrics['mIoU']:.2f} mAcc {metrics['mAcc']:.2f} aAcc {metrics['aAcc']:.2f} "
+              f"({len(val)} images, {cfg.eval_mode})\nper-class IoU: {per_class}", flush=True)
+        with open(os.path.join(cfg.out_dir, 'log.jsonl'), 'a') as f:
+            f.write(json.dumps({'step': step, **metrics}) + '\n')
+        save_predictions(model, vis_items, num_classes, cfg, device, os.path.join(cfg.out_dir, 'seg.png'))
+
+    def checkpoint():
+        state = {'method': METHOD, 'model': model.state_dict(), 'optimizer': optimizer.state_dict(),
+                 'scaler': scaler.state_dict(), 'step': step, 'epoch': step / max(1, steps_per_epoch),
+                 'config': dataclasses.asdict(cfg), 'rng': rng_state(), 'num_classes': num_classes,
+                 'encoder': vit.backbone_state_dict(model.backbone)}
+        save_checkpoint(os.path.join(cfg.out_dir, 'checkpoint.pt'), state)
+
+    if cfg.eval_only:
+        report(evaluate(model, val_loader, num_classes, cfg, device, autocast)[0])
+        if ddp:
+            dist.destroy_process_group()
+        return
+
+    # the loop: one optimizer step = accum_iter micro-batches
+    model.train()
+    stream = data.batches(loader, sampler, step * cfg.accum_iter)
+    loss_sum = torch.zeros((), device=device)  # summed on the device, read only on log steps
+    bad = torch.zeros((), device=device)  # any non-finite loss since the last check
+    t0, t_start, step_start = time.time(), time.time(), step
+    while step < end_step:
+        torch.manual_seed(cfg.seed + 1_000_003 * rank + 7919 * step)  # in-step randomness: a function of (seed, rank, step)
+        lr = lr_at(step, base_lr, cfg.min_lr, warmup_steps, total_steps)
+        for g in optimizer.param_groups:
+            g['lr'] = lr * g['lr_scale']
+        for micro in range(cfg.accum_iter):
+            with torch.random.fork_rng(devices=[]):  # a new loader iterator (as after a resume) draws its base seed from
+                _, ((imgs, masks), _) = next(stream)  # the global RNG: keep that draw out of the step's dropout/drop-path
+            imgs, masks = imgs.to(device, non_blocking=True), masks.to(device, non_blocking=True)
+            sync = nullcontext() if (not ddp or micro == cfg.accum_iter - 1) else fwd.no_sync()
+            with sync:
+                with autocast:
+                    logits, aux = fwd(imgs)
+                loss = seg_loss(logits, masks, aux, cfg.aux_weight)
+                scaler.scale(loss / cfg.accum_iter).backward()
+            loss_sum += loss.detach() / cfg.accum_iter
+            bad = torch.maximum(bad, (~torch.isfinite(loss.detach())).float())
+        log_now = (step + 1) % cfg.log_every == 0 or step + 1 == end_step
+        if log_now:
+            scaler.unscale_(optimizer)
+            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), float('inf'))
+        scaler.step(optimizer)
+        scaler.update()
+        optimizer.zero_grad(set_to_none=True)
+        step += 1
+        save_now = step % cfg.save_every == 0 or step == end_step
+        if log_now or save_now:
+            if ddp:
+                dist.all_reduce(bad, op=dist.ReduceOp.MAX)
+            if bad.item():  # the only place a non-finite loss is looked for: never saved
+                print(f'error: non-finite loss by step {step} (loss {loss.item():.4g}); nothing saved', file=sys.stderr)
+                sys.exit(2)
+        if log_now:
+            n = step - step_start
+            if ddp:
+                dist.all_reduce(loss_sum, op=dist.ReduceOp.AVG)
+            dt = time.time() - t0
+            ips = n * eff_batch / dt
+            eta = (end_step - step) * dt / n
+            rec = {'step': step, 'epoch': round(step / steps_per_epoch, 3), 'loss': loss_sum.item() / n, 'lr': lr,
+                   'grad_norm': grad_norm.item(), 'img_per_s': ips, 'eta_min': eta / 60}
+            if master:
+                print(f"step {step}/{end_step} ep {rec['epoch']:.2f} loss {rec['loss']:.4f} lr {lr:.2e} "
+                      f"gnorm {rec['grad_norm']:.3f} {ips:.0f} img/s eta {eta / 60:.1f} min", flush=True)
+                with open(os.path.join(cfg.out_dir, 'log.jsonl'), 'a') as f:
+                    f.write(json.dumps(rec) + '\n')
+            loss_sum.zero_()
+            t0, step_start = time.time(), step
+        if save_now and master:
+            checkpoint()
+        if (cfg.eval_every > 0 and step % cfg.eval_every == 0) or step == end_step:
+            report(evaluate(model, val_loader, num_classes, cfg, device, autocast)[0])
+            t0 = time.time()  # evaluation time is not training throughput
+    if master:
+        print(f'done: {step} steps in {(time.time() - t_start) / 60:.1f} min; checkpoint in {cfg.out_dir}')
+    if ddp:
+        dist.destroy_process_group()
+
+
+if __name__ == '__main__':
+    main()

@@ -1,0 +1,688 @@
+"""
+finetune.py -- evaluation of a pre-trained ViT: end-to-end fine-tuning, linear probing and kNN, one file.
+
+  finetune  MAE protocol: layer-wise lr decay, AdamW, warm-up + cosine, drop path, mixup/cutmix, label smoothing,
+            RandAugment, random erasing; global-average-pool + fc_norm head (or [CLS]); top-1 every epoch
+  linprobe  MAE protocol: frozen backbone, [CLS] after the final norm -> BatchNorm1d(affine=False) -> Linear,
+            LARS; with --cache 1 the center-crop features are extracted once, only the head trains, and the
+            kNN accuracy of the same features comes for free
+  knn       DINO protocol: L2-normalised frozen features, k = 20 cosine neighbours voting with exp(sim / 0.07)
+
+--checkpoint takes a nanoMIM checkpoint (mae/lut/ibot/dtm/finetune.py), an official release (MAE/LUT/DTM
+'model', iBOT/DINO 'teacher'), a bare backbone state_dict, or 'none' (random init, the baseline).
+
+  python finetune.py --mode knn --checkpoint out/mae/checkpoint.pt       # embedded data, CPU, about a minute
+  python finetune.py --mode linprobe --checkpoint out/mae/checkpoint.pt  # cached features, CPU, minutes
+  python finetune.py --checkpoint out/mae/checkpoint.pt                  # fine-tuning, embedded data, CPU
+  torchrun --nproc_per_node=8 finetune.py --data /path/to/imagenet --checkpoint mae_pretrain_vit_base.pth
+                                                          # paper recipe: ViT-B/16, 100 ep, eff. batch 1024
+  python finetune.py --help                               # every knob, with its default
+
+Letters in shape comments: B batch, L patches, D width, C classes, N train images, M test images.
+"""
+import argparse
+import copy
+import dataclasses
+import json
+import math
+import os
+import random
+import sys
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.nn.parallel import DistributedDataParallel as DDP
+from torchvision.transforms import v2
+
+import data
+import vit
+
+METHOD = 'finetune'
+
+# -----------------------------------------------------------------------------
+# config: typed defaults, one comment each; 0 / '' / -1 = pick by data and mode (embedded CPU default or the recipe)
+
+
+@dataclass
+class Config:
+    data: str = ''             # image folder (ImageNet layout: DIR/{train,val}/<class>/*.jpg) or '' for the embedded shapes
+    model: str = ''            # tiny|small|base|large|huge; must match the checkpoint; '' = tiny embedded, base folder
+    img_size: int = 0          # input resolution (position embedding interpolated); 0 = 64 embedded, 224 folder
+    patch_size: int = 0        # 0 = 8 embedded, the model's own (16, 14 for huge) on a folder
+    mode: str = 'finetune'     # finetune|linprobe|knn
+    checkpoint: str = ''       # pre-trained backbone file, or 'none' for random init (required)
+    checkpoint_key: str = ''   # take the backbone from this key of the file (e.g. model_ema, student); '' = detect
+    pool: str = ''             # avg|cls feature; '' = avg for finetune (MAE global_pool), cls for linprobe / knn
+    layer_decay: float = 0.0   # finetune: layer-wise lr decay; 0 = 0.65 (base and smaller), 0.75 (large, huge)
+    drop_path: float = -1      # finetune: stochastic depth at the last block; -1 = 0.1 (base and smaller), 0.2 large, 0.3 huge
+    mixup: float = 0.8         # finetune: mixup Beta alpha (0 = off)
+    cutmix: float = 1.0        # finetune: cutmix Beta alpha (0 = off); with both on, each batch picks one (p 0.5)
+    smoothing: float = 0.1     # finetune: label smoothing
+    rand_augment: int = 9      # finetune: RandAugment magnitude with 2 ops (0 = off)
+    reprob: float = 0.25       # finetune: random erasing probability
+    ema: float = 0.0           # finetune: EMA decay of the weights, evaluated beside the model (0 = off)
+    cache: int = -1            # linprobe: 1 = train the head on center-crop features extracted once; -1 = 1 embedded, 0 folder
+    knn_k: int = 20            # knn: neighbours
+    knn_t: float = 0.07        # knn: temperature of the vote weights exp(sim / t)
+    train_samples: int = 0     # use this many training images (a fixed random subset; 0 = all)
+    eval_samples: int = 0      # evaluate on this many val images (a fixed random subset; 0 = all)
+    epochs: int = 0            # 0 = by mode: finetune 100 (B) / 50 (L, H), linprobe 90 (B) / 50 (L, H); embedded 5 / 30
+    batch_size: int = 0        # per process; 0 = by mode (embedded 64 / 256; folder 128 / 2048, x8 GPUs = 1024 / 16384)
+    accum_iter: int = 1        # gradient accumulation steps (effective batch = batch_size * accum_iter * world)
+    blr: float = 0.0           # base lr, lr = blr * effective_batch / 256; 0 = by mode (finetune 5e-4 B / 1e-3 L, H; linprobe 0.1)
+    lr: float = 0.0            # absolute lr; overrides blr when > 0
+    min_lr: float = -1         # end of the cosine schedule; -1 = 1e-6 finetune, 0 linprobe
+    warmup_epochs: float = -1  # linear warm-up; -1 = by mode (finetune 5, linprobe 10; embedded 1 / 3)
+    weight_decay: float = -1   # -1 = 0.05 finetune (none on biases, norms, tokens, pos_embed), 0 linprobe
+    out_dir: str = ''          # checkpoint.pt, log.jsonl, results.json; '' = out/<mode>
+    resume: str = ''           # '' fresh, 'auto' = out_dir/checkpoint.pt if present, or a path
+    save_every: int = 500      # steps between checkpoints (always saved at the end)
+    dtype: str = ''            # bf16|fp16|fp32; '' = bf16 on CUDA, fp32 on CPU
+    compile: bool = False      # torch.compile the model
+    seed: int = 0              # data order, augmentation and mixing are pure functions of (seed, epoch, index)
+    num_workers: int = -1      # loader workers per process; -1 = 2 embedded, 10 folder
+    log_every: int = 20        # steps between log lines (the only host syncs)
+    max_steps: int = 0         # stop after this many optimizer steps (0 = run all epochs); schedule unchanged
+    device: str = ''           # cuda|cpu|cuda:N; '' = cuda if available
+
+
+EMBEDDED = dict(model='tiny', img_size=64, patch_size=8, cache=1, num_workers=2)
+RECIPE = dict(model='base', img_size=224, patch_size=0, cache=0, num_workers=10)
+MODES = {  # mode: (embedded, recipe); MAE fine-tuning (ViT-B) and linear probing, DINO kNN
+    'finetune': (dict(epochs=5, batch_size=64, blr=1e-3, min_lr=1e-6, warmup_epochs=1, weight_decay=0.05),
+                 dict(epochs=100, batch_size=128, blr=5e-4, min_lr=1e-6, warmup_epochs=5, weight_decay=0.05)),
+    'linprobe': (dict(epochs=30, batch_size=256, blr=0.1, min_lr=0.0, warmup_epochs=3, weight_decay=0.0),
+                 dict(epochs=90, batch_size=2048, blr=0.1, min_lr=0.0, warmup_epochs=10, weight_decay=0.0)),
+    'knn': (dict(batch_size=256), dict(batch_size=256)),
+}
+BIG = {'finetune': dict(epochs=50, blr=1e-3), 'linprobe': dict(epochs=50), 'knn': {}}  # the ViT-L / H recipes
+ARCH_KEYS = ('mode', 'model', 'img_size', 'patch_size', 'pool', 'cache')  # must match on resume
+
+
+def get_config(argv=None):
+    """argparse from the dataclass (unknown flags rejected), then fill the data- and mode-dependent defaults."""
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    for f in dataclasses.fields(Config):
+        if f.type is bool:
+            p.add_argument(f'--{f.name}', type=lambda s: s.lower() in ('1', 'true', 'yes', 'on'), default=f.default,
+                           metavar='BOOL', help=f'(default {f.default})')
+        else:
+            p.add_argument(f'--{f.name}', type=f.type, default=f.default, help=f'(default {f.default!r})')
+    cfg = Config(**vars(p.parse_args(argv)))
+    if cfg.mode not in MODES:
+        p.error(f'--mode must be one of {", ".join(MODES)}')
+    if not cfg.checkpoint:
+        p.error('--checkpoint is required: a checkpoint file (nanoMIM, official MAE / iBOT / LUT / DTM, bare '
+                'state_dict) or none for random init')
+    embedded = cfg.data in ('', 'shapes')
+    defaults = {**(EMBEDDED if embedded else RECIPE), **MODES[cfg.mode][0 if embedded else 1]}
+    model = cfg.model or defaults['model']
+    if not embedded and model in ('large', 'huge'):
+        defaults.update(BIG[cfg.mode])
+    defaults.update(layer_decay=0.75 if model in ('large', 'huge') else 0.65,
+                    drop_path={'large': 0.2, 'huge': 0.3}.get(model, 0.1), out_dir=f'out/{cfg.mode}',
+                    pool='avg' if cfg.mode == 'finetune' else 'cls')
+    for k, v in defaults.items():
+        if getattr(cfg, k) == getattr(Config, k):  # left at its default: fill it
+            setattr(cfg, k, v)
+    if cfg.patch_size == 0:
+        cfg.patch_size = vit.SIZES[cfg.model][3] if cfg.model in vit.SIZES else 16
+    if cfg.model not in vit.SIZES:
+        p.error(f'--model must be one of {", ".join(vit.SIZES)}')
+    if cfg.img_size % cfg.patch_size:
+        p.error(f'--img_size {cfg.img_size} is not divisible by --patch_size {cfg.patch_size}')
+    if cfg.pool not in ('avg', 'cls'):
+        p.error('--pool must be avg or cls')
+    if cfg.cache not in (0, 1):
+        p.error('--cache must be 0 or 1')
+    if cfg.knn_k < 1 or cfg.knn_t <= 0:
+        p.error('--knn_k must be >= 1 and --knn_t > 0')
+    if min(cfg.mixup, cfg.cutmix, cfg.smoothing, cfg.reprob, cfg.ema, cfg.drop_path) < 0 or cfg.ema >= 1:
+        p.error('--mixup, --cutmix, --smoothing, --reprob, --drop_path must be >= 0 and --ema in [0, 1)')
+    if cfg.dtype not in ('', 'bf16', 'fp16', 'fp32'):
+        p.error('--dtype must be bf16, fp16 or fp32')
+    return cfg
+
+# -----------------------------------------------------------------------------
+# model: the pre-trained ViT with a classifier (finetune), a frozen ViT with a BN + linear head (linprobe)
+
+
+def read_backbone(path, key=''):
+    """Load a checkpoint file for vit.load_backbone, optionally one key of it (model_ema, student, ...).
+    Returns (checkpoint object, layer_scale): BEiT / DTM backbones carry layer scale, which the ViT must have."""
+    try:
+        ckpt = torch.load(path, map_location='cpu', weights_only=False)
+    except FileNotFoundError:
+        raise FileNotFoundError(f'checkpoint {path} does not exist') from None
+    except Exception as e:
+        raise ValueError(f'checkpoint {path} could not be read ({type(e).__name__}: {e})') from None
+    if key:
+        if not isinstance(ckpt, dict) or key not in ckpt:
+            keys = ', '.join(map(str, ckpt)) if isinstance(ckpt, dict) else type(ckpt).__name__
+            raise ValueError(f'checkpoint {path} has no key {key!r} (it has: {keys})')
+        ckpt = ckpt[key]
+    sd, _ = vit.extract_backbone(ckpt)
+    return ckpt, (1.0 if any(k.endswith('ls1.gamma') for k in sd) else None)
+
+
+def pool_tokens(t, pool):
+    """(B, 1+L, D) tokens after the final norm -> (B, D): [CLS] ('cls') or the mean of the patch tokens ('avg')."""
+    return t[:, 0] if pool == 'cls' else t[:, 1:].mean(dim=1)
+
+
+class Probe(nn.Module):
+    """Linear probe (MAE main_linprobe): frozen backbone -> pooled feature (B, D) -> BatchNorm1d(affine=False,
+    eps 1e-6) -> Linear(D, C), init trunc normal std 0.01. backbone=None: the input is the cached feature."""
+
+    def __init__(self, backbone, dim, num_classes, pool):
+        super().__init__()
+        self.backbone, self.pool = backbone, pool
+        self.head = nn.Sequential(nn.BatchNorm1d(dim, affine=False, eps=1e-6), nn.Linear(dim, num_classes))
+        nn.init.trunc_normal_(self.head[1].weight, std=0.01)
+        nn.init.zeros_(self.head[1].bias)
+
+    def forward(self, x):
+        if self.backbone is not None:
+            with torch.no_grad():
+                x = pool_tokens(self.backbone.forward_features(x), self.pool)  # (B, D)
+        return self.head(x.float())  # (B, C)
+
+
+class Features(torch.utils.data.Dataset):
+    """Cached features (N, D) and labels (N,) as a dataset keyed like data.Seeded ((index, seed) from the sampler)."""
+
+    def __init__(self, feats, labels):
+        self.feats, self.labels = feats, labels
+
+    def __len__(self):
+        return len(self.labels)
+
+    def __getitem__(self, key):
+        i = key[0] if isinstance(key, tuple) else key
+        return self.feats[i], self.labels[i]
+
+
+def subset(ds, n):
+    """A fixed random subset of n items, in index order (class-balanced in expectation); n <= 0 = all."""
+    if n <= 0 or n >= len(ds):
+        return ds
+    idx = torch.randperm(len(ds), generator=torch.Generator().manual_seed(0))[:n].sort().values
+    return torch.utils.data.Subset(ds, idx.tolist())
+
+
+@torch.no_grad()
+def extract_features(backbone, loader, pool, device, autocast):
+    """Pooled features of this rank's share of the loader, in sampler order: (n_r, D) float32, labels (n_r,)."""
+    backbone.eval()
+    feats, labels = [], []
+    for x, y in loader:
+        with autocast:
+            feats.append(pool_tokens(backbone.forward_features(x.to(device, non_blocking=True)), pool).float())
+        labels.append(y.to(device))
+    D = backbone.embed_dim
+    return (torch.cat(feats) if feats else torch.zeros(0, D, device=device),
+            torch.cat(labels) if labels else torch.zeros(0, dtype=torch.long, device=device))
+
+
+def gather_rows(x, n, world):
+    """Rows split over ranks as rank r <- rows r::world (evaluation EpochSampler) -> all n rows in dataset order,
+    on every rank. Shares differ by at most one row: padded for all_gather, the padding is dropped."""
+    if world == 1:
+        return x
+    m = math.ceil(n / world)
+    pad = torch.zeros((m - x.shape[0],) + x.shape[1:], dtype=x.dtype, device=x.device)
+    parts = [torch.empty((m,) + x.shape[1:], dtype=x.dtype, device=x.device) for _ in range(world)]
+    dist.all_gather(parts, torch.cat([x, pad]))
+    out = torch.empty((n,) + x.shape[1:], dtype=x.dtype, device=x.device)
+    for r in range(world):
+        k = len(range(r, n, world))
+        out[r::world] = parts[r][:k]
+    return out
+
+# -----------------------------------------------------------------------------
+# loss, accuracy and kNN
+
+
+def smooth_targets(y, num_classes, smoothing):
+    """Labels (B,) or mixed soft labels (B, C) -> (B, C) targets y (1 - s) + s / C (label smoothing)."""
+    if y.ndim == 1:
+        y = F.one_hot(y, num_classes).float()
+    return y.float() * (1.0 - smoothing) + smoothing / num_classes
+
+
+def soft_target_ce(logits, target):
+    """Cross-entropy against soft targets (B, C), mean over the batch, in fp32."""
+    return torch.sum(-target * F.log_softmax(logits.float(), dim=-1), dim=-1).mean()
+
+
+def batch_mixer(mixup, cutmix, num_classes):
+    """Mixup / CutMix on whole batches (torchvision v2): (imgs, labels (B,)) -> (mixed imgs, soft labels (B, C)).
+    With both on, each batch takes one of the two with probability 0.5 (timm switch_prob 0.5). None if both off."""
+    ops = ([v2.MixUp(alpha=mixup, num_classes=num_classes)] if mixup > 0 else []) + \
+          ([v2.CutMix(alpha=cutmix, num_classes=num_classes)] if cutmix > 0 else [])
+    return v2.RandomChoice(ops) if len(ops) == 2 else (ops[0] if ops else None)
+
+
+def count_correct(scores, y):
+    """Scores (B, C), labels (B,) -> float tensor [top-1 hits, top-5 hits, B] (summed over ranks by the caller)."""
+    top = scores.topk(min(5, scores.shape[1]), dim=1).indices  # (B, 5)
+    hit = top == y[:, None]
+    return torch.stack([hit[:, 0].sum(), hit.any(dim=1).sum(), torch.tensor(len(y), device=y.device)]).float()
+
+
+@torch.no_grad()
+def knn_scores(train_f, train_y, test_f, num_classes, k=20, t=0.07):
+    """Weighted kNN vote (DINO eval_knn). Rows L2-normalised: train_f (N, D), test_f (M, D). Each test row's k
+    most cosine-similar train rows vote for their class with weight exp(sim / t). Returns scores (M, C)."""
+    sim = test_f @ train_f.T  # (M, N) cosine similarities
+    sim, idx = sim.topk(min(k, train_f.shape[0]), dim=1)  # (M, k)
+    votes = torch.zeros(test_f.shape[0], num_classes, device=test_f.device)
+    return votes.scatter_add_(1, train_y[idx], (sim / t).exp())  # (M, C)
+
+
+@torch.no_grad()
+def knn_counts(train_f, train_y, test_f, test_y, num_classes, k=20, t=0.07, chunk=256):
+    """kNN hits of this rank's test rows (M_r, D) against all train rows (N, D), features L2-normalised here:
+    float tensor [top-1 hits, top-5 hits, M_r]; (chunk, N) similarities at a time."""
+    train_f, test_f = F.normalize(train_f, dim=1), F.normalize(test_f, dim=1)
+    counts = torch.zeros(3, device=test_f.device)
+    for i in range(0, len(test_f), chunk):
+        scores = knn_scores(train_f, train_y, test_f[i:i + chunk], num_classes, k, t)  # (chunk, C)
+        counts += count_correct(scores, test_y[i:i + chunk])
+    return counts
+
+
+@torch.no_grad()
+def evaluate(model, loader, device, autocast, ddp):
+    """Top-1 / top-5 (%) and the number of images: every rank counts its own share (the evaluation sampler gives
+    each image to exactly one rank, no padding) and the counts are summed. Returns (acc1, acc5, n)."""
+    was_training = model.training
+    model.eval()
+    counts = torch.zeros(3, device=device)  # top-1 hits, top-5 hits, images
+    for x, y in loader:
+        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+        with autocast:
+            logits = model(x)  # (B, C)
+        counts += count_correct(logits.float(), y)
+    if ddp:
+        dist.all_reduce(counts)
+    model.train(was_training)
+    c1, c5, n = counts.tolist()
+    return 100.0 * c1 / max(n, 1), 100.0 * c5 / max(n, 1), int(n)
+
+# -----------------------------------------------------------------------------
+# optimizer and schedules
+
+
+def layer_id(name, depth):
+    """Layer index for lr decay: 0 = patch embed, [CLS], pos_embed; i + 1 = block i; depth + 1 = norms and head."""
+    if name.startswith(('cls_token', 'pos_embed', 'patch_embed.', 'mask_token')):
+        return 0
+    if name.startswith('blocks.'):
+        return int(name.split('.')[1]) + 1
+    return depth + 1
+
+
+def param_groups(model, weight_decay, layer_decay=1.0):
+    """Groups with layer-wise lr decay (MAE util/lr_decay.py): layer i gets lr_scale = decay^(depth + 1 - i); no
+    weight decay on biases, norms (1-D params), tokens and position embeddings. Frozen parameters are left out."""
+    depth = len(model.blocks) if hasattr(model, 'blocks') else 0
+    groups = {}
+    for n, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        skip = p.ndim <= 1 or n.endswith(('cls_token', 'mask_token', 'pos_embed'))
+        i = layer_id(n, depth)
+        g = groups.setdefault((i, skip), {'params': [], 'names': [], 'weight_decay': 0.0 if skip else weight_decay,
+                                           'lr_scale': layer_decay ** (depth + 1 - i)})
+        g['params'].append(p)
+        g['names'].append(n)
+    return [groups[k] for k in sorted(groups)]
+
+
+class LARS(torch.optim.Optimizer):
+    """SGD with momentum and a per-tensor trust ratio (You et al. 2017), as in MAE's linear probe: for weight
+    matrices the update d = g + wd * w is rescaled to trust * |w| / |d| (so the step is relative to the weight's
+    size, whatever the batch); biases take the plain momentum update."""
+
+    def __init__(self, params, lr=0.0, weight_decay=0.0, momentum=0.9, trust_coefficient=0.001):
+        super().__init__(params, dict(lr=lr, weight_decay=weight_decay, momentum=momentum,
+                                      trust_coefficient=trust_coefficient))
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        for g in self.param_groups:
+            for p in g['params']:
+                if p.grad is None:
+                    continue
+                d = p.grad
+                if p.ndim > 1:
+                    d = d.add(p, alpha=g['weight_decay'])
+                    w_norm, d_norm = torch.norm(p), torch.norm(d)
+                    ratio = torch.where((w_norm > 0) & (d_norm > 0), g['trust_coefficient'] * w_norm / d_norm, 1.0)
+                    d = d * ratio
+                mu = self.state[p].setdefault('mu', torch.zeros_like(p))
+                mu.mul_(g['momentum']).add_(d)
+                p.add_(mu, alpha=-g['lr'])
+
+
+def lr_at(step, base_lr, min_lr, warmup_steps, total_steps):
+    """Per-step linear warm-up from 0, then half-cycle cosine to min_lr (MAE util/lr_sched.py)."""
+    if step < warmup_steps:
+        return base_lr * step / warmup_steps
+    t = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+    return min_lr + (base_lr - min_lr) * 0.5 * (1.0 + math.cos(math.pi * min(t, 1.0)))
+
+
+@torch.no_grad()
+def ema_update(ema, model, decay):
+    """ema <- decay * ema + (1 - decay) * model, over parameters and float buffers."""
+    for e, m in zip(ema.state_dict().values(), model.state_dict().values()):
+        if e.dtype.is_floating_point:
+            e.lerp_(m, 1.0 - decay)
+        else:
+            e.copy_(m)
+
+# -----------------------------------------------------------------------------
+# checkpointing
+
+
+def rng_state():
+    return {'python': random.getstate(), 'numpy': np.random.get_state(), 'torch': torch.get_rng_state(),
+            'cuda': torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+
+
+def save_checkpoint(path, state):
+    """Atomic: write a temp file in the same folder, fsync, rename; a killed process never leaves a torn file."""
+    tmp = f'{path}.tmp.{os.getpid()}'
+    with open(tmp, 'wb') as f:
+        torch.save(state, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path, cfg):
+    """Load a checkpoint to resume from; refuses another method's or another architecture's checkpoint."""
+    try:
+        ckpt = torch.load(path, map_location='cpu', weights_only=False)
+    except Exception as e:
+        sys.exit(f'error: cannot read checkpoint {path} ({type(e).__name__}: {e})')
+    if ckpt.get('method') != METHOD:
+        sys.exit(f'error: {path} is a {ckpt.get("method", "non-nanoMIM")} checkpoint, not {METHOD}')
+    old = ckpt['config']
+    diff = [f'{k}={old.get(k)} (now {getattr(cfg, k)})' for k in ARCH_KEYS if old.get(k) != getattr(cfg, k)]
+    if diff:
+        sys.exit(f'error: {path} was trained with ' + ', '.join(diff))
+    return ckpt
+
+# -----------------------------------------------------------------------------
+# training
+
+
+def main(argv=None):
+    cfg = get_config(argv)
+
+    # distributed: torchrun sets RANK/LOCAL_RANK/WORLD_SIZE; plain `python` runs one process
+    ddp = int(os.environ.get('RANK', -1)) != -1
+    rank, local_rank, world = (int(os.environ['RANK']), int(os.environ['LOCAL_RANK']),
+                               int(os.environ['WORLD_SIZE'])) if ddp else (0, 0, 1)
+    device = cfg.device or ('cuda' if torch.cuda.is_available() else 'cpu')
+    if device.startswith('cuda'):
+        device = f'cuda:{local_rank}' if ddp else device
+        torch.cuda.set_device(device)
+    if ddp:
+        dist.init_process_group(backend='nccl' if device.startswith('cuda') else 'gloo')
+    master = rank == 0
+    device_type = 'cuda' if device.startswith('cuda') else 'cpu'
+    torch.manual_seed(cfg.seed + rank)
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+
+    # precision: bf16 autocast by default on CUDA, fp16 with a GradScaler, fp32 on CPU
+    dtype = cfg.dtype or ('bf16' if device_type == 'cuda' else 'fp32')
+    ptdtype = {'bf16': torch.bfloat16, 'fp16': torch.float16, 'fp32': torch.float32}[dtype]
+    autocast = nullcontext() if dtype == 'fp32' else torch.autocast(device_type, dtype=ptdtype)
+    scaler = torch.amp.GradScaler(device_type, enabled=dtype == 'fp16')
+
+    # data: fine-tuning augmentation, RRC + flip (linprobe), or center crops (knn, cached features, evaluation)
+    try:
+        base = data.build_dataset(cfg.data, 'train', cfg.img_size)
+        val_base = data.build_dataset(cfg.data, 'val', cfg.img_size)
+    except (FileNotFoundError, ValueError) as e:
+        sys.exit(f'error: {e}')
+    num_classes = len(base.classes)
+    base, val_base = subset(base, cfg.train_samples), subset(val_base, cfg.eval_samples)
+    cached = cfg.mode == 'knn' or (cfg.mode == 'linprobe' and cfg.cache == 1)
+    if cfg.mode == 'finetune':
+        train_tf = data.finetune_transform(cfg.img_size, (2, cfg.rand_augment) if cfg.rand_augment else None, cfg.reprob)
+    elif not cached:
+        train_tf = data.mae_transform(cfg.img_size, scale=(0.08, 1.0))  # MAE linprobe: RandomResizedCrop + flip
+    else:
+        train_tf = data.eval_transform(cfg.img_size)
+    dataset = data.Seeded(base, train_tf)
+    val_set = data.Seeded(val_base, data.eval_transform(cfg.img_size))
+
+    # the pre-trained backbone (same initial weights on every rank: the frozen ones are never broadcast)
+    torch.manual_seed(cfg.seed)
+    layer_scale, ckpt = None, None
+    if cfg.checkpoint != 'none':
+        try:
+            ckpt, layer_scale = read_backbone(cfg.checkpoint, cfg.checkpoint_key)
+        except (FileNotFoundError, ValueError) as e:
+            sys.exit(f'error: {e}')
+    finetuning = cfg.mode == 'finetune'
+    backbone = vit.vit(cfg.model, img_size=cfg.img_size, patch_size=cfg.patch_size,
+                       num_classes=num_classes if finetuning else 0, layer_scale=layer_scale,
+                       global_pool=('avg' if cfg.pool == 'avg' else 'token') if finetuning else 'token',
+                       drop_path_rate=cfg.drop_path if finetuning else 0.0)
+    if ckpt is not None:
+        try:
+            vit.load_backbone(ckpt, backbone, verbose=master)
+        except ValueError as e:
+            sys.exit(f'error: {e}')
+        del ckpt
+    elif master:
+        print('random init (--checkpoint none)')
+    backbone.to(device)
+
+    # knn / cached features: frozen features of center crops, extracted once, each rank its share
+    if cached:
+        def features(ds):
+            loader, _ = data.make_loader(ds, cfg.batch_size, world, rank, cfg.seed, cfg.num_workers, train=False)
+            return extract_features(backbone, loader, cfg.pool, device, autocast)
+        t_feat = time.time()
+        train_f, train_y = (gather_rows(t, len(dataset), world) for t in features(dataset))  # (N, D), (N,)
+        val_f, val_y = features(val_set)  # (M_r, D), (M_r,) this rank's share
+        if master:
+            print(f'features: {len(dataset)} train, {len(val_set)} val images, dim {train_f.shape[1]}, '
+                  f'{time.time() - t_feat:.1f} s')
+        # kNN on the frozen features: the result of --mode knn, and free beside a cached linear probe
+        counts = knn_counts(train_f, train_y, val_f, val_y, num_classes, cfg.knn_k, cfg.knn_t)
+        if ddp:
+            dist.all_reduce(counts)
+        c1, c5, n = counts.tolist()
+        knn = {'k': cfg.knn_k, 't': cfg.knn_t, 'knn_acc1': 100 * c1 / max(n, 1), 'knn_acc5': 100 * c5 / max(n, 1),
+               'n': int(n), 'n_train': len(dataset)}
+        if master:
+            print(f"knn k={cfg.knn_k} t={cfg.knn_t} {cfg.pool}: top-1 {knn['knn_acc1']:.2f} top-5 {knn['knn_acc5']:.2f} "
+                  f"({knn['n']} val images, {len(dataset)} train)")
+    if cfg.mode == 'knn':
+        if master:
+            os.makedirs(cfg.out_dir, exist_ok=True)
+            with open(os.path.join(cfg.out_dir, 'results.json'), 'w') as f:
+                json.dump({'mode': 'knn', 'checkpoint': cfg.checkpoint, 'pool': cfg.pool, 'acc1': knn['knn_acc1'],
+                           'acc5': knn['knn_acc5'], **knn}, f)
+        if ddp:
+            dist.destroy_process_group()
+        return
+    if cached:
+        dataset, val_set = Features(train_f.cpu(), train_y.cpu()), Features(gather_rows(val_f, len(val_set), world).cpu(),
+                                                                            gather_rows(val_y, len(val_set), world).cpu())
+    workers = 0 if cached else cfg.num_workers
+    try:
+        loader, sampler = data.make_loader(dataset, cfg.batch_size, world, rank, cfg.seed, workers)
+    except ValueError as e:
+        sys.exit(f'error: {e}')
+    val_loader, _ = data.make_loader(val_set, cfg.batch_size, world, rank, cfg.seed, workers, train=False)
+    steps_per_epoch = sampler.batches_per_epoch() // cfg.accum_iter
+    if steps_per_epoch == 0:
+        sys.exit(f'error: {len(dataset)} training images give no optimizer step per epoch at batch {cfg.batch_size} '
+                 f'x accum_iter {cfg.accum_iter} x {world} processes')
+    total_steps = cfg.epochs * steps_per_epoch
+    end_step = min(total_steps, cfg.max_steps) if cfg.max_steps > 0 else total_steps
+    eff_batch = cfg.batch_size * cfg.accum_iter * world
+    base_lr = cfg.lr if cfg.lr > 0 else cfg.blr * eff_batch / 256
+    warmup_steps = int(cfg.warmup_epochs * steps_per_epoch)
+
+    # model, optimizer: finetune = whole ViT with lr decay + AdamW; linprobe = frozen ViT + BN/linear head + LARS
+    if finetuning:
+        model = backbone
+        model.pos_embed.requires_grad_(True)  # trainable from the pre-trained values, as in timm / MAE fine-tuning
+        nn.init.trunc_normal_(model.head.weight, std=2e-5)
+        nn.init.zeros_(model.head.bias)
+        optimizer = torch.optim.AdamW(param_groups(model, cfg.weight_decay, cfg.layer_decay), lr=base_lr,
+                                      betas=(0.9, 0.999), fused=device_type == 'cuda')
+    else:
+        backbone.requires_grad_(False)
+        model = Probe(None if cached else backbone, backbone.embed_dim, num_classes, cfg.pool).to(device)
+        optimizer = LARS(param_groups(model, cfg.weight_decay), lr=base_lr)
+    mixer = batch_mixer(cfg.mixup, cfg.cutmix, num_classes) if finetuning else None
+    smoothing = cfg.smoothing if finetuning else 0.0
+    ema = copy.deepcopy(model).eval().requires_grad_(False) if cfg.ema > 0 else None
+    step, best = 0, {'acc1': 0.0, 'ema_acc1': 0.0}
+    resume = os.path.join(cfg.out_dir, 'checkpoint.pt') if cfg.resume == 'auto' else cfg.resume
+    if resume and not (cfg.resume == 'auto' and not os.path.exists(resume)):
+        ckpt = load_checkpoint(resume, cfg)
+        model.load_state_dict(ckpt['model'])
+        optimizer.load_state_dict(ckpt['optimizer'])
+        scaler.load_state_dict(ckpt['scaler'])
+        step, best = ckpt['step'], ckpt['best']
+        if ema is not None and ckpt.get('ema') is not None:
+            ema.load_state_dict(ckpt['ema'])
+        if master:
+            print(f'resumed from {resume} at step {step}')
+        del ckpt
+    if master:
+        os.makedirs(cfg.out_dir, exist_ok=True)
+        print(json.dumps({'method': METHOD, **dataclasses.asdict(cfg), 'world': world, 'device': device,
+                          'dtype': dtype, 'effective_batch': eff_batch, 'lr': base_lr, 'steps': total_steps}))
+        print(f'backbone {vit.count_params(backbone) / 1e6:.2f}M params, trainable {vit.count_params(model, True) / 1e6:.3f}M, '
+              f'{len(dataset)} train / {len(val_set)} val images, {num_classes} classes, {steps_per_epoch} steps/epoch')
+    fwd = torch.compile(model) if cfg.compile else model
+    if ddp:  # buffers (probe BN statistics) broadcast from rank 0 at every forward
+        fwd = DDP(fwd, device_ids=[local_rank] if device_type == 'cuda' else None)
+
+    def run_eval():
+        """Accuracy of the model (and its EMA) on the whole val set; updates `best`; rank 0 logs."""
+        if ddp:  # one set of BN running statistics on every rank
+            for b in model.buffers():
+                dist.broadcast(b, 0)
+        rec = {'step': step, 'epoch': round(step / steps_per_epoch, 3)}
+        for name, m in [('', model)] + ([('ema_', ema)] if ema is not None else []):
+            rec[f'{name}acc1'], rec[f'{name}acc5'], rec['n'] = evaluate(m, val_loader, device, autocast, ddp)
+            best[f'{name}acc1'] = max(best[f'{name}acc1'], rec[f'{name}acc1'])
+        if master:
+            ema_txt = f" ema top-1 {rec['ema_acc1']:.2f}" if ema is not None else ''
+            print(f"eval step {step} ep {rec['epoch']:.2f}: top-1 {rec['acc1']:.2f} top-5 {rec['acc5']:.2f}{ema_txt} "
+                  f"best {best['acc1']:.2f} ({rec['n']} val images)", flush=True)
+            with open(os.path.join(cfg.out_dir, 'log.jsonl'), 'a') as f:
+                f.write(json.dumps({'eval': True, **rec}) + '\n')
+        return rec
+
+    def checkpoint():
+        state = {'method': METHOD, 'model': model.state_dict(), 'optimizer': optimizer.state_dict(),
+                 'scaler': scaler.state_dict(), 'step': step, 'epoch': step / max(1, steps_per_epoch),
+                 'config': dataclasses.asdict(cfg), 'rng': rng_state(), 'best': best,
+                 'ema': ema.state_dict() if ema is not None else None,
+                 'encoder': vit.backbone_state_dict(backbone)}
+        save_checkpoint(os.path.join(cfg.out_dir, 'checkpoint.pt'), state)
+
+    # the loop: one optimizer step = accum_iter micro-batches; evaluation at every epoch end and at the last step
+    model.train()
+    stream = data.batches(loader, sampler, step * cfg.accum_iter)
+    loss_sum = torch.zeros((), device=device)  # summed on the device, read only on log steps
+    bad = torch.zeros((), device=device)  # any non-finite loss since the last check
+    t0, t_start, step_start, last = time.time(), time.time(), step, None
+    while step < end_step:
+        lr = lr_at(step, base_lr, cfg.min_lr, warmup_steps, total_steps)
+        for g in optimizer.param_groups:
+            g['lr'] = lr * g['lr_scale']
+        for micro in range(cfg.accum_iter):
+            _, (x, y) = next(stream)
+            # in-step randomness (mixing, drop path): a function of (seed, rank, step), seeded after the batch is
+            # drawn because a new epoch's loader iterator takes a number from the global RNG
+            torch.manual_seed(cfg.seed + 1_000_003 * rank + 7919 * step + 104_729 * micro)
+            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+            if mixer is not None:
+                x, y = mixer(x, y)  # (B, 3, H, W) mixed pairs, (B, C) soft labels
+            target = smooth_targets(y, num_classes, smoothing)  # (B, C)
+            sync = nullcontext() if (not ddp or micro == cfg.accum_iter - 1) else fwd.no_sync()
+            with sync:
+                with autocast:
+                    loss = soft_target_ce(fwd(x), target)
+                scaler.scale(loss / cfg.accum_iter).backward()
+            loss_sum += loss.detach() / cfg.accum_iter
+            bad = torch.maximum(bad, (~torch.isfinite(loss.detach())).float())
+        log_now = (step + 1) % cfg.log_every == 0 or step + 1 == end_step
+        if log_now:
+            scaler.unscale_(optimizer)
+            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), float('inf'))
+        scaler.step(optimizer)
+        scaler.update()
+        optimizer.zero_grad(set_to_none=True)
+        if ema is not None:
+            ema_update(ema, model, cfg.ema)
+        step += 1
+        save_now = step % cfg.save_every == 0 or step == end_step
+        if log_now or save_now:
+            if ddp:
+                dist.all_reduce(bad, op=dist.ReduceOp.MAX)
+            if bad.item():  # the only place a non-finite loss is looked for: never saved
+                print(f'error: non-finite loss by step {step} (loss {loss.item():.4g}); nothing saved', file=sys.stderr)
+                sys.exit(2)
+        if log_now:
+            n = step - step_start
+            if ddp:
+                dist.all_reduce(loss_sum, op=dist.ReduceOp.AVG)
+            dt = time.time() - t0
+            ips = n * eff_batch / dt
+            eta = (end_step - step) * dt / n
+            rec = {'step': step, 'epoch': round(step / steps_per_epoch, 3), 'loss': loss_sum.item() / n, 'lr': lr,
+                   'grad_norm': grad_norm.item(), 'img_per_s': ips, 'eta_min': eta / 60}
+            if master:
+                print(f"step {step}/{end_step} ep {rec['epoch']:.2f} loss {rec['loss']:.4f} lr {lr:.2e} "
+                      f"gnorm {rec['grad_norm']:.3f} {ips:.0f} img/s eta {eta / 60:.1f} min", flush=True)
+                with open(os.path.join(cfg.out_dir, 'log.jsonl'), 'a') as f:
+                    f.write(json.dumps(rec) + '\n')
+            loss_sum.zero_()
+            t0, step_start = time.time(), step
+        if step % steps_per_epoch == 0 or step == end_step:
+            last = run_eval()
+            t0 = time.time()
+        if save_now and master:
+            checkpoint()
+    if last is None:  # nothing left to train (resumed at the end): evaluate what was loaded
+        last = run_eval()
+    if master:
+        res = {'mode': cfg.mode, 'checkpoint': cfg.checkpoint, 'pool': cfg.pool, 'last_acc1': last['acc1'],
+               'last_acc5': last['acc5'], 'best_acc1': best['acc1'], 'n': last['n'], 'steps': step}
+        if ema is not None:
+            res.update(last_ema_acc1=last['ema_acc1'], best_ema_acc1=best['ema_acc1'])
+        if cached:
+            res.update(knn_acc1=knn['knn_acc1'], knn_acc5=knn['knn_acc5'])
+        with open(os.path.join(cfg.out_dir, 'results.json'), 'w') as f:
+            json.dump(res, f)
+        print(f"done: {step} steps in {(time.time() - t_start) / 60:.1f} min; top-1 last {last['acc1']:.2f} "
+              f"best {best['acc1']:.2f} ({last['n']} val images); checkpoint in {cfg.out_dir}")
+    if ddp:
+        dist.destroy_process_group()
+
+
+if __name__ == '__main__':
+    main()

@@ -1,0 +1,205 @@
+"""analyze.py: AAD and spectrum against hand-computed cases, attention rows, reconstruction invariants, drawing,
+and an end-to-end run on a real mae.py checkpoint (tiny, 32 px)."""
+import json
+import math
+import os
+from types import SimpleNamespace
+
+import pytest
+import torch
+from PIL import Image
+
+import analyze
+import vit
+from conftest import load_ckpt, run_script
+
+DIAG_2x2 = (2 + math.sqrt(2)) / 4  # mean distance from a patch to the 4 patches of a 2x2 grid (0, 1, 1, sqrt 2)
+
+
+def maps_from_patch_weights(w, cls_mass=0.0):
+    """(B, H, L, L) patch-key weights of patch queries -> (B, H, 1+L, 1+L) maps; the [CLS] key gets `cls_mass`
+    and the patch keys the rest, [CLS] query uniform."""
+    B, H, L, _ = w.shape
+    a = torch.zeros(B, H, 1 + L, 1 + L, dtype=torch.float64)
+    a[:, :, 0, :] = 1.0 / (1 + L)
+    a[:, :, 1:, 0] = cls_mass
+    a[:, :, 1:, 1:] = (1 - cls_mass) * w
+    return a
+
+
+def test_patch_distances_by_hand():
+    d = analyze.patch_distances(2, 3, 10)  # patches (0,0) (0,1) (0,2) / (1,0) (1,1) (1,2)
+    assert d.shape == (6, 6)
+    assert torch.allclose(d.diagonal(), torch.zeros(6, dtype=torch.float64))
+    assert d[0, 1] == pytest.approx(10) and d[0, 2] == pytest.approx(20) and d[0, 3] == pytest.approx(10)
+    assert d[0, 5] == pytest.approx(math.sqrt(1 + 4) * 10) and d[2, 3] == pytest.approx(math.sqrt(5) * 10)
+    assert torch.allclose(d, d.T)
+
+
+@pytest.mark.parametrize('cls_key', ['renorm', 'zero'])
+@pytest.mark.parametrize('cls_mass', [0.0, 0.5])
+def test_aad_all_mass_on_self_is_zero(cls_key, cls_mass):
+    w = torch.eye(9, dtype=torch.float64).expand(2, 3, 9, 9)
+    a = maps_from_patch_weights(w, cls_mass)
+    out = analyze.attention_distance(a, analyze.patch_distances(3, 3, 16), cls_key)
+    assert out.shape == (2, 3)
+    assert torch.allclose(out, torch.zeros(2, 3, dtype=torch.float64))
+
+
+def test_aad_uniform_on_2x2_grid():
+    p = 16
+    d = analyze.patch_distances(2, 2, p)
+    w = torch.full((1, 2, 4, 4), 0.25, dtype=torch.float64)
+    no_cls = analyze.attention_distance(maps_from_patch_weights(w), d)
+    assert torch.allclose(no_cls, torch.full((1, 2), DIAG_2x2 * p, dtype=torch.float64))
+    # [CLS] takes 1/5 of every row (uniform over all 5 tokens): renorm ignores it, zero counts it at distance 0
+    a = maps_from_patch_weights(w, cls_mass=0.2)
+    assert torch.allclose(analyze.attention_distance(a, d, 'renorm'), no_cls)
+    assert torch.allclose(analyze.attention_distance(a, d, 'zero'), 0.8 * no_cls)
+
+
+def test_aad_averages_over_queries_and_keeps_heads_apart():
+    d = analyze.patch_distances(2, 2, 1)
+    w = torch.eye(4, dtype=torch.float64).repeat(1, 2, 1, 1)  # (1, 2, 4, 4)
+    w[0, 0, 0] = torch.tensor([0.0, 0.0, 0.0, 1.0])  # head 0: query 0 looks at the opposite corner only
+    w[0, 1] = torch.tensor([0.0, 0.5, 0.5, 0.0]).expand(4, 4)  # head 1: every query splits over patches 1 and 2
+    out = analyze.attention_distance(maps_from_patch_weights(w), d)[0]
+    assert out[0] == pytest.approx(math.sqrt(2) / 4)
+    # head 1: query 0 -> (1 + 1)/2, query 1 -> (0 + sqrt2)/2, query 2 -> (sqrt2 + 0)/2, query 3 -> (1 + 1)/2
+    assert out[1] == pytest.approx((1 + math.sqrt(2) / 2 + math.sqrt(2) / 2 + 1) / 4)
+
+
+def test_aad_of_a_vit_with_uniform_attention():
+    """Zero q/k projections make every softmax row uniform over the 1 + 4 tokens: every layer and head then has the
+    2x2-grid mean distance (renorm) or 4/5 of it (zero)."""
+    torch.manual_seed(0)
+    m = vit.vit('tiny', img_size=32, patch_size=16, num_classes=0).eval()
+    D = m.embed_dim
+    for blk in m.blocks:
+        blk.attn.qkv.weight.data[:2 * D] = 0
+        blk.attn.qkv.bias.data[:2 * D] = 0
+    maps = m.forward_attention(torch.randn(2, 3, 32, 32))
+    d = analyze.patch_distances(2, 2, 16)
+    for a in maps:
+        assert torch.allclose(analyze.attention_distance(a, d, 'renorm'), torch.tensor(DIAG_2x2 * 16, dtype=torch.float64), atol=1e-5)
+        assert torch.allclose(analyze.attention_distance(a, d, 'zero'), torch.tensor(0.8 * DIAG_2x2 * 16, dtype=torch.float64), atol=1e-5)
+
+
+def test_spectrum_of_a_known_covariance():
+    # points +-(3, 0), +-(0, 1): mean 0, unbiased covariance diag(2*9/3, 2*1/3)
+    x = torch.tensor([[3.0, 0.0], [-3.0, 0.0], [0.0, 1.0], [0.0, -1.0]])
+    want = torch.tensor([6.0, 2.0 / 3.0], dtype=torch.float64)
+    assert torch.allclose(analyze.covariance_spectrum(*analyze.feature_moments(x)), want)
+    # summed over two batches, shifted by a constant, rotated: the same spectrum
+    rot = torch.tensor([[math.cos(0.7), -math.sin(0.7)], [math.sin(0.7), math.cos(0.7)]])
+    y = x @ rot + torch.tensor([5.0, -2.0])
+    m1, m2 = analyze.feature_moments(y[:1]), analyze.feature_moments(y[1:])
+    summed = tuple(a + b for a, b in zip(m1, m2))
+    assert torch.allclose(analyze.covariance_spectrum(*summed), want, atol=1e-9)
+
+
+def test_effective_rank():
+    assert analyze.effective_rank(torch.ones(4)) == pytest.approx(4)
+    assert analyze.effective_rank(torch.tensor([2.0, 0.0, 0.0])) == pytest.approx(1)
+    assert analyze.effective_rank(torch.tensor([3.0, 3.0, 0.0, 0.0])) == pytest.approx(2)
+
+
+def test_query_attention_rows():
+    a = torch.zeros(1, 1, 5, 5)
+    a[0, 0, 0] = torch.tensor([0.6, 0.1, 0.1, 0.1, 0.1])  # [CLS] query
+    a[0, 0, 3] = torch.tensor([0.0, 0.0, 0.0, 0.0, 1.0])  # patch 2 looks at patch 3
+    assert torch.allclose(analyze.query_attention(a, -1), torch.full((1, 1, 4), 0.25))
+    assert torch.allclose(analyze.query_attention(a, 2), torch.tensor([[[0.0, 0.0, 0.0, 1.0]]]))
+
+
+def test_nice_ceil():
+    assert [analyze.nice_ceil(v) for v in (37, 0.8, 2.1, 100, 4.9)] == [50, 1, 2.5, 100, 5]
+
+
+def test_drawing_primitives():
+    c = torch.ones(3, 20, 30)
+    red = torch.tensor([1.0, 0.0, 0.0])
+    analyze.draw_dot(c, 10, 10, 2, red)
+    assert torch.equal(c[:, 10, 10], red) and torch.equal(c[:, 10, 12], red) and torch.equal(c[:, 10, 13], torch.ones(3))
+    analyze.draw_line(c, 0, 0, 29, 19, red)
+    assert torch.equal(c[:, 0, 0], red) and torch.equal(c[:, 19, 29], red)
+    c = torch.ones(3, 10, 10)
+    analyze.draw_text(c, 0, 0, '1', scale=1)  # glyph 010 / 110 / 010 / 010 / 111
+    assert c[0, 0, 1] == 0 and c[0, 0, 0] == 1 and c[0, 4, 0] == 0
+
+
+def test_reconstruct_pastes_the_visible_patches():
+    import mae
+    torch.manual_seed(0)
+    m = mae.MAE(SimpleNamespace(model='tiny', img_size=32, patch_size=8, decoder_dim=32, decoder_depth=1,
+                                decoder_heads=2)).eval()
+    m.norm_pix = True
+    imgs, noise = torch.randn(2, 3, 32, 32), torch.rand(2, 16)
+    masked, pasted = analyze.reconstruct(m, imgs, noise, 0.75)
+    keep = noise.argsort(dim=1)[:, :4]  # int(16 * 0.25) smallest noise values are kept
+    vis = torch.zeros(2, 16, dtype=torch.bool).scatter_(1, keep, True)
+    t, pm, pp = (vit.patchify(x, 8) for x in (imgs, masked, pasted))
+    assert torch.allclose(pm[vis], t[vis]) and torch.all(pm[~vis] == 0)
+    assert torch.allclose(pp[vis], t[vis]) and not torch.allclose(pp[~vis], t[~vis])
+
+
+@pytest.fixture(scope='module')
+def mae_ckpt(tmp_path_factory):
+    out = str(tmp_path_factory.mktemp('mae'))
+    r = run_script('mae.py', ['--model', 'tiny', '--img_size', '32', '--patch_size', '8', '--batch_size', '8',
+                              '--num_workers', '0', '--max_steps', '2', '--log_every', '1', '--out_dir', out])
+    assert r.returncode == 0, r.stderr[-3000:]
+    return os.path.join(out, 'checkpoint.pt')
+
+
+def test_end_to_end_random_and_mae(mae_ckpt, tmp_path):
+    out = str(tmp_path / 'an')
+    analyze.main(['--checkpoint', 'none', '--checkpoint', mae_ckpt, '--what', 'all', '--num_images', '4',
+                  '--batch_size', '3', '--num_vis', '2', '--out_dir', out])
+    for name in ('aad.png', 'spectrum.png', 'attn_random.png', 'attn_mae_2.png', 'recon.png', 'report.md', 'results.json'):
+        assert os.path.getsize(os.path.join(out, name)) > 0, name
+    res = json.load(open(os.path.join(out, 'results.json')))
+    assert res['img_size'] == 32 and res['num_images'] == 4
+    max_dist = math.hypot(3, 3) * 8  # opposite corners of the 4x4 grid
+    for label in ('random', 'mae@2'):  # nanoMIM checkpoints are labelled method@step
+        aad = torch.tensor(res['results'][label]['aad'])
+        assert aad.shape == (12, 3) and bool((aad > 0).all()) and bool((aad < max_dist).all())
+        assert len(res['results'][label]['singular_values'][0]) == 192
+    # recon.png: 2 rows x (original + masked + reconstruction of mae; random init has no decoder)
+    assert Image.open(os.path.join(out, 'recon.png')).size == (3 * 32 + 4 * 2, 2 * 32 + 3 * 2)  # (width, height)
+    # attn_mae_2.png: 2 rows x (image + 3 heads)
+    assert Image.open(os.path.join(out, 'attn_mae_2.png')).size == (4 * 32 + 5 * 2, 2 * 32 + 3 * 2)
+
+
+def test_official_mae_layout_gives_the_same_reconstruction(mae_ckpt):
+    ck = load_ckpt(os.path.dirname(mae_ckpt))
+    official = {(k[len('encoder.'):] if k.startswith('encoder.') else k): v for k, v in ck['model'].items()}
+    ours = analyze.build_reconstructor(ck, 32)
+    theirs = analyze.build_reconstructor({'model': official, 'config': {'decoder_heads': 4}}, 32)
+    imgs, noise = torch.randn(2, 3, 32, 32), torch.rand(2, 16)
+    for a, b in zip(analyze.reconstruct(ours, imgs, noise, 0.75), analyze.reconstruct(theirs, imgs, noise, 0.75)):
+        assert torch.allclose(a, b, atol=1e-5)
+
+
+def test_layers_and_zero_mode(mae_ckpt, tmp_path):
+    out = str(tmp_path / 'an')
+    analyze.main(['--checkpoint', mae_ckpt, '--layers', '11,12', '--cls_key', 'zero', '--num_images', '2',
+                  '--out_dir', out])
+    report = open(os.path.join(out, 'report.md')).read()
+    assert '| 11 |' in report and '| 12 |' in report and '| 10 |' not in report and '[CLS] key: zero' in report
+
+
+def test_bad_input_is_one_error_line(tmp_path):
+    with pytest.raises(SystemExit, match='error: checkpoint .* does not exist'):
+        analyze.main(['--checkpoint', str(tmp_path / 'missing.pt')])
+    with pytest.raises(SystemExit, match='error: --what recon needs a checkpoint with a pixel decoder'):
+        analyze.main(['--checkpoint', 'none', '--what', 'recon', '--num_images', '1', '--out_dir', str(tmp_path)])
+    with pytest.raises(SystemExit, match='error: --attn_query'):
+        analyze.main(['--img_size', '32', '--what', 'attn', '--attn_query', '16', '--out_dir', str(tmp_path)])
+    with pytest.raises(SystemExit):
+        analyze.main(['--what', 'pictures'])
+    bad = tmp_path / 'bad.pt'
+    bad.write_bytes(b'not a checkpoint')
+    r = run_script('analyze.py', ['--checkpoint', str(bad), '--out_dir', str(tmp_path)])
+    assert r.returncode == 1 and r.stderr.strip().startswith('error: cannot read checkpoint')
+    assert 'Traceback' not in r.stderr and len(r.stderr.strip().splitlines()) == 1
