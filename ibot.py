@@ -1,0 +1,577 @@
+"""
+ibot.py -- iBOT pre-training (Zhou et al. 2022, "iBOT: Image BERT Pre-Training with Online Tokenizer"), one file.
+
+Masked self-distillation: an EMA teacher (the "online tokenizer") sees two unmasked global crops and gives a
+soft distribution over K prototypes for its [CLS] token and for every patch; the student sees the same global
+crops with blockwise-masked patches replaced by a mask token, plus small local crops. L_CLS: the student's [CLS]
+of every view predicts the teacher's [CLS] of the *other* global views (DINO). L_MIM: the student's patch
+tokens predict the teacher's patch distributions of the *same* view at the masked positions.
+
+  python ibot.py                                                # embedded data, CPU, minutes
+  torchrun --nproc_per_node=8 ibot.py --data /path/to/imagenet  # recipe: ViT-B/16, 400 ep, batch 1024, 2+10 crops
+  python ibot.py --help                                         # every knob, with its default
+
+Letters in shape comments: B batch, G global crops (2), V views (2 + local crops), L patches of a global crop,
+D encoder width, K prototypes (out_dim).
+"""
+import argparse
+import copy
+import dataclasses
+import json
+import math
+import os
+import random
+import sys
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+import data
+import vit
+
+METHOD = 'ibot'
+
+# -----------------------------------------------------------------------------
+# config: typed defaults, one comment each; 0 / '' = pick by data (embedded CPU default or the paper recipe)
+
+
+@dataclass
+class Config:
+    data: str = ''             # image folder (ImageNet layout: DIR/train/<class>/*.jpg) or '' for the embedded shapes
+    model: str = ''            # tiny|small|base|large|huge; '' = tiny on embedded data, base on a folder
+    img_size: int = 0          # global crop resolution; 0 = 64 embedded, 224 folder
+    local_size: int = 0        # local crop resolution; 0 = 32 embedded, 96 folder
+    patch_size: int = 0        # 0 = 8 embedded, the model's own (16, 14 for huge) on a folder
+    local_crops_number: int = -1  # local crops per image; -1 = 2 embedded, 10 folder (recipe)
+    global_scale_min: float = 0.25  # global crops: RandomResizedCrop scale (this, 1)
+    local_scale_min: float = 0.05   # local crops: scale (this, global_scale_min)
+    pred_ratio: float = 0.3    # mean fraction of masked patches of a masked global crop
+    pred_ratio_var: float = 0.2  # the fraction is drawn from U(pred_ratio - var, pred_ratio + var)
+    no_mask_prob: float = 0.5  # each global crop is left unmasked with this probability (recipe: --pred_ratio 0 0.3)
+    pred_start_epoch: int = 0  # no masking (and patch temperature held at its start) before this epoch
+    out_dim: int = 0           # K prototypes of the head; 0 = 1024 embedded, 8192 folder
+    head_hidden: int = 0       # width of the head's 3-layer MLP; 0 = 512 embedded, 2048 folder
+    shared_head: bool = True   # [CLS] and patch tokens share the head's last layer (recipe: true)
+    norm_last_layer: bool = True  # freeze the weight-norm gain g = 1 (recipe: true ViT-B, false ViT-S)
+    freeze_last_layer: int = 1  # epochs during which the last layer gets no update
+    drop_path: float = 0.1     # stochastic depth of the student (the teacher has none)
+    momentum_teacher: float = 0.996  # EMA momentum at step 0, cosine to 1 at the end
+    center_momentum: float = 0.9  # EMA momentum of the [CLS] and patch centers
+    student_temp: float = 0.1  # student softmax temperature
+    warmup_teacher_temp: float = 0.04  # teacher [CLS] temperature at epoch 0 ...
+    teacher_temp: float = 0.07  # ... rising linearly to this (recipe 0.07; above 0.07 is unstable)
+    warmup_teacher_patch_temp: float = 0.04  # teacher patch temperature at epoch 0 ...
+    teacher_patch_temp: float = 0.07  # ... rising linearly to this
+    warmup_teacher_temp_epochs: int = -1  # epochs of both temperature warm-ups; -1 = 2 embedded, 30 folder
+    lambda1: float = 1.0       # weight of L_CLS
+    lambda2: float = 1.0       # weight of L_MIM
+    epochs: int = 0            # 0 = 2 embedded, 400 folder
+    batch_size: int = 0        # per process; 0 = 32 embedded, 128 folder (1024 on 8 GPUs)
+    accum_iter: int = 1        # gradient accumulation steps (effective batch = batch_size * accum_iter * world)
+    blr: float = 0.0           # base lr, lr = blr * effective_batch / 256; 0 = 5e-4 folder (recipe), 2e-3 embedded
+    lr: float = 0.0            # absolute lr; overrides blr when > 0
+    min_lr: float = 1e-6       # end of the cosine schedule
+    warmup_epochs: float = -1  # linear lr warm-up; -1 = 0.5 embedded, 10 folder
+    weight_decay: float = 0.04  # AdamW weight decay at step 0 (none on biases and 1-D params) ...
+    weight_decay_end: float = 0.4  # ... cosine to this at the end
+    clip_grad: float = 3.0     # max L2 norm of each parameter's gradient (per tensor, as the recipe); 0 = off
+    out_dir: str = 'out/ibot'  # checkpoint.pt, log.jsonl
+    resume: str = ''           # '' fresh, 'auto' = out_dir/checkpoint.pt if present, or a path
+    save_every: int = 500      # steps between checkpoints (always saved at the end)
+    dtype: str = ''            # bf16|fp16|fp32; '' = bf16 on CUDA, fp32 on CPU
+    compile: bool = False      # torch.compile student and teacher
+    seed: int = 0              # data order, augmentation and masks are pure functions of (seed, epoch, index)
+    num_workers: int = -1      # loader workers per process; -1 = 2 embedded, 10 folder
+    log_every: int = 20        # steps between log lines (the only host syncs)
+    max_steps: int = 0         # stop after this many optimizer steps (0 = run all epochs); schedule unchanged
+    device: str = ''           # cuda|cpu|cuda:N; '' = cuda if available
+
+
+EMBEDDED = dict(model='tiny', img_size=64, local_size=32, patch_size=8, local_crops_number=2, out_dim=1024,
+                head_hidden=512, warmup_teacher_temp_epochs=2, epochs=2, batch_size=32, blr=2e-3, warmup_epochs=0.5,
+                num_workers=2)
+RECIPE = dict(model='base', img_size=224, local_size=96, patch_size=0, local_crops_number=10, out_dim=8192,
+              head_hidden=2048, warmup_teacher_temp_epochs=30, epochs=400, batch_size=128, blr=5e-4, warmup_epochs=10,
+              num_workers=10)
+ARCH_KEYS = ('model', 'img_size', 'patch_size', 'out_dim', 'head_hidden', 'shared_head')  # must match on resume
+
+
+def get_config(argv=None):
+    """argparse from the dataclass (unknown flags rejected), then fill the data-dependent defaults."""
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    for f in dataclasses.fields(Config):
+        if f.type is bool:
+            p.add_argument(f'--{f.name}', type=lambda s: s.lower() in ('1', 'true', 'yes', 'on'), default=f.default,
+                           metavar='BOOL', help=f'(default {f.default})')
+        else:
+            p.add_argument(f'--{f.name}', type=f.type, default=f.default, help=f'(default {f.default!r})')
+    cfg = Config(**vars(p.parse_args(argv)))
+    for k, v in (EMBEDDED if cfg.data in ('', 'shapes') else RECIPE).items():
+        if getattr(cfg, k) == Config.__dataclass_fields__[k].default:  # left at its 'pick by data' default
+            setattr(cfg, k, v)
+    if cfg.patch_size == 0:
+        cfg.patch_size = vit.SIZES[cfg.model][3] if cfg.model in vit.SIZES else 16
+    if cfg.model not in vit.SIZES:
+        p.error(f'--model must be one of {", ".join(vit.SIZES)}')
+    for name in ('img_size', 'local_size'):
+        if getattr(cfg, name) % cfg.patch_size:
+            p.error(f'--{name} {getattr(cfg, name)} is not divisible by --patch_size {cfg.patch_size}')
+    if cfg.local_crops_number < 0:
+        p.error(f'--local_crops_number must be >= 0, got {cfg.local_crops_number}')
+    if not 0.0 < cfg.local_scale_min < cfg.global_scale_min < 1.0:
+        p.error('need 0 < --local_scale_min < --global_scale_min < 1')
+    if not 0.0 <= cfg.pred_ratio - cfg.pred_ratio_var <= cfg.pred_ratio + cfg.pred_ratio_var < 1.0:
+        p.error(f'--pred_ratio +- --pred_ratio_var must lie in [0, 1), got {cfg.pred_ratio} +- {cfg.pred_ratio_var}')
+    if not 0.0 <= cfg.no_mask_prob <= 1.0:
+        p.error(f'--no_mask_prob must be in [0, 1], got {cfg.no_mask_prob}')
+    temps = (cfg.student_temp, cfg.teacher_temp, cfg.warmup_teacher_temp, cfg.teacher_patch_temp,
+             cfg.warmup_teacher_patch_temp)
+    if min(temps) <= 0:
+        p.error('temperatures must be > 0')
+    if cfg.out_dim < 1 or cfg.head_hidden < 1:
+        p.error('--out_dim and --head_hidden must be >= 1')
+    if cfg.dtype not in ('', 'bf16', 'fp16', 'fp32'):
+        p.error('--dtype must be bf16, fp16 or fp32')
+    return cfg
+
+# -----------------------------------------------------------------------------
+# model: ViT backbone with a mask token + iBOT head (paper sec. 3.2, official models/head.py)
+
+
+class WeightNormLinear(nn.Module):
+    """Linear without bias, weight = g * v / ||v|| per output row (weight normalisation; official layout
+    weight_g (K, 1), weight_v (K, in)). With frozen g = 1 every prototype is a unit vector."""
+
+    def __init__(self, dim_in, dim_out):
+        super().__init__()
+        bound = 1 / math.sqrt(dim_in)  # nn.Linear's default init; only the direction matters
+        self.weight_v = nn.Parameter(torch.empty(dim_out, dim_in).uniform_(-bound, bound))
+        self.weight_g = nn.Parameter(torch.ones(dim_out, 1))
+
+    def forward(self, x):
+        return F.linear(x, self.weight_g * self.weight_v / self.weight_v.norm(dim=1, keepdim=True))
+
+
+class iBOTHead(nn.Module):
+    """3-layer MLP D -> hidden -> hidden -> 256 (GELU), L2-normalise, weight-normalised Linear 256 -> K.
+    The MLP is shared by [CLS] and patch tokens; the last layer too when shared=True."""
+
+    def __init__(self, dim, out_dim, hidden=2048, bottleneck=256, shared=True, norm_last_layer=True):
+        super().__init__()
+        self.mlp = nn.Sequential(nn.Linear(dim, hidden), nn.GELU(), nn.Linear(hidden, hidden), nn.GELU(),
+                                 nn.Linear(hidden, bottleneck))
+        for m in self.mlp:
+            if isinstance(m, nn.Linear):
+                nn.init.trunc_normal_(m.weight, std=0.02)
+                nn.init.zeros_(m.bias)
+        self.last_layer = WeightNormLinear(bottleneck, out_dim)
+        self.last_layer2 = self.last_layer if shared else WeightNormLinear(bottleneck, out_dim)
+        for layer in (self.last_layer, self.last_layer2):
+            layer.weight_g.requires_grad = not norm_last_layer
+
+    def forward_cls(self, cls):
+        """(N, D) [CLS] features -> (N, K) logits."""
+        return self.last_layer(F.normalize(self.mlp(cls), dim=-1))
+
+    def forward(self, tokens):
+        """(N, 1+L, D) all tokens -> [CLS] logits (N, K), patch logits (N, L, K)."""
+        z = F.normalize(self.mlp(tokens), dim=-1)  # (N, 1+L, 256) on the unit sphere
+        return self.last_layer(z[:, 0]), self.last_layer2(z[:, 1:])
+
+
+class iBOT(nn.Module):
+    """Backbone + head, the student (drop path, masked globals + local crops) or the teacher (unmasked globals)."""
+
+    def __init__(self, cfg, drop_path=0.0):
+        super().__init__()
+        self.backbone = vit.vit(cfg.model, img_size=cfg.img_size, patch_size=cfg.patch_size, num_classes=0,
+                                pos_embed='learned', mask_token=True, weight_init='trunc_normal',
+                                drop_path_rate=drop_path)
+        self.head = iBOTHead(self.backbone.embed_dim, cfg.out_dim, cfg.head_hidden, shared=cfg.shared_head,
+                             norm_last_layer=cfg.norm_last_layer)
+
+    def forward(self, globals_, locals_=None, mask=None):
+        """globals_ (G*B, 3, H, W), view-major; locals_ (n*B, 3, h, w) or None; mask (G*B, L) bool or None ->
+        [CLS] logits (V*B, K) (globals then locals), patch logits (G*B, L, K) of the global crops.
+        One backbone pass per resolution; the position embedding is interpolated for the local grid."""
+        cls, patch = self.head(self.backbone.forward_features(globals_, mask))  # (G*B, K), (G*B, L, K)
+        if locals_ is not None:
+            cls_local = self.head.forward_cls(self.backbone.forward_features(locals_)[:, 0])  # (n*B, K), unmasked
+            cls = torch.cat([cls, cls_local])
+        return cls, patch
+
+
+class MultiCropMasks:
+    """(img, rng) -> (crops, masks): 2 global + n local crops (data.MultiCropTransform) and one blockwise mask
+    per global crop, bool (2, h, w), drawn from the sample's rng (recipe: no mask with p 0.5, else at most
+    r*h*w patches, r ~ U(0.1, 0.5)), so masks, like crops, are a pure function of (seed, epoch, index)."""
+
+    def __init__(self, cfg):
+        self.multicrop = data.MultiCropTransform(cfg.img_size, cfg.local_size, cfg.local_crops_number,
+                                                 (cfg.global_scale_min, 1.0), (cfg.local_scale_min, cfg.global_scale_min))
+        self.grid = cfg.img_size // cfg.patch_size
+        self.ratio = (cfg.pred_ratio - cfg.pred_ratio_var, cfg.pred_ratio + cfg.pred_ratio_var)
+        self.no_mask_prob = cfg.no_mask_prob
+
+    def masks(self, rng):
+        """(2, h, w) bool, each global crop decided independently."""
+        return torch.from_numpy(np.stack([data.ibot_mask(self.grid, self.grid, rng, self.ratio, self.no_mask_prob)
+                                          for _ in range(2)]))
+
+    def __call__(self, img, rng):
+        return self.multicrop(img), self.masks(rng)
+
+# -----------------------------------------------------------------------------
+# loss: softmaxes, cross-entropies and centers in fp32 (called outside autocast)
+
+
+def teacher_probs(t_logits, center, temp):
+    """Centred, sharpened teacher distribution softmax((t - c) / temp): t (..., K), c broadcastable -> (..., K)."""
+    return F.softmax((t_logits.float() - center) / temp, dim=-1)
+
+
+def cls_loss(s_cls, t_prob, student_temp):
+    """L_CLS (paper eq. 3, DINO): s_cls (V, B, K) student logits, globals first; t_prob (G, B, K) ->
+    mean over the G*(V-1) pairs of different views q != v of the batch-mean H(P_t(q), P_s(v))."""
+    G, B = t_prob.shape[:2]
+    logp = F.log_softmax(s_cls.float() / student_temp, dim=-1)  # (V, B, K)
+    ce = -torch.einsum('qbk,vbk->qv', t_prob, logp) / B  # (G, V) batch-mean cross-entropies
+    other = 1.0 - torch.eye(G, s_cls.shape[0], device=ce.device)  # (G, V) 0 on the same-view pairs
+    return (ce * other).sum() / other.sum()
+
+
+def mim_loss(s_patch, t_prob, mask, student_temp):
+    """L_MIM (paper eq. 2): s_patch (G, B, L, K) student logits, t_prob (G, B, L, K), mask (G, B, L) bool ->
+    per image the mean patch cross-entropy over its masked patches (count clamped >= 1), then the mean over
+    images (unmasked images count as 0, as in the official code) and views."""
+    ce = -(t_prob * F.log_softmax(s_patch.float() / student_temp, dim=-1)).sum(-1)  # (G, B, L)
+    m = mask.float()
+    return ((ce * m).sum(-1) / m.sum(-1).clamp(min=1.0)).mean()
+
+
+def entropy(p):
+    """Mean entropy (nats) of the distributions p (..., K)."""
+    return -(p * torch.log(p.clamp(min=1e-30))).sum(-1).mean()
+
+
+def ibot_loss(s_cls, s_patch, t_cls, t_patch, mask, center, center_patch, temps, student_temp, lambdas):
+    """s_cls (V*B, K), s_patch (G*B, L, K), t_cls (G*B, K), t_patch (G*B, L, K), mask (G*B, L) bool,
+    center (1, K), center_patch (1, 1, K), temps = ([CLS], patch) teacher temperatures ->
+    loss = lambda1 L_CLS + lambda2 L_MIM, and detached stats (L_CLS, L_MIM, teacher [CLS] entropy, mean KL)."""
+    GB, L, K = t_patch.shape
+    G = 2
+    B = GB // G
+    t_prob = teacher_probs(t_cls, center, temps[0]).view(G, B, K)  # (G, B, K)
+    tp_prob = teacher_probs(t_patch, center_patch, temps[1]).view(G, B, L, K)  # (G, B, L, K)
+    l_cls = cls_loss(s_cls.view(-1, B, K), t_prob, student_temp)
+    l_mim = mim_loss(s_patch.view(G, B, L, K), tp_prob, mask.view(G, B, L), student_temp)
+    ent = entropy(t_prob)
+    # every teacher view is in V-1 pairs, so L_CLS - mean H(P_t) is the mean KL(P_t || P_s) over the pairs
+    stats = torch.stack([l_cls, l_mim, ent, l_cls - ent]).detach()
+    return lambdas[0] * l_cls + lambdas[1] * l_mim, stats
+
+
+def center_sums(t_cls, t_patch):
+    """Sums over the batch of the raw teacher outputs: t_cls (N, K), t_patch (N, L, K) -> (2, K): [CLS] sum and
+    the sum of per-image means over *all* patches (masked or not)."""
+    return torch.stack([t_cls.float().sum(0), t_patch.float().mean(1).sum(0)])
+
+
+@torch.no_grad()
+def update_centers(center, center_patch, sums, n, momentum):
+    """c <- m c + (1 - m) batch mean, the mean over the n images of this process and of all ranks (all-reduced).
+    center (1, K), center_patch (1, 1, K), sums (2, K) from center_sums -> new (center, center_patch)."""
+    sums = sums.clone()
+    world = 1
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(sums)
+        world = dist.get_world_size()
+    mean = sums / (n * world)  # (2, K)
+    return (center * momentum + mean[0].view_as(center) * (1 - momentum),
+            center_patch * momentum + mean[1].view_as(center_patch) * (1 - momentum))
+
+# -----------------------------------------------------------------------------
+# optimizer and schedules
+
+
+def param_groups(model, weight_decay):
+    """AdamW groups as the official get_params_groups: no weight decay on biases and 1-D params (norms); tokens,
+    position embedding and the mask token are 2-D and decayed. Frozen parameters are left out."""
+    decay, no_decay = [], []
+    for n, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        (no_decay if p.ndim <= 1 or n.endswith('.bias') else decay).append(p)
+    return [{'params': decay, 'weight_decay': weight_decay}, {'params': no_decay, 'weight_decay': 0.0}]
+
+
+def cosine_at(step, start, end, total_steps):
+    """Half-cycle cosine from start (step 0) to end (step total_steps)."""
+    t = min(max(step, 0) / max(1, total_steps), 1.0)
+    return end + (start - end) * 0.5 * (1.0 + math.cos(math.pi * t))
+
+
+def lr_at(step, base_lr, min_lr, warmup_steps, total_steps):
+    """Per-step linear warm-up from 0, then half-cycle cosine to min_lr."""
+    if step < warmup_steps:
+        return base_lr * step / warmup_steps
+    return cosine_at(step - warmup_steps, base_lr, min_lr, total_steps - warmup_steps)
+
+
+def teacher_temp_at(epoch, warmup_temp, temp, warmup_epochs):
+    """Per epoch: np.linspace(warmup_temp, temp, warmup_epochs)[epoch], then temp; epoch < 0 (before
+    --pred_start_epoch for the patch temperature) holds warmup_temp."""
+    if epoch < 0:
+        return warmup_temp
+    if epoch >= warmup_epochs - 1:
+        return temp
+    return warmup_temp + (temp - warmup_temp) * epoch / (warmup_epochs - 1)
+
+
+def cancel_last_layer_grads(model):
+    """During the first --freeze_last_layer epochs the head's last layer gets no update (no grad: AdamW skips it,
+    weight decay included)."""
+    for n, p in model.named_parameters():
+        if 'last_layer' in n:
+            p.grad = None
+
+
+@torch.no_grad()
+def clip_per_tensor_(params, max_norm):
+    """Scale each gradient tensor to L2 norm <= max_norm separately (official utils.clip_gradients), without a
+    host sync. Returns the global norm before clipping (for the log)."""
+    grads = [p.grad for p in params if p.grad is not None]
+    norms = torch._foreach_norm(grads)
+    if max_norm > 0:
+        torch._foreach_mul_(grads, [(max_norm / (n + 1e-6)).clamp(max=1.0) for n in norms])
+    return torch.linalg.vector_norm(torch.stack(norms))
+
+
+@torch.no_grad()
+def ema_update(teacher, student, momentum):
+    """theta_t <- m theta_t + (1 - m) theta_s over all parameters (same architecture, same order)."""
+    torch._foreach_lerp_(list(teacher.parameters()), list(student.parameters()), 1.0 - momentum)
+
+# -----------------------------------------------------------------------------
+# checkpointing
+
+
+def rng_state():
+    return {'python': random.getstate(), 'numpy': np.random.get_state(), 'torch': torch.get_rng_state(),
+            'cuda': torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+
+
+def save_checkpoint(path, state):
+    """Atomic: write a temp file in the same folder, fsync, rename; a killed process never leaves a torn file."""
+    tmp = f'{path}.tmp.{os.getpid()}'
+    try:
+        with open(tmp, 'wb') as f:
+            torch.save(state, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def load_checkpoint(path, cfg):
+    """Load a checkpoint to resume from; refuses another method's or another architecture's checkpoint."""
+    try:
+        ckpt = torch.load(path, map_location='cpu', weights_only=False)
+    except Exception as e:
+        sys.exit(f'error: cannot read checkpoint {path} ({type(e).__name__}: {e})')
+    if ckpt.get('method') != METHOD:
+        sys.exit(f'error: {path} is a {ckpt.get("method", "non-nanoMIM")} checkpoint, not {METHOD}')
+    old = ckpt['config']
+    diff = [f'{k}={old.get(k)} (now {getattr(cfg, k)})' for k in ARCH_KEYS if old.get(k) != getattr(cfg, k)]
+    if diff:
+        sys.exit(f'error: {path} was trained with ' + ', '.join(diff))
+    return ckpt
+
+# -----------------------------------------------------------------------------
+# training
+
+
+def main(argv=None):
+    cfg = get_config(argv)
+
+    # distributed: torchrun sets RANK/LOCAL_RANK/WORLD_SIZE; plain `python` runs one process
+    ddp = int(os.environ.get('RANK', -1)) != -1
+    rank, local_rank, world = (int(os.environ['RANK']), int(os.environ['LOCAL_RANK']),
+                               int(os.environ['WORLD_SIZE'])) if ddp else (0, 0, 1)
+    device = cfg.device or ('cuda' if torch.cuda.is_available() else 'cpu')
+    if device.startswith('cuda'):
+        device = f'cuda:{local_rank}' if ddp else device
+        torch.cuda.set_device(device)
+    if ddp:
+        dist.init_process_group(backend='nccl' if device.startswith('cuda') else 'gloo')
+    master = rank == 0
+    device_type = 'cuda' if device.startswith('cuda') else 'cpu'
+    torch.manual_seed(cfg.seed + rank)
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+
+    # precision: bf16 autocast by default on CUDA, fp16 with a GradScaler, fp32 on CPU
+    dtype = cfg.dtype or ('bf16' if device_type == 'cuda' else 'fp32')
+    ptdtype = {'bf16': torch.bfloat16, 'fp16': torch.float16, 'fp32': torch.float32}[dtype]
+    autocast = nullcontext() if dtype == 'fp32' else torch.autocast(device_type, dtype=ptdtype)
+    scaler = torch.amp.GradScaler(device_type, enabled=dtype == 'fp16')
+
+    # data
+    try:
+        base = data.build_dataset(cfg.data, 'train', cfg.img_size)
+    except (FileNotFoundError, ValueError) as e:
+        sys.exit(f'error: {e}')
+    dataset = data.Seeded(base, MultiCropMasks(cfg), with_rng=True)
+    try:
+        loader, sampler = data.make_loader(dataset, cfg.batch_size, world, rank, cfg.seed, cfg.num_workers)
+    except ValueError as e:
+        sys.exit(f'error: {e}')
+    steps_per_epoch = sampler.batches_per_epoch() // cfg.accum_iter
+    total_steps = cfg.epochs * steps_per_epoch
+    end_step = min(total_steps, cfg.max_steps) if cfg.max_steps > 0 else total_steps
+    eff_batch = cfg.batch_size * cfg.accum_iter * world
+    base_lr = cfg.lr if cfg.lr > 0 else cfg.blr * eff_batch / 256
+    warmup_steps = int(cfg.warmup_epochs * steps_per_epoch)
+
+    # model, optimizer; the teacher is a plain module (never DDP), updated only by EMA
+    model = iBOT(cfg, drop_path=cfg.drop_path).to(device)
+    teacher = copy.deepcopy(model).requires_grad_(False)  # same start as the student ...
+    for blk in teacher.backbone.blocks:
+        blk.drop_path = 0.0  # ... without stochastic depth
+    K = cfg.out_dim
+    center = torch.zeros(1, K, device=device)
+    center_patch = torch.zeros(1, 1, K, device=device)
+    optimizer = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=base_lr, fused=device_type == 'cuda',
+                                  foreach=device_type != 'cuda')
+    step = 0
+    resume = os.path.join(cfg.out_dir, 'checkpoint.pt') if cfg.resume == 'auto' else cfg.resume
+    if resume and not (cfg.resume == 'auto' and not os.path.exists(resume)):
+        ckpt = load_checkpoint(resume, cfg)
+        model.load_state_dict(ckpt['model'])
+        teacher.load_state_dict(ckpt['teacher'])
+        center, center_patch = ckpt['center'].to(device), ckpt['center_patch'].to(device)
+        optimizer.load_state_dict(ckpt['optimizer'])
+        scaler.load_state_dict(ckpt['scaler'])
+        step = ckpt['step']  # every schedule is a function of the step
+        if master:
+            print(f'resumed from {resume} at step {step}')
+        del ckpt
+    if master:
+        os.makedirs(cfg.out_dir, exist_ok=True)
+        print(json.dumps({'method': METHOD, **dataclasses.asdict(cfg), 'world': world, 'device': device,
+                          'dtype': dtype, 'effective_batch': eff_batch, 'lr': base_lr, 'steps': total_steps}))
+        print(f'backbone {vit.count_params(model.backbone) / 1e6:.2f}M params, total {vit.count_params(model) / 1e6:.2f}M, '
+              f'{len(base)} images, {steps_per_epoch} steps/epoch')
+    fwd = torch.compile(model) if cfg.compile else model
+    teacher_fwd = torch.compile(teacher) if cfg.compile else teacher
+    if ddp:
+        fwd = DDP(fwd, device_ids=[local_rank] if device_type == 'cuda' else None)
+
+    def checkpoint():
+        state = {'method': METHOD, 'model': model.state_dict(), 'teacher': teacher.state_dict(),
+                 'center': center, 'center_patch': center_patch, 'optimizer': optimizer.state_dict(),
+                 'scaler': scaler.state_dict(), 'step': step, 'epoch': step / max(1, steps_per_epoch),
+                 'config': dataclasses.asdict(cfg), 'rng': rng_state(),
+                 'encoder': vit.backbone_state_dict(teacher.backbone)}  # iBOT evaluates the teacher
+        save_checkpoint(os.path.join(cfg.out_dir, 'checkpoint.pt'), state)
+
+    # the loop: one optimizer step = accum_iter micro-batches
+    model.train()
+    stream = data.batches(loader, sampler, step * cfg.accum_iter)
+    stats_sum = torch.zeros(4, device=device)  # L_CLS, L_MIM, teacher entropy, KL; read only on log steps
+    bad = torch.zeros((), device=device)  # any non-finite loss since the last check
+    sums = torch.zeros(2, K, device=device)  # teacher output sums of this step, for the centers
+    t0, t_start, step_start = time.time(), time.time(), step
+    while step < end_step:
+        epoch = step // steps_per_epoch
+        lr = lr_at(step, base_lr, cfg.min_lr, warmup_steps, total_steps)
+        wd = cosine_at(step, cfg.weight_decay, cfg.weight_decay_end, total_steps)
+        momentum = cosine_at(step, cfg.momentum_teacher, 1.0, total_steps)
+        temps = (teacher_temp_at(epoch, cfg.warmup_teacher_temp, cfg.teacher_temp, cfg.warmup_teacher_temp_epochs),
+                 teacher_temp_at(epoch - cfg.pred_start_epoch, cfg.warmup_teacher_patch_temp, cfg.teacher_patch_temp,
+                                 cfg.warmup_teacher_temp_epochs))
+        for g in optimizer.param_groups:
+            g['lr'] = lr
+        optimizer.param_groups[0]['weight_decay'] = wd
+        sums.zero_()
+        for micro in range(cfg.accum_iter):
+            _, ((crops, masks), _) = next(stream)
+            # in-step randomness (drop path): a function of (seed, rank, step), seeded after the loader, whose new
+            # iterators draw from the global RNG (a resumed run creates its first one at another step)
+            torch.manual_seed(cfg.seed + 1_000_003 * rank + 7919 * (step * cfg.accum_iter + micro))
+            crops = [c.to(device, non_blocking=True) for c in crops]
+            globals_ = torch.cat(crops[:2])  # (G*B, 3, H, W), view-major
+            locals_ = torch.cat(crops[2:]) if len(crops) > 2 else None  # (n*B, 3, h, w)
+            mask = masks.to(device, non_blocking=True).transpose(0, 1).flatten(2).flatten(0, 1)  # (G*B, L) bool
+            if epoch < cfg.pred_start_epoch:  # masks come from the loader; the epoch gate is applied here
+                mask = torch.zeros_like(mask)
+            sync = nullcontext() if (not ddp or micro == cfg.accum_iter - 1) else fwd.no_sync()
+            with sync:
+                with autocast:
+                    with torch.no_grad():
+                        t_cls, t_patch = teacher_fwd(globals_)  # (G*B, K), (G*B, L, K): unmasked globals only
+                    s_cls, s_patch = fwd(globals_, locals_, mask)  # (V*B, K), (G*B, L, K)
+                loss, stats = ibot_loss(s_cls, s_patch, t_cls, t_patch, mask, center, center_patch, temps,
+                                        cfg.student_temp, (cfg.lambda1, cfg.lambda2))  # fp32, outside autocast
+                scaler.scale(loss / cfg.accum_iter).backward()
+            sums += center_sums(t_cls, t_patch)
+            stats_sum += stats / cfg.accum_iter
+            bad = torch.maximum(bad, (~torch.isfinite(loss.detach())).float())
+        scaler.unscale_(optimizer)
+        if epoch < cfg.freeze_last_layer:
+            cancel_last_layer_grads(model)
+        grad_norm = clip_per_tensor_(model.parameters(), cfg.clip_grad)
+        scaler.step(optimizer)
+        scaler.update()
+        optimizer.zero_grad(set_to_none=True)
+        ema_update(teacher, model, momentum)
+        # centers after the loss, from this step's teacher outputs over all micro-batches and ranks
+        center, center_patch = update_centers(center, center_patch, sums, cfg.batch_size * cfg.accum_iter,
+                                              cfg.center_momentum)
+        step += 1
+        log_now = step % cfg.log_every == 0 or step == end_step
+        save_now = step % cfg.save_every == 0 or step == end_step
+        if log_now or save_now:
+            if ddp:
+                dist.all_reduce(bad, op=dist.ReduceOp.MAX)
+            if bad.item():  # the only place a non-finite loss is looked for: never saved
+                print(f'error: non-finite loss by step {step} (loss {loss.item():.4g}); nothing saved', file=sys.stderr)
+                sys.exit(2)
+        if log_now:
+            n = step - step_start
+            if ddp:
+                dist.all_reduce(stats_sum, op=dist.ReduceOp.AVG)
+            dt = time.time() - t0
+            ips = n * eff_batch / dt
+            eta = (end_step - step) * dt / n
+            l_cls, l_mim, ent, kl = (stats_sum / n).tolist()
+            rec = {'step': step, 'epoch': round(step / steps_per_epoch, 3),
+                   'loss': cfg.lambda1 * l_cls + cfg.lambda2 * l_mim, 'cls': l_cls, 'mim': l_mim, 't_entropy': ent,
+                   'kl': kl, 'lr': lr, 'wd': wd, 'momentum': momentum, 'temp': temps[0], 'patch_temp': temps[1],
+                   'grad_norm': grad_norm.item(), 'img_per_s': ips, 'eta_min': eta / 60}
+            if master:
+                print(f"step {step}/{end_step} ep {rec['epoch']:.2f} loss {rec['loss']:.4f} cls {l_cls:.4f} "
+                      f"mim {l_mim:.4f} H(t) {ent:.3f} KL {kl:.4f} lr {lr:.2e} gnorm {rec['grad_norm']:.3f} "
+                      f"{ips:.0f} img/s eta {eta / 60:.1f} min", flush=True)
+                with open(os.path.join(cfg.out_dir, 'log.jsonl'), 'a') as f:
+                    f.write(json.dumps(rec) + '\n')
+            stats_sum.zero_()
+            t0, step_start = time.time(), step
+        if save_now and master:
+            checkpoint()
+    if master:
+        print(f'done: {step} steps in {(time.time() - t_start) / 60:.1f} min; checkpoint in {cfg.out_dir}')
+    if ddp:
+        dist.destroy_process_group()
+
+
+if __name__ == '__main__':
+    main()

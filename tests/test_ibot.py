@@ -1,0 +1,311 @@
+"""ibot.py: masks, centering (one process and across 2 gloo ranks), L_CLS / L_MIM against hand-computed values,
+the CE = entropy identity, schedules, per-tensor clipping, EMA, the frozen last layer, learning without collapse,
+exact resume, the checkpoint contract and bad input."""
+import json
+import math
+import os
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+import data
+import ibot
+import vit
+from conftest import load_ckpt
+
+LN2 = math.log(2)
+TINY = ['--img_size', '32', '--local_size', '16', '--patch_size', '8', '--local_crops_number', '2', '--out_dim', '64',
+        '--head_hidden', '64', '--num_workers', '0', '--log_every', '1']
+
+
+def run(tmp_path, name, *extra):
+    out = str(tmp_path / name)
+    ibot.main(TINY + ['--out_dir', out] + list(extra))
+    return out
+
+
+def tiny_cfg(**kw):
+    cfg = dict(model='tiny', img_size=32, local_size=16, patch_size=8, local_crops_number=2, out_dim=16,
+               head_hidden=32, shared_head=True, norm_last_layer=True, global_scale_min=0.25, local_scale_min=0.05,
+               pred_ratio=0.3, pred_ratio_var=0.2, no_mask_prob=0.5)
+    cfg.update(kw)
+    return SimpleNamespace(**cfg)
+
+
+# ----------------------------------------------------------------------------- masks
+
+
+def test_masks_shapes_counts_and_no_mask_probability():
+    mc = ibot.MultiCropMasks(tiny_cfg(img_size=224, patch_size=16))  # the recipe's 14 x 14 grid
+    rng = np.random.default_rng(0)
+    draws = np.stack([mc.masks(rng).numpy() for _ in range(400)])  # (400, 2, 14, 14)
+    assert draws.dtype == bool and draws.shape[1:] == (2, 14, 14)
+    counts = draws.reshape(400, 2, -1).sum(-1)  # (400, 2)
+    unmasked = counts == 0
+    # each global crop: no mask with p 0.5 (binomial sd 0.025 over 400 draws), the two crops independent (p 0.25)
+    assert 0.42 < unmasked[:, 0].mean() < 0.58 and 0.42 < unmasked[:, 1].mean() < 0.58
+    assert 0.17 < (unmasked[:, 0] & unmasked[:, 1]).mean() < 0.33
+    # otherwise at most r * 196 with r <= 0.5; the official generator gives a mean of ~57.6 patches
+    assert counts.max() <= 98
+    assert 50 < counts[~unmasked].mean() < 66
+
+
+def test_dataset_item_crops_and_masks_are_deterministic():
+    cfg = tiny_cfg()
+    ds = data.Seeded(data.Shapes('train', 32, length=4), ibot.MultiCropMasks(cfg), with_rng=True)
+    (crops, masks), _ = ds[(1, 7)]
+    assert [tuple(c.shape) for c in crops] == [(3, 32, 32)] * 2 + [(3, 16, 16)] * 2
+    assert masks.shape == (2, 4, 4) and masks.dtype == torch.bool
+    (crops2, masks2), _ = ds[(1, 7)]
+    assert torch.equal(masks, masks2) and all(torch.equal(a, b) for a, b in zip(crops, crops2))
+
+
+# ----------------------------------------------------------------------------- losses
+
+
+def logits_for(probs, temp, shift=0.0):
+    """Logits whose softmax at temperature `temp` (after subtracting `shift`) is `probs`."""
+    return temp * torch.log(torch.tensor(probs)) + shift
+
+
+A, B_, C = [1 / 2, 1 / 4, 1 / 4], [1 / 4, 1 / 2, 1 / 4], [1 / 4, 1 / 4, 1 / 2]
+# cross-entropy -sum p log q between two of A, B_, C: 1.5 ln2 for the same one, 1.75 ln2 for different ones
+
+
+def test_teacher_probs_centering_and_sharpening():
+    center = torch.tensor([[1.0, -2.0, 0.5]])
+    t = 0.04 * torch.tensor([[0.0, math.log(3), 0.0]]) + center
+    assert torch.allclose(ibot.teacher_probs(t, center, 0.04), torch.tensor([[0.2, 0.6, 0.2]]), atol=1e-6)
+
+
+def test_losses_hand_computed():
+    """2 global crops, 2 images, 4 patches, K = 3 (and a variant with one local crop)."""
+    ts, tt, ttp = 0.1, 0.04, 0.07
+    center, center_patch = torch.tensor([[0.3, -0.1, 0.2]]), torch.tensor([[[-0.5, 0.0, 0.4]]])
+    # teacher [CLS]: view 0 = (A, B), view 1 = (A, C); student [CLS]: view 0 = (A, A), view 1 = (B, C)
+    t_cls = torch.stack([logits_for(p, tt) for p in (A, B_, A, C)]) + center  # (G*B, K), view-major
+    s_cls = torch.stack([logits_for(p, ts) for p in (A, A, B_, C)])
+    # teacher patches all A; student patches per (view, image); masks per (view, image)
+    t_patch = logits_for(A, ttp).expand(4, 4, 3) + center_patch
+    s_patch = torch.stack([torch.stack([logits_for(p, ts) for p in row]) for row in
+                           [(A, B_, B_, B_), (A, A, A, A), (B_, B_, B_, A), (B_, B_, A, A)]])
+    mask = torch.tensor([[1, 1, 0, 0], [0, 0, 0, 0], [0, 0, 0, 1], [1, 1, 1, 0]], dtype=torch.bool)
+    loss, stats = ibot.ibot_loss(s_cls, s_patch, t_cls, t_patch, mask, center, center_patch, (tt, ttp), ts, (1.0, 0.5))
+    # L_CLS pairs (q=0, v=1): [CE(A,B) + CE(B,C)]/2 = 1.75; (q=1, v=0): [CE(A,A) + CE(C,A)]/2 = 1.625 (x ln2)
+    l_cls = (1.75 + 1.625) / 2 * LN2
+    # L_MIM view 0: image 0 masked {0, 1}: (1.5 + 1.75)/2 = 1.625, image 1 unmasked: 0 -> 0.8125
+    #       view 1: image 0 masked {3}: 1.5, image 1 masked {0, 1, 2}: (1.75 + 1.75 + 1.5)/3 -> (1.5 + 5/3)/2
+    l_mim = (0.8125 + (1.5 + 5 / 3) / 2) / 2 * LN2
+    ent = 1.5 * LN2  # H(A) = H(B) = H(C)
+    assert torch.allclose(stats, torch.tensor([l_cls, l_mim, ent, l_cls - ent]), atol=1e-5)
+    assert torch.isclose(loss, torch.tensor(l_cls + 0.5 * l_mim), atol=1e-5)
+    # one local crop (student [CLS] = (C, A)) adds the pairs (0, 2) and (1, 2): 1.75 each
+    s_cls3 = torch.cat([s_cls, torch.stack([logits_for(C, ts), logits_for(A, ts)])])
+    _, stats3 = ibot.ibot_loss(s_cls3, s_patch, t_cls, t_patch, mask, center, center_patch, (tt, ttp), ts, (1, 1))
+    assert torch.isclose(stats3[0], torch.tensor((1.75 + 1.75 + 1.625 + 1.75) / 4 * LN2), atol=1e-5)
+
+
+def test_only_masked_patches_contribute_to_mim():
+    torch.manual_seed(0)
+    s, t = torch.randn(2, 3, 5, 7), torch.softmax(torch.randn(2, 3, 5, 7), -1)
+    mask = torch.rand(2, 3, 5) < 0.5
+    mask[0, 1] = False  # an image without mask
+    base = ibot.mim_loss(s, t, mask, 0.1)
+    s2 = s.clone()
+    s2[~mask] = torch.randn(int((~mask).sum()), 7) * 10  # anything at the visible patches
+    assert torch.isclose(ibot.mim_loss(s2, t, mask, 0.1), base)
+    s3 = s.clone()
+    s3[mask] += torch.randn(int(mask.sum()), 7)
+    assert not torch.isclose(ibot.mim_loss(s3, t, mask, 0.1), base)
+    assert ibot.mim_loss(s, t, torch.zeros_like(mask), 0.1) == 0
+
+
+@pytest.fixture(scope='module')
+def tiny_model():
+    torch.manual_seed(0)
+    return ibot.iBOT(tiny_cfg()).eval()
+
+
+def test_unmasked_student_equal_to_teacher_gives_teacher_entropy(tiny_model):
+    model = tiny_model
+    x = torch.randn(4, 3, 32, 32)  # 2 views x 2 images
+    with torch.no_grad():
+        t_cls, t_patch = model(x)  # the teacher: unmasked
+        s_cls, s_patch = model(x, None, torch.zeros(4, 16, dtype=torch.bool))  # the student: empty mask
+    assert torch.equal(s_patch, t_patch) and torch.equal(s_cls, t_cls)
+    everywhere = torch.ones(2, 2, 16, dtype=torch.bool)
+    # same temperature, no center: P_t = P_s, and H(P, P) = H(P), the mean entropy -sum p log p
+    p = torch.softmax(t_patch.view(2, 2, 16, -1) / 0.1, -1)
+    ce = ibot.mim_loss(s_patch.view(2, 2, 16, -1), ibot.teacher_probs(t_patch.view(2, 2, 16, -1), 0.0, 0.1), everywhere, 0.1)
+    assert torch.isclose(ce, -(p * p.log()).sum(-1).mean(), rtol=1e-5)
+    # a sharper teacher: CE = H(P_t) + KL(P_t || P_s) > H(P_t)  (Gibbs)
+    pt = ibot.teacher_probs(t_patch.view(2, 2, 16, -1), 0.0, 0.04)
+    ce_sharp = ibot.mim_loss(s_patch.view(2, 2, 16, -1), pt, everywhere, 0.1)
+    assert ce_sharp > ibot.entropy(pt) + 1e-4
+
+
+# ----------------------------------------------------------------------------- centers
+
+
+def test_center_update_formula():
+    t_cls = torch.tensor([[1.0, 2.0], [3.0, 4.0]])
+    t_patch = torch.tensor([[[0.0, 0.0], [2.0, 4.0]], [[4.0, 0.0], [6.0, 8.0]]])  # patch means (1, 2), (5, 4)
+    c, cp = ibot.update_centers(torch.tensor([[10.0, 0.0]]), torch.zeros(1, 1, 2), ibot.center_sums(t_cls, t_patch),
+                                2, 0.9)
+    assert torch.allclose(c, torch.tensor([[0.9 * 10 + 0.1 * 2, 0.1 * 3]]))  # batch mean (2, 3)
+    assert torch.allclose(cp, torch.tensor([[[0.1 * 3, 0.1 * 3]]]))  # mean over images and all patches (3, 3)
+
+
+def _center_worker(rank, init, t_cls, t_patch, out):
+    dist.init_process_group('gloo', init_method=init, rank=rank, world_size=2)
+    half = slice(3 * rank, 3 * rank + 3)
+    c, cp = ibot.update_centers(torch.ones(1, 5), torch.ones(1, 1, 5), ibot.center_sums(t_cls[half], t_patch[half]),
+                                3, 0.9)
+    torch.save((c, cp), f'{out}.{rank}')
+    dist.destroy_process_group()
+
+
+def test_center_update_across_two_gloo_ranks_equals_concatenated_batch(tmp_path):
+    torch.manual_seed(0)
+    t_cls, t_patch = torch.randn(6, 5), torch.randn(6, 4, 5)
+    out = str(tmp_path / 'c')
+    # fork: the workers need no fresh interpreter (spawn would re-import torch in each)
+    mp.start_processes(_center_worker, args=(f'file://{tmp_path}/rdv', t_cls, t_patch, out), nprocs=2,
+                       start_method='fork')
+    want = ibot.update_centers(torch.ones(1, 5), torch.ones(1, 1, 5), ibot.center_sums(t_cls, t_patch), 6, 0.9)
+    for r in range(2):
+        got = torch.load(f'{out}.{r}')
+        assert torch.allclose(got[0], want[0], atol=1e-6) and torch.allclose(got[1], want[1], atol=1e-6)
+
+
+# ----------------------------------------------------------------------------- schedules, clipping, EMA
+
+
+def test_schedules():
+    assert ibot.lr_at(0, 1.0, 0.0, 10, 110) == 0.0 and ibot.lr_at(10, 1.0, 0.0, 10, 110) == 1.0
+    assert abs(ibot.lr_at(60, 1.0, 0.0, 10, 110) - 0.5) < 1e-9 and abs(ibot.lr_at(110, 1.0, 1e-6, 10, 110) - 1e-6) < 1e-12
+    assert abs(ibot.cosine_at(0, 0.04, 0.4, 100) - 0.04) < 1e-12 and abs(ibot.cosine_at(50, 0.04, 0.4, 100) - 0.22) < 1e-12
+    assert abs(ibot.cosine_at(100, 0.04, 0.4, 100) - 0.4) < 1e-12
+    assert abs(ibot.cosine_at(0, 0.996, 1.0, 100) - 0.996) < 1e-12 and ibot.cosine_at(100, 0.996, 1.0, 100) == 1.0
+    # temperatures: np.linspace(0.04, 0.07, 30)[epoch], then 0.07; before pred_start_epoch held at 0.04
+    assert ibot.teacher_temp_at(0, 0.04, 0.07, 30) == 0.04
+    assert abs(ibot.teacher_temp_at(10, 0.04, 0.07, 30) - np.linspace(0.04, 0.07, 30)[10]) < 1e-12
+    assert ibot.teacher_temp_at(29, 0.04, 0.07, 30) == 0.07 and ibot.teacher_temp_at(500, 0.04, 0.07, 30) == 0.07
+    assert ibot.teacher_temp_at(-3, 0.04, 0.07, 30) == 0.04 and ibot.teacher_temp_at(0, 0.04, 0.07, 0) == 0.07
+
+
+def test_clip_is_per_tensor():
+    a, b = torch.zeros(2, requires_grad=True), torch.zeros(3, requires_grad=True)
+    a.grad, b.grad = torch.tensor([6.0, 0.0]), torch.tensor([0.0, 0.6, 0.8])  # norms 6 and 1
+    total = ibot.clip_per_tensor_([a, b], 3.0)
+    assert torch.isclose(total, torch.tensor(37.0).sqrt())
+    assert torch.allclose(a.grad, torch.tensor([3.0, 0.0]), atol=1e-5)  # only the large one is scaled, to 3
+    assert torch.equal(b.grad, torch.tensor([0.0, 0.6, 0.8]))
+
+
+def test_ema_update():
+    s, t = torch.nn.Linear(3, 2), torch.nn.Linear(3, 2)
+    want = [0.9 * pt.detach() + 0.1 * ps.detach() for pt, ps in zip(t.parameters(), s.parameters())]
+    ibot.ema_update(t, s, 0.9)
+    assert all(torch.allclose(p, w) for p, w in zip(t.parameters(), want))
+
+
+def test_head_weight_norm_and_param_groups(tiny_model):
+    model = tiny_model
+    ll = model.head.last_layer
+    z = torch.randn(5, 256)
+    w = ll.weight_v / ll.weight_v.norm(dim=1, keepdim=True)
+    assert torch.allclose(ll(z), z @ w.T, atol=1e-6)  # g = 1: unit prototypes
+    assert model.head.last_layer2 is ll and not ll.weight_g.requires_grad  # shared, norm_last_layer
+    names = {id(p): n for n, p in model.named_parameters()}
+    decay, no_decay = ibot.param_groups(model, 0.04)
+    nd = {names[id(p)] for p in no_decay['params']}
+    d = {names[id(p)] for p in decay['params']}
+    assert 'backbone.blocks.0.norm1.weight' in nd and 'head.mlp.0.bias' in nd
+    assert {'backbone.mask_token', 'backbone.pos_embed', 'head.last_layer.weight_v'} <= d
+    assert 'head.last_layer.weight_g' not in d | nd  # frozen
+    free = ibot.iBOTHead(192, 16, 32, shared=False, norm_last_layer=False)
+    assert free.last_layer2 is not free.last_layer and free.last_layer.weight_g.requires_grad
+
+
+# ----------------------------------------------------------------------------- training runs
+
+
+def changed(a, b):
+    return (a - b).abs().max().item() > 1e-5
+
+
+def test_short_run_learns_without_collapse(tmp_path):
+    out = run(tmp_path, 'learn', '--batch_size', '8', '--max_steps', '20', '--lr', '2e-3', '--warmup_epochs', '0',
+              '--freeze_last_layer', '0')
+    log = [json.loads(l) for l in open(os.path.join(out, 'log.jsonl'))]
+    assert len(log) == 20 and all(math.isfinite(v) for r in log for v in r.values())
+    # L_CLS = H(P_t) + KL(P_t || P_s): the student can only lower the KL; H(P_t) first rises while the center
+    # catches up with the teacher's common mode (that is centering at work), so the KL is the loss to watch here
+    first, last = [sum(r['kl'] for r in log[s]) / 4 for s in (slice(0, 4), slice(-4, None))]
+    assert last < 0.5 * first
+    # collapse to one prototype drives the teacher's entropy to 0; collapse to uniform drives it to ln K = ln 64
+    # = 4.16 with KL -> 0: the teacher must spread over more than 2 prototypes (perplexity e^H > 2) and stay
+    # away from uniform, with the student not yet equal to it
+    for r in log[-4:]:
+        assert math.log(2) < r['t_entropy'] < math.log(64) - 0.2 and r['kl'] > 0.01
+    ck = load_ckpt(out)
+    # --freeze_last_layer 0: the last layer is trained
+    assert changed(ck['model']['head.last_layer.weight_v'], ck['teacher']['head.last_layer.weight_v'])
+
+
+def test_resume_equals_uninterrupted_and_checkpoint_contract(tmp_path):
+    common = ['--batch_size', '4', '--lr', '1e-3', '--warmup_epochs', '0']
+    a = run(tmp_path, 'straight', '--max_steps', '3', *common)
+    run(tmp_path, 'split', '--max_steps', '2', *common)
+    b = run(tmp_path, 'split', '--max_steps', '3', '--resume', 'auto', *common)
+    pa, pb = load_ckpt(a), load_ckpt(b)
+    assert pb['step'] == 3 and pa['method'] == 'ibot'
+    for part in ('model', 'teacher'):
+        for k in pa[part]:
+            assert torch.equal(pa[part][k], pb[part][k]), (part, k)
+    assert torch.equal(pa['center'], pb['center']) and torch.equal(pa['center_patch'], pb['center_patch'])
+    assert pa['center'].abs().sum() > 0 and pa['center_patch'].shape == (1, 1, 64)
+    assert torch.equal(pa['optimizer']['state'][0]['exp_avg'], pb['optimizer']['state'][0]['exp_avg'])
+    # epoch 0 < --freeze_last_layer 1: the student's last layer never moved, so the teacher's EMA of it is the same
+    s, t = pa['model'], pa['teacher']
+    assert torch.equal(s['head.last_layer.weight_v'], t['head.last_layer.weight_v'])
+    assert changed(s['backbone.blocks.0.attn.qkv.weight'], t['backbone.blocks.0.attn.qkv.weight'])
+    # `encoder` is the teacher backbone, a plain ViT
+    enc = vit.vit('tiny', img_size=32, patch_size=8, num_classes=0, pos_embed='learned')
+    enc.load_state_dict(pa['encoder'], strict=True)
+    assert torch.equal(pa['encoder']['blocks.0.attn.qkv.weight'], t['backbone.blocks.0.attn.qkv.weight'])
+
+
+def test_explicit_zero_is_not_replaced_by_the_embedded_default():
+    cfg = ibot.get_config(['--local_crops_number', '0', '--num_workers', '0', '--warmup_epochs', '0'])
+    assert (cfg.local_crops_number, cfg.num_workers, cfg.warmup_epochs) == (0, 0, 0)
+    cfg = ibot.get_config([])
+    assert (cfg.local_crops_number, cfg.out_dim, cfg.img_size, cfg.local_size) == (2, 1024, 64, 32)
+
+
+@pytest.mark.parametrize('args,msg', [
+    (['--no_such_flag', '1'], 'unrecognized arguments'),
+    (['--local_size', '30'], 'not divisible'),
+    (['--pred_ratio', '0.1', '--pred_ratio_var', '0.2'], 'pred_ratio'),
+    (['--model', 'gigantic'], '--model must be one of'),
+    (['--teacher_temp', '0'], 'temperatures'),
+])
+def test_bad_flags_one_clear_line(args, msg, capsys):
+    with pytest.raises(SystemExit):
+        ibot.get_config(args)
+    err = capsys.readouterr().err
+    assert msg in err and 'Traceback' not in err
+
+
+def test_bad_data_and_foreign_checkpoint(tmp_path):
+    with pytest.raises(SystemExit, match='error: --data /no/such/folder: folder does not exist'):
+        ibot.main(TINY + ['--data', '/no/such/folder', '--out_dir', str(tmp_path)])
+    (tmp_path / 'x').mkdir()
+    torch.save({'method': 'mae', 'config': {}}, tmp_path / 'x' / 'checkpoint.pt')
+    with pytest.raises(SystemExit, match='mae checkpoint, not ibot'):
+        ibot.main(TINY + ['--out_dir', str(tmp_path / 'x'), '--resume', 'auto', '--max_steps', '1'])
