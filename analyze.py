@@ -142,12 +142,12 @@ def checkpoint_arch(ckpt):
 
 
 def checkpoint_label(path, ckpt, taken):
-    """Short name for tables and legends: 'random' for none, method@step for nanoMIM checkpoints, else the file
+    """Short name for tables and legends: 'random' for none, method:step for nanoMIM checkpoints, else the file
     stem; made unique."""
     if ckpt is None:
         label = 'random'
     elif ckpt.get('method'):
-        label = f"{ckpt['method']}@{ckpt['step']}" if 'step' in ckpt else ckpt['method']
+        label = f"{ckpt['method']}:{ckpt['step']}" if 'step' in ckpt else ckpt['method']
     else:
         label = os.path.splitext(os.path.basename(path))[0]
     base, i = label, 2
@@ -277,7 +277,7 @@ GLYPHS = {  # 3 x 5 pixel font, rows top to bottom
     'W': '101101111111101', 'X': '101101010101101', 'Y': '101101010010010', 'Z': '111001010100111',
     '.': '000000000000010', '-': '000000111000000', '_': '000000000000111', '/': '001001010100100',
     ':': '000010000010000', '(': '010100100100010', ')': '010001001001010', '=': '000111000111000',
-    '+': '000010111010000', '@': '010101111100011', ' ': '000000000000000', '?': '111001010000010'}
+    '+': '000010111010000', ' ': '000000000000000', '?': '111001010000010'}
 
 
 def fill_rect(c, x0, y0, x1, y1, color):
@@ -611,15 +611,20 @@ def main(argv=None):
             written.append(path)
 
     if 'recon' in what:
-        cols = [data.denormalize(vis).cpu()]
+        cols, masked_before, names = [data.denormalize(vis).cpu()], None, ['original']
         for lb, e in zip(labels, entries):
             if e.rec is None:
                 print(f'note: {lb} has no pixel decoder; not in recon.png')
                 continue
             noise = torch.rand(vis.shape[0], e.rec.num_patches, generator=torch.Generator().manual_seed(cfg.seed))
             masked, pasted = reconstruct(e.rec, vis, noise.to(device), cfg.mask_ratio or e.rec.mask_ratio)
-            cols += [data.denormalize(masked).cpu(), data.denormalize(pasted).cpu()]
-            report.append(f'\nrecon.png: columns {len(cols) - 1}-{len(cols)} are {lb} (masked input, reconstruction)')
+            if masked_before is None or not torch.equal(masked, masked_before):  # same mask: show the input once
+                cols.append(data.denormalize(masked).cpu())
+                names.append(f'{lb} input')
+            masked_before = masked
+            cols.append(data.denormalize(pasted).cpu())
+            names.append(lb)
+        report.append('\nrecon.png columns: ' + ' | '.join(names))
         path = os.path.join(cfg.out_dir, 'recon.png')
         grid = torch.stack(cols, dim=1).flatten(0, 1)  # (B * columns, 3, S, S), one image per row
         torchvision.utils.save_image(grid, path, nrow=len(cols), padding=2, pad_value=1.0)

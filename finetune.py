@@ -610,14 +610,12 @@ def main(argv=None):
     bad = torch.zeros((), device=device)  # any non-finite loss since the last check
     t0, t_start, step_start, last = time.time(), time.time(), step, None
     while step < end_step:
+        torch.manual_seed(cfg.seed + 1_000_003 * rank + 7919 * step)  # in-step randomness: a function of (seed, rank, step)
         lr = lr_at(step, base_lr, cfg.min_lr, warmup_steps, total_steps)
         for g in optimizer.param_groups:
             g['lr'] = lr * g['lr_scale']
         for micro in range(cfg.accum_iter):
             _, (x, y) = next(stream)
-            # in-step randomness (mixing, drop path): a function of (seed, rank, step), seeded after the batch is
-            # drawn because a new epoch's loader iterator takes a number from the global RNG
-            torch.manual_seed(cfg.seed + 1_000_003 * rank + 7919 * step + 104_729 * micro)
             x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
             if mixer is not None:
                 x, y = mixer(x, y)  # (B, 3, H, W) mixed pairs, (B, C) soft labels

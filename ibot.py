@@ -474,6 +474,8 @@ def main(argv=None):
     teacher_fwd = torch.compile(teacher) if cfg.compile else teacher
     if ddp:
         fwd = DDP(fwd, device_ids=[local_rank] if device_type == 'cuda' else None)
+        for t in teacher.state_dict().values():  # DDP synced the student from rank 0; the teacher copy must match
+            dist.broadcast(t, 0)
 
     def checkpoint():
         state = {'method': METHOD, 'model': model.state_dict(), 'teacher': teacher.state_dict(),

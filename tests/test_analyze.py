@@ -80,9 +80,10 @@ def test_aad_of_a_vit_with_uniform_attention():
         blk.attn.qkv.bias.data[:2 * D] = 0
     maps = m.forward_attention(torch.randn(2, 3, 32, 32))
     d = analyze.patch_distances(2, 2, 16)
+    want = torch.full((2, 3), DIAG_2x2 * 16, dtype=torch.float64)
     for a in maps:
-        assert torch.allclose(analyze.attention_distance(a, d, 'renorm'), torch.tensor(DIAG_2x2 * 16, dtype=torch.float64), atol=1e-5)
-        assert torch.allclose(analyze.attention_distance(a, d, 'zero'), torch.tensor(0.8 * DIAG_2x2 * 16, dtype=torch.float64), atol=1e-5)
+        assert torch.allclose(analyze.attention_distance(a, d, 'renorm'), want, atol=1e-5)
+        assert torch.allclose(analyze.attention_distance(a, d, 'zero'), 0.8 * want, atol=1e-5)
 
 
 def test_spectrum_of_a_known_covariance():
@@ -120,7 +121,8 @@ def test_drawing_primitives():
     c = torch.ones(3, 20, 30)
     red = torch.tensor([1.0, 0.0, 0.0])
     analyze.draw_dot(c, 10, 10, 2, red)
-    assert torch.equal(c[:, 10, 10], red) and torch.equal(c[:, 10, 12], red) and torch.equal(c[:, 10, 13], torch.ones(3))
+    assert torch.equal(c[:, 10, 10], red) and torch.equal(c[:, 10, 12], red)
+    assert torch.equal(c[:, 10, 13], torch.ones(3))  # outside the radius
     analyze.draw_line(c, 0, 0, 29, 19, red)
     assert torch.equal(c[:, 0, 0], red) and torch.equal(c[:, 19, 29], red)
     c = torch.ones(3, 10, 10)
@@ -154,19 +156,21 @@ def mae_ckpt(tmp_path_factory):
 
 def test_end_to_end_random_and_mae(mae_ckpt, tmp_path):
     out = str(tmp_path / 'an')
-    analyze.main(['--checkpoint', 'none', '--checkpoint', mae_ckpt, '--what', 'all', '--num_images', '4',
-                  '--batch_size', '3', '--num_vis', '2', '--out_dir', out])
-    for name in ('aad.png', 'spectrum.png', 'attn_random.png', 'attn_mae_2.png', 'recon.png', 'report.md', 'results.json'):
+    analyze.main(['--checkpoint', 'none', '--checkpoint', mae_ckpt, '--checkpoint', mae_ckpt, '--what', 'all',
+                  '--num_images', '4', '--batch_size', '3', '--num_vis', '2', '--out_dir', out])
+    for name in ('aad.png', 'spectrum.png', 'attn_random.png', 'attn_mae_2.png', 'attn_mae_2-2.png', 'recon.png',
+                 'report.md', 'results.json'):
         assert os.path.getsize(os.path.join(out, name)) > 0, name
     res = json.load(open(os.path.join(out, 'results.json')))
     assert res['img_size'] == 32 and res['num_images'] == 4
     max_dist = math.hypot(3, 3) * 8  # opposite corners of the 4x4 grid
-    for label in ('random', 'mae@2'):  # nanoMIM checkpoints are labelled method@step
+    for label in ('random', 'mae:2'):  # nanoMIM checkpoints are labelled method:step, repeats get -2, -3, ...
         aad = torch.tensor(res['results'][label]['aad'])
         assert aad.shape == (12, 3) and bool((aad > 0).all()) and bool((aad < max_dist).all())
         assert len(res['results'][label]['singular_values'][0]) == 192
-    # recon.png: 2 rows x (original + masked + reconstruction of mae; random init has no decoder)
-    assert Image.open(os.path.join(out, 'recon.png')).size == (3 * 32 + 4 * 2, 2 * 32 + 3 * 2)  # (width, height)
+    assert res['results']['mae:2-2']['aad'] == res['results']['mae:2']['aad']
+    # recon.png, 2 rows: original | masked input (one mask for both: shown once) | mae:2 | mae:2-2 (random: no decoder)
+    assert Image.open(os.path.join(out, 'recon.png')).size == (4 * 32 + 5 * 2, 2 * 32 + 3 * 2)  # (width, height)
     # attn_mae_2.png: 2 rows x (image + 3 heads)
     assert Image.open(os.path.join(out, 'attn_mae_2.png')).size == (4 * 32 + 5 * 2, 2 * 32 + 3 * 2)
 
