@@ -15,7 +15,7 @@ import torch.multiprocessing as mp
 import data
 import ibot
 import vit
-from conftest import load_ckpt
+from conftest import load_ckpt, run_torchrun
 
 LN2 = math.log(2)
 TINY = ['--img_size', '32', '--local_size', '16', '--patch_size', '8', '--local_crops_number', '2', '--out_dim', '64',
@@ -279,6 +279,23 @@ def test_resume_equals_uninterrupted_and_checkpoint_contract(tmp_path):
     enc = vit.vit('tiny', img_size=32, patch_size=8, num_classes=0, pos_embed='learned')
     enc.load_state_dict(pa['encoder'], strict=True)
     assert torch.equal(pa['encoder']['blocks.0.attn.qkv.weight'], t['backbone.blocks.0.attn.qkv.weight'])
+
+
+def test_two_ranks_with_accumulation_equal_one_process(tmp_path):
+    """torchrun 2 x (2 images x 2 micro-batches) = one process with batch 8: DDP, no_sync, the centers' all-reduce
+    and their sums over micro-batches."""
+    script = tmp_path / 'ibot_micro.py'
+    script.write_text('import vit\nvit.SIZES["micro"] = (64, 2, 2, 8)\nimport ibot\nibot.main()\n')
+    common = TINY + ['--max_steps', '2', '--lr', '1e-3', '--warmup_epochs', '0', '--drop_path', '0', '--device', 'cpu']
+    run_torchrun(str(script), common + ['--batch_size', '2', '--accum_iter', '2', '--out_dir', str(tmp_path / 'ddp')])
+    single = load_ckpt(run(tmp_path, 'single', '--batch_size', '8', '--max_steps', '2', '--lr', '1e-3',
+                           '--warmup_epochs', '0', '--drop_path', '0'))
+    ddp = load_ckpt(str(tmp_path / 'ddp'))
+    assert torch.allclose(single['center'], ddp['center'], atol=1e-7)
+    assert torch.allclose(single['center_patch'], ddp['center_patch'], atol=1e-7)
+    for part in ('model', 'teacher'):
+        for k in single[part]:  # Adam turns last-bit gradient differences into at most ~lr/30 here
+            assert torch.allclose(single[part][k], ddp[part][k], atol=1e-4), (part, k)
 
 
 def test_explicit_zero_is_not_replaced_by_the_embedded_default():

@@ -91,12 +91,22 @@ def params(out):
     return load_ckpt(out)['model']
 
 
+def assert_same_params(a, b):
+    """Equal up to fp32 round-off. The attention key bias is left out: softmax is shift-invariant, so its gradient
+    is zero in exact arithmetic and Adam turns round-off there into steps of order lr in either run."""
+    for k in a:
+        x, y = a[k], b[k]
+        if k.endswith('attn.qkv.bias'):
+            d = x.numel() // 3
+            x, y = torch.cat([x[:d], x[2 * d:]]), torch.cat([y[:d], y[2 * d:]])
+        assert torch.allclose(x, y, atol=2e-6, rtol=1e-4), k
+
+
 def test_grad_accumulation_equals_big_batch(tmp_path):
     common = ['--max_steps', '2', '--lr', '1e-3', '--warmup_epochs', '0']
     a = params(run(tmp_path, 'big', '--batch_size', '8', *common))
     b = params(run(tmp_path, 'acc', '--batch_size', '4', '--accum_iter', '2', *common))
-    for k in a:
-        assert torch.allclose(a[k], b[k], atol=2e-6, rtol=1e-4), k
+    assert_same_params(a, b)
 
 
 def test_resume_equals_uninterrupted(tmp_path):
@@ -116,9 +126,7 @@ def test_ddp_two_processes_equal_one_process(tmp_path):
     run_torchrun('mae.py', common + ['--batch_size', '4', '--out_dir', str(tmp_path / 'ddp')])
     single = params(run(tmp_path, 'single', '--batch_size', '8', '--max_steps', '2', '--lr', '1e-3',
                         '--warmup_epochs', '0'))
-    ddp = params(str(tmp_path / 'ddp'))
-    for k in single:
-        assert torch.allclose(single[k], ddp[k], atol=2e-6, rtol=1e-4), k
+    assert_same_params(single, params(str(tmp_path / 'ddp')))
 
 
 def test_bf16_autocast_runs_on_cpu(tmp_path):
