@@ -584,7 +584,7 @@ def main(argv=None):
     model = DTM(cfg, file_teacher.dim if file_teacher else None).to(device)
     teacher = (file_teacher or build_teacher(cfg, model.encoder)).to(device)  # plain module, never DDP-wrapped
     optimizer = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=base_lr, betas=(0.9, 0.999),
-                                  fused=device_type == 'cuda')
+                                  fused=device_type == 'cuda', foreach=device_type != 'cuda')
     step = 0
     resume = os.path.join(cfg.out_dir, 'checkpoint.pt') if cfg.resume == 'auto' else cfg.resume
     if resume and not (cfg.resume == 'auto' and not os.path.exists(resume)):

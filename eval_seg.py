@@ -689,7 +689,7 @@ def main(argv=None):
     model = Segmenter(cfg, num_classes).to(device)
     depth = len(model.backbone.blocks)
     optimizer = torch.optim.AdamW(param_groups(model, cfg.weight_decay, cfg.layer_decay, depth), lr=base_lr,
-                                  betas=(0.9, 0.999), fused=device_type == 'cuda')
+                                  betas=(0.9, 0.999), fused=device_type == 'cuda', foreach=device_type != 'cuda')
     step = 0
     resume = os.path.join(cfg.out_dir, 'checkpoint.pt') if cfg.resume == 'auto' else cfg.resume
     if resume and not (cfg.resume == 'auto' and not os.path.exists(resume)):

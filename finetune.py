@@ -547,7 +547,7 @@ def main(argv=None):
         nn.init.trunc_normal_(model.head.weight, std=2e-5)
         nn.init.zeros_(model.head.bias)
         optimizer = torch.optim.AdamW(param_groups(model, cfg.weight_decay, cfg.layer_decay), lr=base_lr,
-                                      betas=(0.9, 0.999), fused=device_type == 'cuda')
+                                      betas=(0.9, 0.999), fused=device_type == 'cuda', foreach=device_type != 'cuda')
     else:
         backbone.requires_grad_(False)
         model = Probe(None if cached else backbone, backbone.embed_dim, num_classes, cfg.pool).to(device)
