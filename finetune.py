@@ -18,6 +18,9 @@ finetune.py -- evaluation of a pre-trained ViT: end-to-end fine-tuning, linear p
                                                           # paper recipe: ViT-B/16, 100 ep, eff. batch 1024
   python finetune.py --help                               # every knob, with its default
 
+Measured on the embedded shapes (ViT-tiny/8, 64 px, 5000 train / 1000 val, CPU fp32), [CLS] kNN / linear-probe
+top-1: random init 16.2 / 23.3; `python mae.py` (8 epochs) 17.9 / 27.9; `python lut.py --max_steps 200` 14.1 / 21.0.
+
 Letters in shape comments: B batch, L patches, D width, C classes, N train images, M test images.
 """
 import argparse
@@ -72,13 +75,13 @@ class Config:
     knn_t: float = 0.07        # knn: temperature of the vote weights exp(sim / t)
     train_samples: int = 0     # use this many training images (a fixed random subset; 0 = all)
     eval_samples: int = 0      # evaluate on this many val images (a fixed random subset; 0 = all)
-    epochs: int = 0            # 0 = by mode: finetune 100 (B) / 50 (L, H), linprobe 90 (B) / 50 (L, H); embedded 5 / 30
+    epochs: int = 0            # 0 = by mode: finetune 100 (B) / 50 (L, H), linprobe 90 (B) / 50 (L, H); embedded 5 / 90
     batch_size: int = 0        # per process; 0 = by mode (embedded 64 / 256; folder 128 / 2048, x8 GPUs = 1024 / 16384)
     accum_iter: int = 1        # gradient accumulation steps (effective batch = batch_size * accum_iter * world)
-    blr: float = 0.0           # base lr, lr = blr * effective_batch / 256; 0 = by mode (finetune 5e-4 B / 1e-3 L, H; linprobe 0.1)
+    blr: float = 0.0           # lr = blr * effective_batch / 256; 0 = by mode (finetune 5e-4 B / 1e-3 L, H; linprobe 0.1, 16 embedded)
     lr: float = 0.0            # absolute lr; overrides blr when > 0
     min_lr: float = -1         # end of the cosine schedule; -1 = 1e-6 finetune, 0 linprobe
-    warmup_epochs: float = -1  # linear warm-up; -1 = by mode (finetune 5, linprobe 10; embedded 1 / 3)
+    warmup_epochs: float = -1  # linear warm-up; -1 = by mode (finetune 5, linprobe 10; embedded 1 / 10)
     weight_decay: float = -1   # -1 = 0.05 finetune (none on biases, norms, tokens, pos_embed), 0 linprobe
     out_dir: str = ''          # checkpoint.pt, log.jsonl, results.json; '' = out/<mode>
     resume: str = ''           # '' fresh, 'auto' = out_dir/checkpoint.pt if present, or a path
@@ -94,10 +97,12 @@ class Config:
 
 EMBEDDED = dict(model='tiny', img_size=64, patch_size=8, cache=1, num_workers=2)
 RECIPE = dict(model='base', img_size=224, patch_size=0, cache=0, num_workers=10)
-MODES = {  # mode: (embedded, recipe); MAE fine-tuning (ViT-B) and linear probing, DINO kNN
+# mode: (embedded, recipe); MAE fine-tuning (ViT-B) and linear probing, DINO kNN. The embedded probe's lr 16 at
+# batch 256 (1710 steps) moves the head about as far as the recipe's lr 6.4 over ~7000 steps; 0.1 underfits.
+MODES = {
     'finetune': (dict(epochs=5, batch_size=64, blr=1e-3, min_lr=1e-6, warmup_epochs=1, weight_decay=0.05),
                  dict(epochs=100, batch_size=128, blr=5e-4, min_lr=1e-6, warmup_epochs=5, weight_decay=0.05)),
-    'linprobe': (dict(epochs=30, batch_size=256, blr=0.1, min_lr=0.0, warmup_epochs=3, weight_decay=0.0),
+    'linprobe': (dict(epochs=90, batch_size=256, blr=16.0, min_lr=0.0, warmup_epochs=10, weight_decay=0.0),
                  dict(epochs=90, batch_size=2048, blr=0.1, min_lr=0.0, warmup_epochs=10, weight_decay=0.0)),
     'knn': (dict(batch_size=256), dict(batch_size=256)),
 }
