@@ -18,8 +18,15 @@ import vit
 from conftest import load_ckpt, run_torchrun
 
 LN2 = math.log(2)
-TINY = ['--img_size', '32', '--local_size', '16', '--patch_size', '8', '--local_crops_number', '2', '--out_dim', '64',
-        '--head_hidden', '64', '--num_workers', '0', '--log_every', '1']
+TINY = ['--model', 'micro', '--img_size', '32', '--local_size', '16', '--patch_size', '8', '--local_crops_number', '2',
+        '--out_dim', '64', '--head_hidden', '64', '--num_workers', '0', '--log_every', '1']
+
+
+@pytest.fixture(autouse=True)
+def micro_vit(monkeypatch):
+    """Training runs use a 2-block, 64-wide ViT ('micro', added to vit.SIZES for the test only): nothing these
+    tests check depends on depth, and 12-block tiny runs cost minutes of CPU on a shared 2-core machine."""
+    monkeypatch.setitem(vit.SIZES, 'micro', (64, 2, 2, 8))
 
 
 def run(tmp_path, name, *extra):
@@ -139,12 +146,13 @@ def test_unmasked_student_equal_to_teacher_gives_teacher_entropy(tiny_model):
     assert torch.equal(s_patch, t_patch) and torch.equal(s_cls, t_cls)
     everywhere = torch.ones(2, 2, 16, dtype=torch.bool)
     # same temperature, no center: P_t = P_s, and H(P, P) = H(P), the mean entropy -sum p log p
-    p = torch.softmax(t_patch.view(2, 2, 16, -1) / 0.1, -1)
-    ce = ibot.mim_loss(s_patch.view(2, 2, 16, -1), ibot.teacher_probs(t_patch.view(2, 2, 16, -1), 0.0, 0.1), everywhere, 0.1)
+    t4, s4 = t_patch.view(2, 2, 16, -1), s_patch.view(2, 2, 16, -1)  # (G, B, L, K)
+    p = torch.softmax(t4 / 0.1, -1)
+    ce = ibot.mim_loss(s4, ibot.teacher_probs(t4, 0.0, 0.1), everywhere, 0.1)
     assert torch.isclose(ce, -(p * p.log()).sum(-1).mean(), rtol=1e-5)
     # a sharper teacher: CE = H(P_t) + KL(P_t || P_s) > H(P_t)  (Gibbs)
-    pt = ibot.teacher_probs(t_patch.view(2, 2, 16, -1), 0.0, 0.04)
-    ce_sharp = ibot.mim_loss(s_patch.view(2, 2, 16, -1), pt, everywhere, 0.1)
+    pt = ibot.teacher_probs(t4, 0.0, 0.04)
+    ce_sharp = ibot.mim_loss(s4, pt, everywhere, 0.1)
     assert ce_sharp > ibot.entropy(pt) + 1e-4
 
 
@@ -186,11 +194,13 @@ def test_center_update_across_two_gloo_ranks_equals_concatenated_batch(tmp_path)
 
 
 def test_schedules():
-    assert ibot.lr_at(0, 1.0, 0.0, 10, 110) == 0.0 and ibot.lr_at(10, 1.0, 0.0, 10, 110) == 1.0
-    assert abs(ibot.lr_at(60, 1.0, 0.0, 10, 110) - 0.5) < 1e-9 and abs(ibot.lr_at(110, 1.0, 1e-6, 10, 110) - 1e-6) < 1e-12
-    assert abs(ibot.cosine_at(0, 0.04, 0.4, 100) - 0.04) < 1e-12 and abs(ibot.cosine_at(50, 0.04, 0.4, 100) - 0.22) < 1e-12
-    assert abs(ibot.cosine_at(100, 0.04, 0.4, 100) - 0.4) < 1e-12
-    assert abs(ibot.cosine_at(0, 0.996, 1.0, 100) - 0.996) < 1e-12 and ibot.cosine_at(100, 0.996, 1.0, 100) == 1.0
+    near = pytest.approx
+    assert ibot.lr_at(0, 1.0, 0.0, 10, 110) == 0.0 and ibot.lr_at(10, 1.0, 0.0, 10, 110) == 1.0  # warm-up from 0
+    assert ibot.lr_at(60, 1.0, 0.0, 10, 110) == near(0.5) and ibot.lr_at(110, 1.0, 1e-6, 10, 110) == near(1e-6)
+    # weight decay 0.04 -> 0.4 and EMA momentum 0.996 -> 1, cosine over the whole run
+    assert ibot.cosine_at(0, 0.04, 0.4, 100) == near(0.04) and ibot.cosine_at(50, 0.04, 0.4, 100) == near(0.22)
+    assert ibot.cosine_at(100, 0.04, 0.4, 100) == near(0.4)
+    assert ibot.cosine_at(0, 0.996, 1.0, 100) == near(0.996) and ibot.cosine_at(100, 0.996, 1.0, 100) == 1.0
     # temperatures: np.linspace(0.04, 0.07, 30)[epoch], then 0.07; before pred_start_epoch held at 0.04
     assert ibot.teacher_temp_at(0, 0.04, 0.07, 30) == 0.04
     assert abs(ibot.teacher_temp_at(10, 0.04, 0.07, 30) - np.linspace(0.04, 0.07, 30)[10]) < 1e-12
@@ -240,10 +250,10 @@ def changed(a, b):
 
 
 def test_short_run_learns_without_collapse(tmp_path):
-    out = run(tmp_path, 'learn', '--batch_size', '8', '--max_steps', '20', '--lr', '2e-3', '--warmup_epochs', '0',
+    out = run(tmp_path, 'learn', '--batch_size', '8', '--max_steps', '16', '--lr', '2e-3', '--warmup_epochs', '0',
               '--freeze_last_layer', '0')
     log = [json.loads(l) for l in open(os.path.join(out, 'log.jsonl'))]
-    assert len(log) == 20 and all(math.isfinite(v) for r in log for v in r.values())
+    assert len(log) == 16 and all(math.isfinite(v) for r in log for v in r.values())
     # L_CLS = H(P_t) + KL(P_t || P_s): the student can only lower the KL; H(P_t) first rises while the center
     # catches up with the teacher's common mode (that is centering at work), so the KL is the loss to watch here
     first, last = [sum(r['kl'] for r in log[s]) / 4 for s in (slice(0, 4), slice(-4, None))]
@@ -276,7 +286,7 @@ def test_resume_equals_uninterrupted_and_checkpoint_contract(tmp_path):
     assert torch.equal(s['head.last_layer.weight_v'], t['head.last_layer.weight_v'])
     assert changed(s['backbone.blocks.0.attn.qkv.weight'], t['backbone.blocks.0.attn.qkv.weight'])
     # `encoder` is the teacher backbone, a plain ViT
-    enc = vit.vit('tiny', img_size=32, patch_size=8, num_classes=0, pos_embed='learned')
+    enc = vit.vit('micro', img_size=32, patch_size=8, num_classes=0, pos_embed='learned')
     enc.load_state_dict(pa['encoder'], strict=True)
     assert torch.equal(pa['encoder']['blocks.0.attn.qkv.weight'], t['backbone.blocks.0.attn.qkv.weight'])
 
@@ -291,11 +301,21 @@ def test_two_ranks_with_accumulation_equal_one_process(tmp_path):
     single = load_ckpt(run(tmp_path, 'single', '--batch_size', '8', '--max_steps', '2', '--lr', '1e-3',
                            '--warmup_epochs', '0', '--drop_path', '0'))
     ddp = load_ckpt(str(tmp_path / 'ddp'))
-    assert torch.allclose(single['center'], ddp['center'], atol=1e-7)
-    assert torch.allclose(single['center_patch'], ddp['center_patch'], atol=1e-7)
+    for a, b in zip(*[[json.loads(l) for l in open(tmp_path / d / 'log.jsonl')] for d in ('single', 'ddp')]):
+        for key in ('cls', 'mim', 't_entropy'):  # step 2 runs on the weights of step 1's update
+            assert abs(a[key] - b[key]) < 1e-5 * abs(a[key]) + 1e-7, (a['step'], key)
+    assert torch.allclose(single['center'], ddp['center'], atol=1e-6)
+    assert torch.allclose(single['center_patch'], ddp['center_patch'], atol=1e-6)
     for part in ('model', 'teacher'):
-        for k in single[part]:  # Adam turns last-bit gradient differences into at most ~lr/30 here
-            assert torch.allclose(single[part][k], ddp[part][k], atol=1e-4), (part, k)
+        for k in single[part]:
+            a, b = single[part][k], ddp[part][k]
+            if k.endswith('attn.qkv.bias'):  # the key bias has an exact zero gradient: Adam amplifies float noise
+                n = a.numel() // 3
+                a, b = torch.cat([a[:n], a[2 * n:]]), torch.cat([b[:n], b[2 * n:]])
+            # an element whose gradient is ~0 can still move by up to lr per step on last-bit differences in the
+            # summation order; all but a few agree to 1e-5
+            d = (a - b).abs()
+            assert d.max() <= 2 * 1e-3 and (d > 1e-5).float().mean() < 0.01, (part, k)
 
 
 def test_explicit_zero_is_not_replaced_by_the_embedded_default():
