@@ -520,6 +520,9 @@ def label_logits(logits, size):
 @torch.no_grad()
 def evaluate(model, loader, num_classes, cfg, device, autocast):
     """Confusion matrix over this process's share of the validation set, summed over processes -> seg_metrics."""
+    if dist.is_available() and dist.is_initialized():  # plain BN (gloo) drifts per rank: score with rank 0's
+        for b in model.buffers():  # running statistics, the ones its checkpoint holds
+            dist.broadcast(b, 0)
     was_training = model.training
     model.eval()
     cm = torch.zeros(num_classes, num_classes, dtype=torch.long, device=device)
@@ -717,8 +720,8 @@ def main(argv=None):
                           'dtype': dtype, 'effective_batch': eff_batch, 'lr': base_lr, 'steps': total_steps,
                           'num_classes': num_classes}))
         print(f'backbone {vit.count_params(model.backbone) / 1e6:.2f}M params, total {vit.count_params(model) / 1e6:.2f}M '
-              f'({vit.count_params(model, trainable=True) / 1e6:.2f}M trained), {len(base)} train / {len(val)} val '
-              f'images, {num_classes} classes, blocks {cfg.layers}')
+              f'({vit.count_params(model, trainable=True) / 1e6:.3g}M trained), {len(base)} train / {len(val)} val '
+              f'images, {num_classes} classes, {cfg.head} head on blocks {model.layers}')
     if ddp and device_type == 'cuda':  # the heads' BatchNorm sees 2 images per GPU in the recipe: statistics over all
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)  # GPUs (in place, same parameters); gloo/CPU keeps plain BN
     fwd = torch.compile(model) if cfg.compile else model
@@ -800,7 +803,7 @@ def main(argv=None):
                    'grad_norm': grad_norm.item(), 'img_per_s': ips, 'eta_min': eta / 60}
             if master:
                 print(f"step {step}/{end_step} ep {rec['epoch']:.2f} loss {rec['loss']:.4f} lr {lr:.2e} "
-                      f"gnorm {rec['grad_norm']:.3f} {ips:.0f} img/s eta {eta / 60:.1f} min", flush=True)
+                      f"gnorm {rec['grad_norm']:.3f} {ips:.1f} img/s eta {eta / 60:.1f} min", flush=True)
                 with open(os.path.join(cfg.out_dir, 'log.jsonl'), 'a') as f:
                     f.write(json.dumps(rec) + '\n')
             loss_sum.zero_()
