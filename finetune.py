@@ -124,7 +124,7 @@ def get_config(argv=None):
         p.error(f'--mode must be one of {", ".join(MODES)}')
     if not cfg.checkpoint:
         p.error('--checkpoint is required: a checkpoint file (nanoMIM, official MAE / iBOT / LUT / DTM, bare '
-                'state_dict) or none for random init')
+                'state_dict), none for random init, or pixels (raw-pixel features; knn and cached linprobe)')
     embedded = cfg.data in ('', 'shapes')
     defaults = {**(EMBEDDED if embedded else RECIPE), **MODES[cfg.mode][0 if embedded else 1]}
     model = cfg.model or defaults['model']
@@ -146,6 +146,8 @@ def get_config(argv=None):
         p.error('--pool must be avg or cls')
     if cfg.cache not in (0, 1):
         p.error('--cache must be 0 or 1')
+    if cfg.checkpoint == 'pixels' and not (cfg.mode == 'knn' or (cfg.mode == 'linprobe' and cfg.cache == 1)):
+        p.error('--checkpoint pixels works with --mode knn and --mode linprobe --cache 1 (features extracted once)')
     if cfg.knn_k < 1 or cfg.knn_t <= 0:
         p.error('--knn_k must be >= 1 and --knn_t > 0')
     if min(cfg.mixup, cfg.cutmix, cfg.smoothing, cfg.reprob, cfg.ema, cfg.drop_path) < 0 or cfg.ema >= 1:
@@ -222,16 +224,19 @@ def subset(ds, n):
 
 
 @torch.no_grad()
-def extract_features(backbone, loader, pool, device, autocast):
-    """Pooled features of this rank's share of the loader, in sampler order: (n_r, D) float32, labels (n_r,)."""
-    backbone.eval()
+def extract_features(backbone, loader, pool, device, autocast, dim):
+    """Pooled features of this rank's share of the loader, in sampler order: (n_r, dim) float32, labels (n_r,).
+    backbone None: the normalised image itself, flattened (dim = 3 S S), for the raw-pixel reference rows."""
     feats, labels = [], []
     for x, y in loader:
-        with autocast:
-            feats.append(pool_tokens(backbone.forward_features(x.to(device, non_blocking=True)), pool).float())
+        x = x.to(device, non_blocking=True)
+        if backbone is None:
+            feats.append(x.flatten(1).float())  # (B, 3*S*S)
+        else:
+            with autocast:
+                feats.append(pool_tokens(backbone.eval().forward_features(x), pool).float())
         labels.append(y.to(device))
-    D = backbone.embed_dim
-    return (torch.cat(feats) if feats else torch.zeros(0, D, device=device),
+    return (torch.cat(feats) if feats else torch.zeros(0, dim, device=device),
             torch.cat(labels) if labels else torch.zeros(0, dtype=torch.long, device=device))
 
 
@@ -476,7 +481,8 @@ def main(argv=None):
     # the pre-trained backbone (same initial weights on every rank: the frozen ones are never broadcast)
     torch.manual_seed(cfg.seed)
     layer_scale, ckpt = None, None
-    if cfg.checkpoint != 'none':
+    pixels = cfg.checkpoint == 'pixels'  # raw-pixel features instead of a backbone: the reference rows
+    if cfg.checkpoint not in ('none', 'pixels'):
         try:
             ckpt, layer_scale = read_backbone(cfg.checkpoint, cfg.checkpoint_key)
         except (FileNotFoundError, ValueError) as e:
@@ -493,14 +499,15 @@ def main(argv=None):
             sys.exit(f'error: {e}')
         del ckpt
     elif master:
-        print('random init (--checkpoint none)')
+        print('raw pixels (--checkpoint pixels)' if pixels else 'random init (--checkpoint none)')
     backbone.to(device)
+    feat_dim = 3 * cfg.img_size ** 2 if pixels else backbone.embed_dim
 
     # knn / cached features: frozen features of center crops, extracted once, each rank its share
     if cached:
         def features(ds):
             loader, _ = data.make_loader(ds, cfg.batch_size, world, rank, cfg.seed, cfg.num_workers, train=False)
-            return extract_features(backbone, loader, cfg.pool, device, autocast)
+            return extract_features(None if pixels else backbone, loader, cfg.pool, device, autocast, feat_dim)
         t_feat = time.time()
         train_f, train_y = (gather_rows(t, len(dataset), world) for t in features(dataset))  # (N, D), (N,)
         val_f, val_y = features(val_set)  # (M_r, D), (M_r,) this rank's share
@@ -555,7 +562,7 @@ def main(argv=None):
                                       betas=(0.9, 0.999), fused=device_type == 'cuda', foreach=device_type != 'cuda')
     else:
         backbone.requires_grad_(False)
-        model = Probe(None if cached else backbone, backbone.embed_dim, num_classes, cfg.pool).to(device)
+        model = Probe(None if cached else backbone, feat_dim, num_classes, cfg.pool).to(device)
         optimizer = LARS(param_groups(model, cfg.weight_decay), lr=base_lr)
     mixer = batch_mixer(cfg.mixup, cfg.cutmix, num_classes) if finetuning else None
     smoothing = cfg.smoothing if finetuning else 0.0

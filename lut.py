@@ -69,7 +69,7 @@ class Config:
     head_dim: int = 4096       # hidden width of the projection head and of the predictor (D -> head_dim -> D)
     momentum: float = 0.996    # EMA momentum of the target encoder + head at step 0; half cosine to 1 at the end
     w_mae: float = 1.0         # weight of the reconstruction loss L_MAE
-    w_bc: float = -1           # weight of the broader-contextualization loss L_BC; -1 = 1.0 tiny/small, 0.25 base+
+    w_bc: float = -1           # weight of the broader-contextualization loss L_BC; -1 = 1.0 up to small, 0.25 base+
     epochs: int = 0            # 0 = 8 embedded, 1600 folder
     batch_size: int = 0        # per process; 0 = 64 embedded, 512 folder (4096 on 8 GPUs)
     accum_iter: int = 1        # gradient accumulation steps (effective batch = batch_size * accum_iter * world)
@@ -113,7 +113,7 @@ def get_config(argv=None):
     if cfg.patch_size == 0:
         cfg.patch_size = vit.SIZES[cfg.model][3] if cfg.model in vit.SIZES else 16
     if cfg.w_bc == -1:  # the LUT recipe: 1.0 for ViT-S, 0.25 for ViT-B (and larger)
-        cfg.w_bc = 1.0 if cfg.model in ('tiny', 'small') else 0.25
+        cfg.w_bc = 1.0 if cfg.model in ('mini', 'tiny', 'small') else 0.25
     if cfg.model not in vit.SIZES:
         p.error(f'--model must be one of {", ".join(vit.SIZES)}')
     if cfg.img_size % cfg.patch_size:

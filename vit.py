@@ -26,6 +26,7 @@ import torch.nn.functional as F
 
 # name: (width D, depth, heads, patch size)
 SIZES = {
+    'mini': (128, 6, 4, 16),   # not a published size: a 1.2M-parameter ViT for CPU-scale protocols (README "Results")
     'tiny': (192, 12, 3, 16),
     'small': (384, 12, 6, 16),
     'base': (768, 12, 12, 16),

@@ -289,6 +289,31 @@ def test_linprobe_cached_and_streamed(tmp_path, one_thread):
     assert results(out2)['n'] == 5
 
 
+def test_raw_pixel_knn_matches_a_brute_force_vote(tmp_path, one_thread):
+    # --checkpoint pixels: features are the eval-transformed images flattened; recount the k=5 vote by hand
+    import data
+    out = str(tmp_path / 'pix')
+    finetune.main(TINY + ['--mode', 'knn', '--checkpoint', 'pixels', '--train_samples', '40', '--eval_samples', '12',
+                          '--knn_k', '5', '--out_dir', out])
+    tf = data.eval_transform(32)
+    def feats(split, n):
+        ds = finetune.subset(data.build_dataset('', split, 32), n)
+        x = torch.stack([tf(ds[i][0]).flatten() for i in range(len(ds))])
+        return F.normalize(x, dim=1), [int(ds[i][1]) for i in range(len(ds))]
+    (ftr, ytr), (fte, yte) = feats('train', 40), feats('val', 12)
+    correct = 0
+    for q, y in zip(fte, yte):
+        sims = [(float(q @ f), c) for f, c in zip(ftr, ytr)]
+        votes = {}
+        for s, c in sorted(sims, reverse=True)[:5]:
+            votes[c] = votes.get(c, 0.0) + torch.tensor(s / 0.07).exp().item()
+        correct += max(votes, key=votes.get) == y
+    r = results(out)
+    assert r['n'] == 12 and r['acc1'] == pytest.approx(100 * correct / 12)
+    with pytest.raises(SystemExit):  # fine-tuning raw pixels makes no sense: refused by argparse
+        finetune.get_config(['--mode', 'finetune', '--checkpoint', 'pixels'])
+
+
 def test_distributed_knn_and_eval_count_each_sample_once(tmp_path, one_thread):
     # 2 gloo ranks, 33 val images: ranks hold 17 and 16, the counts must sum to 33 and match one process
     args = TINY + ['--mode', 'knn', '--checkpoint', 'none', '--train_samples', '41', '--eval_samples', '33',

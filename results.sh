@@ -1,0 +1,86 @@
+#!/usr/bin/env bash
+# results.sh -- the README "Results" protocol: pre-train each method on Fashion-MNIST train (60k, 28x28 grey,
+# resized to 32 px, 3 channels), then kNN, linear probe and fine-tuning on Fashion-MNIST test (10k).
+#
+#   apt-get install -y dataset-fashion-mnist     # the data: idx files under /usr/share/datasets/fashion-mnist
+#   bash results.sh                              # everything, in order, then the table (CPU: a few hours)
+#   bash results.sh mae lut table                # only these steps (a run's eval starts after its pre-training)
+#   EPOCHS=20 FT_EPOCHS=10 FT_SAMPLES=0 bash results.sh    # a GPU-sized schedule
+#
+# Steps: mae lut ibot dtm_ema dtm_mae mae_long (pre-train + evaluate), random pixels (baselines), table.
+# Every run writes out/results/NAME/{pretrain,linprobe,finetune}/; a finished step is skipped when run again.
+# Model: ViT-mini (vit.SIZES['mini']: width 128, depth 6, 4 heads, 1.2M parameters), patch 4 -> 8x8 = 64 tokens.
+set -euo pipefail
+cd "$(dirname "$0")"
+PY=${PY:-python}
+OUT=${OUT:-out/results}
+EPOCHS=${EPOCHS:-1}            # pre-training epochs of every method (CPU default: 469 steps of 128 images)
+LONG_EPOCHS=${LONG_EPOCHS:-5}  # the mae_long row: MAE for more epochs, about the CPU time of one iBOT epoch
+FT_EPOCHS=${FT_EPOCHS:-2}      # fine-tuning epochs ...
+FT_SAMPLES=${FT_SAMPLES:-10000}  # ... on this many training images (a fixed random subset; 0 = all 60k)
+COMMON="--data fashion-mnist --model mini --img_size 32 --patch_size 4 --seed 0 --num_workers 1"
+PRE="$COMMON --batch_size 128 --epochs $EPOCHS --warmup_epochs 0.1 --log_every 50"
+DEC="--decoder_dim 128 --decoder_depth 2 --decoder_heads 4"   # the MAE / LUT decoder at this scale
+
+done_file() { [ -f "$1" ] && echo "skip: $1 exists"; }
+
+pretrain() {  # NAME SCRIPT ARGS...: pre-train into $OUT/NAME/pretrain
+  local name=$1 script=$2; shift 2
+  done_file "$OUT/$name/pretrain/done" && return 0
+  local t0=$SECONDS
+  $PY "$script" $PRE --out_dir "$OUT/$name/pretrain" "$@"
+  echo $((SECONDS - t0)) > "$OUT/$name/pretrain/done"   # wall-clock seconds, for the table
+}
+
+evaluate() {  # NAME CHECKPOINT: kNN + linear probe on cached [CLS] features, then fine-tuning (not for pixels)
+  local name=$1 ckpt=$2
+  done_file "$OUT/$name/linprobe/results.json" ||
+    $PY finetune.py $COMMON --mode linprobe --cache 1 --checkpoint "$ckpt" --out_dir "$OUT/$name/linprobe"
+  [ "$ckpt" = pixels ] && return 0
+  done_file "$OUT/$name/finetune/results.json" ||
+    $PY finetune.py $COMMON --mode finetune --checkpoint "$ckpt" --out_dir "$OUT/$name/finetune" \
+      --epochs "$FT_EPOCHS" --train_samples "$FT_SAMPLES" --batch_size 128 --blr 1e-3 --warmup_epochs 0.2 \
+      --layer_decay 0.75 --drop_path 0 --mixup 0 --cutmix 0 --rand_augment 0 --reprob 0 --smoothing 0.1
+}
+
+step() {
+  case $1 in
+    mae)     pretrain mae mae.py $DEC --blr 1.5e-3 && evaluate mae "$OUT/mae/pretrain/checkpoint.pt" ;;
+    lut)     pretrain lut lut.py $DEC --blr 1.5e-3 && evaluate lut "$OUT/lut/pretrain/checkpoint.pt" ;;
+    ibot)    pretrain ibot ibot.py --blr 2e-3 --local_size 16 --local_crops_number 2 --out_dim 1024 --head_hidden 512 \
+               --momentum_teacher 0.99 --warmup_teacher_temp_epochs "$EPOCHS" &&
+             evaluate ibot "$OUT/ibot/pretrain/checkpoint.pt" ;;
+    dtm_ema) pretrain dtm_ema dtm.py --blr 5e-3 --ema_momentum 0.99 && evaluate dtm_ema "$OUT/dtm_ema/pretrain/checkpoint.pt" ;;
+    dtm_mae) [ -f "$OUT/mae/pretrain/done" ] || step mae
+             pretrain dtm_mae dtm.py --blr 5e-3 --teacher "vit:$OUT/mae/pretrain/checkpoint.pt" &&
+             evaluate dtm_mae "$OUT/dtm_mae/pretrain/checkpoint.pt" ;;
+    mae_long) pretrain mae_long mae.py $DEC --blr 1.5e-3 --epochs "$LONG_EPOCHS" &&   # MAE for about iBOT's CPU time
+              evaluate mae_long "$OUT/mae_long/pretrain/checkpoint.pt" ;;
+    random)  evaluate random none ;;
+    pixels)  evaluate pixels pixels ;;
+    table)   $PY - "$OUT" <<'EOF'
+import json, os, sys
+out = sys.argv[1]
+def res(name, what, key):
+    f = os.path.join(out, name, what, 'results.json')
+    return f"{json.load(open(f))[key]:.1f}" if os.path.exists(f) else '-'
+def minutes(name):
+    log, done = (os.path.join(out, name, 'pretrain', f) for f in ('log.jsonl', 'done'))
+    if not os.path.exists(done):
+        return '-', '-'
+    return f"{json.loads(open(log).readlines()[-1])['epoch']:g}", f"{int(open(done).read()) / 60:.0f}"
+print('| backbone | pre-train epochs | pre-train min | kNN top-1 | linear top-1 | fine-tune top-1 |')
+print('|---|---:|---:|---:|---:|---:|')
+for name in ['pixels', 'random', 'mae', 'lut', 'ibot', 'dtm_ema', 'dtm_mae', 'mae_long']:
+    ep, mins = minutes(name)
+    print(f"| {name} | {ep} | {mins} | {res(name, 'linprobe', 'knn_acc1')} | {res(name, 'linprobe', 'last_acc1')} "
+          f"| {res(name, 'finetune', 'last_acc1')} |")
+EOF
+    ;;
+    *) echo "unknown step $1 (mae lut ibot dtm_ema dtm_mae mae_long random pixels table)" >&2; exit 2 ;;
+  esac
+}
+
+for s in "${@:-pixels random mae lut ibot dtm_ema dtm_mae mae_long table}"; do
+  for t in $s; do step "$t"; done
+done
