@@ -9,20 +9,26 @@ data.py -- everything about images in and tensors out, shared by every nanoMIM s
                                (BEiT-style blockwise, iBOT / DTM, in the loader workers)
   make_loader / batches        one loader builder for every script; randomness per sample is a pure function of
                                (seed, epoch, index), so DDP == single process and resume == uninterrupted
+  --decode gpu (MAE)           EncodedFolder + CropFlipParams + collate_encoded in the workers (file bytes, crop box,
+                               flip), gpu_decode_batch on the device (batched nvJPEG decode, crop, resize, flip)
 
 Every transform is called with the image only; per-sample randomness comes from torch's RNG, which the loader
 seeds per sample (see Seeded).
 """
+import io
 import math
 import os
 import random
 import warnings
+from typing import NamedTuple
 
 import numpy as np
 import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data._utils.collate import collate, default_collate_fn_map
 from torchvision import tv_tensors
+from torchvision.io import ImageReadMode, decode_jpeg
 from torchvision.transforms import v2
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -139,6 +145,7 @@ def load_rgb(path):
 class ImageFolder(Dataset):
     """<root>/<class>/<image> with classes in sorted order. Unreadable or corrupt images are skipped: a warning
     line names the file, `num_bad` counts them in this process, and the next readable image is returned."""
+    load = staticmethod(load_rgb)  # path -> item; EncodedFolder reads bytes instead
 
     def __init__(self, root):
         if not os.path.isdir(root):
@@ -163,7 +170,7 @@ class ImageFolder(Dataset):
         for j in range(len(self.samples)):
             path, label = self.samples[(i + j) % len(self.samples)]
             try:
-                return load_rgb(path), label
+                return self.load(path), label
             except Exception as e:
                 self.num_bad += 1
                 warnings.warn(f'skipping unreadable image {path} ({type(e).__name__}: {e}); '
@@ -244,10 +251,17 @@ def idx_folder(name):
     return folder
 
 
-def build_dataset(spec, split='train', img_size=64, with_mask=False):
+def is_folder(spec):
+    """Whether --data names an image folder (not the embedded shapes, not idx files)."""
+    return spec not in ('', None, 'shapes') and spec not in IDX_SOURCES and not spec.startswith('idx:')
+
+
+def build_dataset(spec, split='train', img_size=64, with_mask=False, encoded=False):
     """The dataset named by --data: '' or 'shapes' -> embedded Shapes at img_size; 'fashion-mnist' / 'mnist' /
     'idx:DIR' -> idx files resized to img_size; a folder -> ImageFolder of DIR/train or DIR/val if present
-    (ImageNet layout), else DIR itself."""
+    (ImageNet layout), else DIR itself. encoded=True (--decode gpu): an EncodedFolder, folders only."""
+    if encoded and not is_folder(spec):
+        raise ValueError(f'--decode gpu decodes image files: --data must be an image folder, not {spec or "shapes"!r}')
     if spec in ('', None, 'shapes'):
         return Shapes(split, img_size, with_mask=with_mask)
     if spec in IDX_SOURCES:
@@ -257,7 +271,7 @@ def build_dataset(spec, split='train', img_size=64, with_mask=False):
     if not os.path.isdir(spec):
         raise FileNotFoundError(f'--data {spec}: folder does not exist')
     sub = os.path.join(spec, split)
-    return ImageFolder(sub if os.path.isdir(sub) else spec)
+    return (EncodedFolder if encoded else ImageFolder)(sub if os.path.isdir(sub) else spec)
 
 
 # -----------------------------------------------------------------------------
@@ -365,6 +379,76 @@ def denormalize(x, mean=IMAGENET_MEAN, std=IMAGENET_STD):
     m = torch.tensor(mean, device=x.device).view(1, 3, 1, 1)
     s = torch.tensor(std, device=x.device).view(1, 3, 1, 1)
     return (x * s + m).clamp(0, 1)
+
+
+# -----------------------------------------------------------------------------
+# --decode gpu: the workers read file bytes and draw the crop box and flip; the device decodes, crops, flips
+
+
+class Encoded(NamedTuple):
+    """An image as it leaves the worker: data = the file's bytes, uint8 (n,), for an RGB or greyscale JPEG, or
+    else the image decoded on the CPU, uint8 (3, H, W) (the fallback); size = (H, W)."""
+    data: torch.Tensor
+    size: tuple
+
+
+def load_encoded(path):
+    """JPEGs travel as bytes, their size read from the header (PIL's lazy open decodes no pixel); any other file
+    (PNG, CMYK JPEG, ...) falls back to a CPU decode here with load_rgb, so a mixed folder still trains."""
+    with open(path, 'rb') as f:
+        raw = bytearray(f.read())
+    img = Image.open(io.BytesIO(raw))
+    if img.format == 'JPEG' and img.mode in ('RGB', 'L'):
+        return Encoded(torch.frombuffer(raw, dtype=torch.uint8), (img.height, img.width))
+    x = v2.functional.pil_to_tensor(load_rgb(path))
+    return Encoded(x, tuple(x.shape[1:]))
+
+
+class EncodedFolder(ImageFolder):
+    """ImageFolder whose items are (Encoded, label); unreadable files are skipped the same way."""
+    load = staticmethod(load_encoded)
+
+
+class CropFlipParams:
+    """The CPU half of mae_transform for --decode gpu: Encoded -> (Encoded, box (4,) int64 [top, left, height,
+    width], flip () bool). It draws from torch's RNG exactly what mae_transform draws, in the same order
+    (RandomResizedCrop's parameters, then RandomHorizontalFlip's coin), so under Seeded a sample gets the same box,
+    flip and MAE masking noise on both paths."""
+
+    def __init__(self, img_size, scale=(0.2, 1.0)):
+        self.rrc = v2.RandomResizedCrop(img_size, scale=scale)
+
+    def __call__(self, enc):
+        p = self.rrc.make_params([torch.empty(()).expand(3, *enc.size)])  # reads only the size: no pixels
+        flip = torch.rand(1)[0] < 0.5  # RandomHorizontalFlip(0.5) flips when rand(1) < p
+        return enc, torch.tensor([p['top'], p['left'], p['height'], p['width']]), flip
+
+
+def collate_encoded(batch):
+    """default_collate, except that Encoded images (all of different sizes) become a list of their data tensors."""
+    return collate(batch, collate_fn_map={Encoded: lambda b, **_: [e.data for e in b], **default_collate_fn_map})
+
+
+def gpu_decode_batch(datas, boxes, flips, size, device, mean=IMAGENET_MEAN, std=IMAGENET_STD):
+    """The device half of --decode gpu. datas: B tensors, JPEG bytes (n,) or CPU-decoded uint8 (3, H, W);
+    boxes (B, 4) [top, left, height, width]; flips (B,) bool -> normalised float (B, 3, size, size) on `device`,
+    the pixels mae_transform makes for the same box and flip up to decoder round-off (about 1/255)."""
+    imgs = list(datas)
+    jpeg = [k for k, x in enumerate(imgs) if x.ndim == 1]
+    if jpeg:
+        with warnings.catch_warnings():  # torchvision 0.29 deprecates its decoders in favour of TorchCodec
+            warnings.simplefilter('ignore', DeprecationWarning)
+            # one call for the batch: on CUDA a batched nvJPEG decode (hardware JPEG engines where present)
+            decoded = decode_jpeg([imgs[k] for k in jpeg], mode=ImageReadMode.RGB, device=device)
+        for k, x in zip(jpeg, decoded):
+            imgs[k] = x
+    # each box has its own size, so crop + resize one image at a time; bicubic + antialias as in mae_transform
+    # (rounded to uint8 like the CPU path); boxes are a CPU tensor, tolist() does not wait on the device
+    out = torch.stack([v2.functional.resized_crop(x.to(device, non_blocking=True), *box, [size, size], antialias=True,
+                                                  interpolation=v2.InterpolationMode.BICUBIC)
+                       for x, box in zip(imgs, boxes.tolist())])  # (B, 3, S, S) uint8
+    out = torch.where(flips.to(device, non_blocking=True).view(-1, 1, 1, 1), out.flip(-1), out)  # all flips at once
+    return v2.functional.normalize(v2.functional.to_dtype(out, torch.float32, scale=True), mean, std)
 
 
 # -----------------------------------------------------------------------------

@@ -6,6 +6,7 @@ of the masked patches with a light decoder that sees mask tokens; the loss is th
 
   python mae.py                                               # embedded data, CPU, minutes
   torchrun --nproc_per_node=8 mae.py --data /path/to/imagenet # paper recipe: ViT-B/16, 800 ep, eff. batch 4096
+  torchrun ... mae.py --data /path/to/imagenet --decode gpu   # workers read JPEG bytes; decode + crop on the GPU
   python mae.py --help                                        # every knob, with its default
 
 Letters in shape comments: B batch, L patches, K kept patches, D encoder width, Dd decoder width,
@@ -63,6 +64,7 @@ class Config:
     compile: bool = False      # torch.compile the model
     seed: int = 0              # data order, augmentation and masks are pure functions of (seed, epoch, index)
     num_workers: int = -1      # loader workers per process; -1 = 2 embedded, 10 folder
+    decode: str = 'cpu'        # cpu: PIL decode + crop in the workers; gpu: workers send JPEG bytes, the device decodes
     log_every: int = 20        # steps between log lines (the only host syncs)
     max_steps: int = 0         # stop after this many optimizer steps (0 = run all epochs); schedule unchanged
     device: str = ''           # cuda|cpu|cuda:N; '' = cuda if available
@@ -98,6 +100,8 @@ def get_config(argv=None):
         p.error(f'--mask_ratio must be in (0, 1), got {cfg.mask_ratio}')
     if cfg.dtype not in ('', 'bf16', 'fp16', 'fp32'):
         p.error('--dtype must be bf16, fp16 or fp32')
+    if cfg.decode not in ('cpu', 'gpu') or (cfg.decode == 'gpu' and not data.is_folder(cfg.data)):
+        p.error('--decode must be cpu, or gpu with --data an image folder (it decodes JPEG files)')
     return cfg
 
 # -----------------------------------------------------------------------------
@@ -271,14 +275,17 @@ def main(argv=None):
     scaler = torch.amp.GradScaler(device_type, enabled=dtype == 'fp16')
 
     # data
+    gpu_decode = cfg.decode == 'gpu'  # the loader yields (JPEG bytes, crop boxes, flips) in place of images
     try:
-        base = data.build_dataset(cfg.data, 'train', cfg.img_size)
+        base = data.build_dataset(cfg.data, 'train', cfg.img_size, encoded=gpu_decode)
     except (FileNotFoundError, ValueError) as e:
         sys.exit(f'error: {e}')
     num_patches = (cfg.img_size // cfg.patch_size) ** 2
-    dataset = data.Seeded(base, data.WithNoise(data.mae_transform(cfg.img_size), num_patches))
+    crop = data.CropFlipParams(cfg.img_size) if gpu_decode else data.mae_transform(cfg.img_size)
+    dataset = data.Seeded(base, data.WithNoise(crop, num_patches))
     try:
-        loader, sampler = data.make_loader(dataset, cfg.batch_size, world, rank, cfg.seed, cfg.num_workers)
+        loader, sampler = data.make_loader(dataset, cfg.batch_size, world, rank, cfg.seed, cfg.num_workers,
+                                           collate_fn=data.collate_encoded if gpu_decode else None)
     except ValueError as e:
         sys.exit(f'error: {e}')
     steps_per_epoch = sampler.batches_per_epoch() // cfg.accum_iter
@@ -339,6 +346,8 @@ def main(argv=None):
             g['lr'] = lr
         for micro in range(cfg.accum_iter):
             _, ((imgs, noise), _) = next(stream)
+            if gpu_decode:  # imgs = (B JPEG byte tensors, boxes (B, 4), flips (B,)) -> (B, 3, H, W) on the device
+                imgs = data.gpu_decode_batch(*imgs, cfg.img_size, device)
             imgs, noise = imgs.to(device, non_blocking=True), noise.to(device, non_blocking=True)
             sync = nullcontext() if (not ddp or micro == cfg.accum_iter - 1) else fwd.no_sync()
             with sync:

@@ -1,4 +1,11 @@
-"""bench.py: the structural FLOP count against hand arithmetic (spec notes B.2) and a tiny CPU timing run."""
+"""bench.py: the structural FLOP counts against hand arithmetic (spec notes B.2) and torch's FLOP counter, and
+tiny CPU timing runs."""
+from contextlib import nullcontext
+
+import pytest
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
 import bench
 
 
@@ -18,3 +25,79 @@ def test_cpu_run_reports_what_it_measured():
     r = bench.main(['--img_size', '32', '--batch_size', '4', '--steps', '1', '--warmup', '1', '--device', 'cpu'])[0]
     assert r['img_per_s'] > 0 and r['mfu'] is None and r['device'].startswith('CPU') and r['torch']
     assert r['gflop_per_img'] > 0
+
+
+def test_loader_mode_times_both_data_paths():
+    rs = bench.main(['--loader', 'true', '--images', '8', '--batch_size', '4', '--steps', '2', '--img_size', '32',
+                     '--num_workers', '0', '--device', 'cpu'])
+    assert [r['path'] for r in rs] == ['cpu-pil', 'gpu'] and all(r['img_per_s'] > 0 for r in rs)
+    assert all(r['device'] == 'cpu' and r['batch'] == 4 and r['torchvision'] for r in rs)
+
+
+def test_lut_step_flops_by_hand():
+    # D 8, depth 1, L 4, P 12, K 1, decoder 4 x 1, head 16; block(T, d) = 24 d^2 T + 4 T^2 d
+    mae_fwd = 2 * 4 * 12 * 8 + (24 * 64 * 2 + 4 * 4 * 8) + 2 * 2 * 8 * 4 + (24 * 16 * 5 + 4 * 25 * 4) + 2 * 5 * 4 * 12
+    assert mae_fwd == 6896 == bench.mae_forward_flops(8, 1, 4, 12, 1, 4, 1)
+    view2 = 768 + 3200  # patch embed on all 4 patches, the block on 1+K = 2 tokens
+    mlp = 2 * 8 * 16 * 2  # Linear 8 -> 16 -> 8 on one pooled token; head + predictor on each of 2 views online
+    momentum = 768 + (24 * 64 * 5 + 4 * 25 * 8) + mlp  # full view, 1+L = 5 tokens, head only
+    assert bench.lut_step_flops(8, 1, 4, 12, 1, 4, 1, 16) == 3 * (mae_fwd + view2 + 4 * mlp) + 2 * momentum == 58256
+
+
+def test_lut_step_is_mae_step_plus_second_view_momentum_and_heads():
+    # ViT-B/16 at 224 px: MAE step 58.7 GFLOP + second masked view (x3) + momentum on 2 full views + heads = 155.6
+    D, depth, L, P, K, Dh = 768, 12, 196, 768, 49, 4096
+    mae_step = 3 * bench.mae_forward_flops(D, depth, L, P, K, 512, 8)
+    extra = (3 * (bench.mae_forward_flops(D, depth, L, P, K, 0, 0) + 4 * 4 * D * Dh)
+             + 2 * (bench.vit_forward_flops(D, depth, L, P) + 4 * D * Dh))
+    f = bench.lut_step_flops(D, depth, L, P, K, 512, 8, Dh)
+    assert f == mae_step + extra and abs(f / 1e9 - 155.57) < 0.01
+
+
+def test_ibot_step_flops_by_hand():
+    # D 8, depth 1, L 4 (global), l 1 (local), 2 local crops, P 12, head hidden 16, bottleneck 256, K 32
+    head = 2 * (8 * 16 + 16 * 16 + 16 * 256 + 256 * 32)  # one token: 25344
+    g = 768 + (24 * 64 * 5 + 4 * 25 * 8) + 5 * head  # ViT + head on all 1+L tokens
+    loc = 2 * 1 * 12 * 8 + (24 * 64 * 2 + 4 * 4 * 8) + head  # ViT on 1+l tokens, head on [CLS] only
+    assert bench.ibot_head_flops(1, 8, 16, 32) == head == 25344
+    assert bench.ibot_step_flops(8, 1, 4, 12, 1, 2, 16, 32) == 3 * (2 * g + 2 * loc) + 2 * g == 1260160
+
+
+def test_ibot_local_crops_are_student_only():
+    # ViT-B/16, 2 x 224 + 10 x 96 px: each local crop costs 3 x (ViT on 37 tokens + head on [CLS]); no crop = 8 globals
+    D, depth, P, H, K = 768, 12, 768, 2048, 8192
+    g = bench.vit_forward_flops(D, depth, 196, P) + bench.ibot_head_flops(197, D, H, K)
+    loc = bench.vit_forward_flops(D, depth, 36, P) + bench.ibot_head_flops(1, D, H, K)
+    assert bench.ibot_step_flops(D, depth, 196, P, 36, 0, H, K) == 8 * g
+    assert bench.ibot_step_flops(D, depth, 196, P, 36, 10, H, K) == 8 * g + 30 * loc
+    assert abs(bench.ibot_step_flops(D, depth, 196, P, 36, 10, H, K) / 1e9 - 499.3) < 0.05
+
+
+def test_dtm_step_flops_by_hand():
+    # D 8, depth 1, L 4, P 12: ViT on 5 tokens 9248, head 8 -> 8 on 4 patch tokens 512; student x3 + EMA teacher x1
+    vit_fwd = 768 + (24 * 64 * 5 + 4 * 25 * 8)
+    assert bench.dtm_step_flops(8, 1, 4, 12) == 3 * (vit_fwd + 2 * 4 * 8 * 8) + vit_fwd == 38528
+    # ViT-B/16: 4 full 197-token forwards (35.13 each) + the head x3
+    assert abs(bench.dtm_step_flops(768, 12, 196, 768) / 1e9 - (4 * 35.13 + 3 * 2 * 196 * 768 ** 2 / 1e9)) < 0.05
+
+
+TINY = ['--img_size', '32', '--patch_size', '8', '--batch_size', '2', '--device', 'cpu']
+
+
+@pytest.mark.parametrize('method', ['mae', 'lut', 'ibot', 'dtm', 'finetune'])
+def test_structural_count_matches_torch_flop_counter(method):
+    # one real step counted by torch (matmuls, convs, attention; backward included): within 1 % of the formula
+    cfg = bench.get_config(['--method', method] + TINY)
+    torch.manual_seed(0)
+    step, flops, _ = bench.STEPS[method](cfg, 'cpu', nullcontext())
+    counter = FlopCounterMode(display=False)
+    with counter:
+        step()
+    assert abs(counter.get_total_flops() / cfg.batch_size / flops - 1) < 0.01
+
+
+@pytest.mark.parametrize('method', ['lut', 'ibot', 'dtm'])
+def test_cpu_run_of_each_method(method):
+    r = bench.main(['--method', method, '--steps', '1', '--warmup', '1'] + TINY)[0]
+    assert r['method'] == method and r['img_per_s'] > 0 and r['mfu'] is None and r['device'].startswith('CPU')
+    assert r['gflop_per_img'] > 0 and r['params_M'] > 0

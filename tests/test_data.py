@@ -3,6 +3,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from torchvision.transforms import v2
 
 import data
 
@@ -182,3 +183,105 @@ def test_missing_idx_package_names_the_package(monkeypatch):
     monkeypatch.setitem(data.IDX_SOURCES, 'fashion-mnist', ('/nonexistent/fmnist', 'apt-get install -y dataset-fashion-mnist'))
     with pytest.raises(FileNotFoundError, match='apt-get install -y dataset-fashion-mnist'):
         data.build_dataset('fashion-mnist')
+
+
+# --decode gpu: bytes + crop boxes from the workers, decode + crop + flip by gpu_decode_batch (run here on the CPU)
+
+
+def write_jpegs(root):
+    """a/0.jpg: 40x30, left half red, right half blue; a/1.jpg: 64x48, top green, bottom white; b/2.jpg: 52x44
+    smooth random colours. Quality 95 without chroma subsampling, so flat blocks stay flat."""
+    (root / 'a').mkdir(parents=True)
+    (root / 'b').mkdir()
+    img = Image.new('RGB', (40, 30), (0, 0, 255))
+    img.paste((255, 0, 0), (0, 0, 20, 30))
+    img.save(root / 'a' / '0.jpg', quality=95, subsampling=0)
+    img = Image.new('RGB', (64, 48), (255, 255, 255))
+    img.paste((0, 255, 0), (0, 0, 64, 24))
+    img.save(root / 'a' / '1.jpg', quality=95, subsampling=0)
+    grid = (np.random.default_rng(0).random((4, 5, 3)) * 255).astype(np.uint8)
+    Image.fromarray(grid).resize((52, 44), Image.BICUBIC).save(root / 'b' / '2.jpg', quality=95)
+
+
+def pil_reference(path, size):
+    """The CPU path on the whole image: PIL decode, bicubic antialiased resize, normalise."""
+    tf = v2.Compose([v2.ToImage(), v2.Resize((size, size), interpolation=v2.InterpolationMode.BICUBIC, antialias=True),
+                     v2.ToDtype(torch.float32, scale=True), v2.Normalize(data.IMAGENET_MEAN, data.IMAGENET_STD)])
+    return tf(data.load_rgb(path))
+
+
+def decode(ds, idx, boxes, flips, size=16):
+    datas = [ds[i][0].data for i in idx]
+    return data.gpu_decode_batch(datas, torch.tensor(boxes), torch.tensor(flips), size, 'cpu')
+
+
+TOL = 0.05  # about 2.5 grey levels after normalisation: JPEG decoders and uint8 rounding may differ by a level
+
+
+def test_gpu_decode_full_box_matches_pil(tmp_path):
+    write_jpegs(tmp_path)
+    ds = data.EncodedFolder(str(tmp_path))
+    assert all(ds[i][0].data.ndim == 1 for i in range(3))  # JPEGs travel as bytes
+    assert [ds[i][0].size for i in range(3)] == [(30, 40), (48, 64), (44, 52)]  # (H, W) from the header
+    out = decode(ds, [0, 1, 2], [[0, 0, 30, 40], [0, 0, 48, 64], [0, 0, 44, 52]], [False] * 3)
+    assert out.shape == (3, 3, 16, 16) and out.dtype == torch.float32
+    for i in range(3):
+        assert (out[i] - pil_reference(ds.samples[i][0], 16)).abs().max() < TOL
+
+
+def test_gpu_decode_box_selects_and_flip_mirrors(tmp_path):
+    write_jpegs(tmp_path)
+    ds = data.EncodedFolder(str(tmp_path))
+    red, blue = torch.tensor([1., 0, 0]).view(3, 1, 1), torch.tensor([0., 0, 1]).view(3, 1, 1)
+    left = data.denormalize(decode(ds, [0], [[0, 0, 30, 18]], [False]))[0]  # left 18 of 40 columns: all red
+    assert (left - red).abs().max() < 0.1
+    whole, flipped = data.denormalize(decode(ds, [0, 0], [[0, 0, 30, 40]] * 2, [False, True]))
+    assert torch.equal(flipped, whole.flip(-1))
+    assert (whole[:, :, :6] - red).abs().max() < 0.1 and (flipped[:, :, :6] - blue).abs().max() < 0.1
+    top = data.denormalize(decode(ds, [1], [[4, 10, 16, 40]], [False]))[0]  # inside the green top half
+    assert (top - torch.tensor([0., 1, 0]).view(3, 1, 1)).abs().max() < 0.1
+
+
+def test_gpu_path_matches_cpu_path_per_sample(tmp_path):
+    # same (seed, epoch, index) key: the same crop box, flip and MAE noise on both paths, so the same pixels
+    write_jpegs(tmp_path)
+    cpu = data.Seeded(data.ImageFolder(str(tmp_path)), data.WithNoise(data.mae_transform(16), 4))
+    gpu = data.Seeded(data.EncodedFolder(str(tmp_path)), data.WithNoise(data.CropFlipParams(16), 4))
+    keys = [(i, 7 * i + s) for s in range(4) for i in range(3)]
+    ((datas, boxes, flips), noise), labels = data.collate_encoded([gpu[k] for k in keys])
+    assert isinstance(datas, list) and boxes.shape == (12, 4) and flips.dtype == torch.bool
+    assert labels.tolist() == [0, 0, 1] * 4 and 0 < flips.sum() < 12
+    imgs = data.gpu_decode_batch(datas, boxes, flips, 16, 'cpu')
+    ref_imgs, ref_noise = map(torch.stack, zip(*[cpu[k][0] for k in keys]))
+    assert torch.equal(noise, ref_noise)
+    assert (imgs - ref_imgs).abs().max() < TOL
+
+
+def test_gpu_path_params_are_pure_functions_of_seed_epoch_index(tmp_path):
+    write_jpegs(tmp_path)
+    ds = data.Seeded(data.EncodedFolder(str(tmp_path)), data.WithNoise(data.CropFlipParams(16), 4))
+    loader, sampler = data.make_loader(ds, 3, seed=5, collate_fn=data.collate_encoded)
+
+    def epoch(e):
+        sampler.set_epoch(e)
+        ((datas, boxes, flips), noise), labels = next(iter(loader))
+        return [d.sum().item() for d in datas], boxes, flips, noise
+    a, b, c = epoch(0), epoch(0), epoch(1)
+    assert a[0] == b[0] and all(torch.equal(x, y) for x, y in zip(a[1:], b[1:]))
+    assert not (torch.equal(a[1], c[1]) and torch.equal(a[3], c[3]))
+
+
+def test_gpu_path_decodes_non_jpegs_on_the_cpu(tmp_path):
+    write_images(tmp_path)  # PNG, greyscale JPEG, CMYK JPEG, transparent PNG, corrupt JPEG
+    ds = data.build_dataset(str(tmp_path), encoded=True)
+    assert isinstance(ds, data.EncodedFolder)
+    encs = [ds[i][0] for i in range(4)]
+    assert [e.data.ndim for e in encs] == [3, 1, 3, 3]  # only the greyscale JPEG goes to the device as bytes
+    out = data.gpu_decode_batch([e.data for e in encs], torch.tensor([[0, 0, 16, 20]] * 4), torch.zeros(4, dtype=torch.bool),
+                                8, 'cpu')
+    for i in range(4):
+        assert (out[i] - pil_reference(ds.samples[i][0], 8)).abs().max() < TOL
+    with pytest.warns(UserWarning, match='4.jpg'):
+        assert ds[4][0].size == (16, 20)  # the corrupt file is skipped, like ImageFolder
+    with pytest.raises(ValueError, match='--decode gpu'):
+        data.build_dataset('shapes', encoded=True)

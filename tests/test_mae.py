@@ -150,11 +150,31 @@ def test_compile_flag_constructs(tmp_path):
     (['--img_size', '30'], 'not divisible'),
     (['--mask_ratio', '1.5'], 'mask_ratio'),
     (['--model', 'gigantic'], '--model must be one of'),
+    (['--decode', 'gpu'], '--decode must be cpu, or gpu with --data an image folder'),
 ])
 def test_bad_input_one_clear_line(args, msg):
     r = run_script('mae.py', args + ['--max_steps', '1', '--out_dir', '/tmp/nanomim_bad'])
     assert r.returncode != 0
     assert msg in r.stderr and 'Traceback' not in r.stderr
+
+
+def test_gpu_decode_path_trains_on_a_jpeg_folder(tmp_path):
+    # --decode gpu on the CPU: workers send JPEG bytes + boxes, gpu_decode_batch decodes; the first loss equals the
+    # PIL path's, since both see the same crops, flips and masks (up to JPEG decoder round-off)
+    import json
+    import numpy as np
+    from PIL import Image
+    rng = np.random.default_rng(0)
+    for k in range(8):
+        (tmp_path / 'jpg' / 'train' / f'c{k % 2}').mkdir(parents=True, exist_ok=True)
+        grid = (rng.random((4, 5, 3)) * 255).astype(np.uint8)
+        Image.fromarray(grid).resize((50, 40), Image.BICUBIC).save(tmp_path / 'jpg' / 'train' / f'c{k % 2}' / f'{k}.jpg')
+    common = ['--data', str(tmp_path / 'jpg'), '--model', 'tiny', '--batch_size', '4', '--device', 'cpu']
+    gpu = run(tmp_path, 'gpu', '--decode', 'gpu', '--max_steps', '2', *common)
+    cpu = run(tmp_path, 'cpu', '--max_steps', '1', *common)
+    assert load_ckpt(gpu)['step'] == 2 and load_ckpt(gpu)['config']['decode'] == 'gpu'
+    first = [json.loads(open(os.path.join(o, 'log.jsonl')).readline())['loss'] for o in (gpu, cpu)]
+    assert abs(first[0] - first[1]) < 1e-2 * first[1]
 
 
 def test_resume_refuses_other_method_or_size(tmp_path):
