@@ -50,7 +50,7 @@ class Config:
     checkpoint: list = field(default_factory=list)  # repeatable: a path, or 'none' (random init); default: none
     data: str = ''             # image folder (ImageNet layout: DIR/val/<class>/*.jpg) or '' for the embedded shapes
     split: str = 'val'         # split of --data the images come from
-    model: str = ''            # tiny|small|base|large|huge; '' = the checkpoint's (config, else weights)
+    model: str = ''            # mini|tiny|small|base|large|huge; '' = the checkpoint's (config, else weights)
     img_size: int = 0          # analysis resolution (AAD pixels); 0 = first checkpoint's, else 64 embedded / 224
     patch_size: int = 0        # 0 = the checkpoint's; for 'none' alone 8 embedded, the model's own on a folder
     num_images: int = 128      # images evenly spaced over the split (the ViT paper's AAD used 128)

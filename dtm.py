@@ -53,7 +53,7 @@ METHOD = 'dtm'
 @dataclass
 class Config:
     data: str = ''             # image folder (ImageNet layout: DIR/train/<class>/*.jpg) or '' for the embedded shapes
-    model: str = ''            # student size tiny|small|base|large|huge; '' = tiny on embedded data, base on a folder
+    model: str = ''            # student size mini|tiny|small|base|large|huge; '' = tiny on embedded data, base on a folder
     img_size: int = 0          # input resolution; 0 = 64 embedded, 224 folder
     patch_size: int = 0        # 0 = 8 embedded, the model's own (16, 14 for huge) on a folder
     teacher: str = 'ema'       # ema | vit:PATH | clip:PATH; frozen, eval mode, sees the unmasked view

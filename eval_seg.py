@@ -56,7 +56,7 @@ IGNORE = 255  # label of pixels that count neither in the loss nor in the metric
 class Config:
     data: str = ''             # '' embedded shapes; an ADE20K folder (ADEChallengeData2016 layout); voc:DIR
     checkpoint: str = ''       # pre-trained backbone (any format vit.load_backbone reads), or 'none' = random init
-    model: str = ''            # tiny|small|base|large|huge; '' = tiny on embedded data, base on a folder
+    model: str = ''            # mini|tiny|small|base|large|huge; '' = tiny on embedded data, base on a folder
     img_size: int = 0          # training crop and sliding window; 0 = 64 embedded, 512 folder
     patch_size: int = 0        # 0 = 8 embedded, the model's own (16, 14 for huge) on a folder
     head: str = 'upernet'      # upernet (fine-tune everything) | linear (frozen backbone, BN + 1x1 conv probe)

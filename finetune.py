@@ -55,7 +55,7 @@ METHOD = 'finetune'
 @dataclass
 class Config:
     data: str = ''             # image folder (ImageNet layout: DIR/{train,val}/<class>/*.jpg) or '' for the embedded shapes
-    model: str = ''            # tiny|small|base|large|huge; must match the checkpoint; '' = tiny embedded, base folder
+    model: str = ''            # mini|tiny|small|base|large|huge; must match the checkpoint; '' = tiny embedded, base folder
     img_size: int = 0          # input resolution (position embedding interpolated); 0 = 64 embedded, 224 folder
     patch_size: int = 0        # 0 = 8 embedded, the model's own (16, 14 for huge) on a folder
     mode: str = 'finetune'     # finetune|linprobe|knn

@@ -49,7 +49,7 @@ METHOD = 'ibot'
 @dataclass
 class Config:
     data: str = ''             # image folder (ImageNet layout: DIR/train/<class>/*.jpg) or '' for the embedded shapes
-    model: str = ''            # tiny|small|base|large|huge; '' = tiny on embedded data, base on a folder
+    model: str = ''            # mini|tiny|small|base|large|huge; '' = tiny on embedded data, base on a folder
     img_size: int = 0          # global crop resolution; 0 = 64 embedded, 224 folder
     local_size: int = 0        # local crop resolution; 0 = 32 embedded, 96 folder
     patch_size: int = 0        # 0 = 8 embedded, the model's own (16, 14 for huge) on a folder

@@ -57,7 +57,7 @@ METHOD = 'lut'
 @dataclass
 class Config:
     data: str = ''             # image folder (ImageNet layout: DIR/train/<class>/*.jpg) or '' for the embedded shapes
-    model: str = ''            # tiny|small|base|large|huge; '' = tiny on embedded data, base on a folder
+    model: str = ''            # mini|tiny|small|base|large|huge; '' = tiny on embedded data, base on a folder
     img_size: int = 0          # input resolution; 0 = 64 embedded, 224 folder
     patch_size: int = 0        # 0 = 8 embedded, the model's own (16, 14 for huge) on a folder
     mask_ratio: float = 0.75   # fraction of patches removed per view; >= 0.5 so the two kept sets are disjoint
