@@ -65,7 +65,7 @@ class Config:
     aux_weight: float = 0.4    # weight of the auxiliary FCN head's loss on the stride-p level; 0 = no auxiliary head
     out_norm: bool = False     # apply the backbone's final LayerNorm to each tapped block (iBOT); MAE/BEiT use raw outputs
     drop_path: float = 0.1     # stochastic depth of the backbone while fine-tuning (0 for the linear probe)
-    iters: int = 0             # optimizer steps; 0 = 300 embedded, 160000 folder
+    iters: int = 0             # optimizer steps; 0 = 1500 embedded (about 5 epochs of shapes), 160000 folder
     batch_size: int = 0        # per process; 0 = 16 embedded, 2 folder (16 on 8 GPUs)
     accum_iter: int = 1        # gradient accumulation steps (effective batch = batch_size * accum_iter * world)
     lr: float = 0.0            # peak lr of the head (backbone layers get lr * layer_decay^k); 0 = 1e-4 folder, 1e-3 embedded
@@ -90,7 +90,7 @@ class Config:
     device: str = ''           # cuda|cpu|cuda:N; '' = cuda if available
 
 
-EMBEDDED = dict(model='tiny', img_size=64, patch_size=8, channels=64, iters=300, batch_size=16, lr=1e-3,
+EMBEDDED = dict(model='tiny', img_size=64, patch_size=8, channels=64, iters=1500, batch_size=16, lr=1e-3,
                 warmup_iters=30, num_workers=2)
 RECIPE = dict(model='base', img_size=512, patch_size=0, channels=512, iters=160_000, batch_size=2, lr=1e-4,
               warmup_iters=1500, num_workers=8)

@@ -29,7 +29,7 @@ pretrain() {  # NAME SCRIPT ARGS...: pre-train into $OUT/NAME/pretrain
   done_file "$OUT/$name/pretrain/done" && return 0
   local t0=$SECONDS
   $PY "$script" $PRE --out_dir "$OUT/$name/pretrain" "$@"
-  echo $((SECONDS - t0)) > "$OUT/$name/pretrain/done"   # wall-clock seconds, for the table
+  echo $((SECONDS - t0)) > "$OUT/$name/pretrain/done"   # wall-clock seconds
 }
 
 evaluate() {  # NAME CHECKPOINT: kNN + linear probe on cached [CLS] features, then fine-tuning (not for pixels)
@@ -64,16 +64,17 @@ out = sys.argv[1]
 def res(name, what, key):
     f = os.path.join(out, name, what, 'results.json')
     return f"{json.load(open(f))[key]:.1f}" if os.path.exists(f) else '-'
-def minutes(name):
-    log, done = (os.path.join(out, name, 'pretrain', f) for f in ('log.jsonl', 'done'))
-    if not os.path.exists(done):
+def schedule(name):
+    log = os.path.join(out, name, 'pretrain', 'log.jsonl')
+    if not os.path.exists(os.path.join(out, name, 'pretrain', 'done')):
         return '-', '-'
-    return f"{json.loads(open(log).readlines()[-1])['epoch']:g}", f"{int(open(done).read()) / 60:.0f}"
-print('| backbone | pre-train epochs | pre-train min | kNN top-1 | linear top-1 | fine-tune top-1 |')
+    last = json.loads(open(log).readlines()[-1])
+    return f"{last['epoch']:g}", str(last['step'])
+print('| backbone | pre-train epochs | steps | kNN top-1 | linear top-1 | fine-tune top-1 |')
 print('|---|---:|---:|---:|---:|---:|')
 for name in ['pixels', 'random', 'mae', 'lut', 'ibot', 'dtm_ema', 'dtm_mae', 'mae_long']:
-    ep, mins = minutes(name)
-    print(f"| {name} | {ep} | {mins} | {res(name, 'linprobe', 'knn_acc1')} | {res(name, 'linprobe', 'last_acc1')} "
+    ep, steps = schedule(name)
+    print(f"| {name} | {ep} | {steps} | {res(name, 'linprobe', 'knn_acc1')} | {res(name, 'linprobe', 'last_acc1')} "
           f"| {res(name, 'finetune', 'last_acc1')} |")
 EOF
     ;;
