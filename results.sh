@@ -5,17 +5,17 @@
 #   apt-get install -y dataset-fashion-mnist     # the data: idx files under /usr/share/datasets/fashion-mnist
 #   bash results.sh                              # everything, in order, then the table (CPU: a few hours)
 #   bash results.sh mae lut table                # only these steps (a run's eval starts after its pre-training)
+#   bash results.sh mae & bash results.sh ibot &  # independent steps in parallel (dtm_mae needs mae's checkpoint)
 #   EPOCHS=20 FT_EPOCHS=10 FT_SAMPLES=0 bash results.sh    # a GPU-sized schedule
 #
-# Steps: mae lut ibot dtm_ema dtm_mae mae_long (pre-train + evaluate), random pixels (baselines), table.
+# Steps: mae lut ibot dtm_ema dtm_mae (pre-train + evaluate), random pixels (baselines), table.
 # Every run writes out/results/NAME/{pretrain,linprobe,finetune}/; a finished step is skipped when run again.
 # Model: ViT-mini (vit.SIZES['mini']: width 128, depth 6, 4 heads, 1.2M parameters), patch 4 -> 8x8 = 64 tokens.
 set -euo pipefail
 cd "$(dirname "$0")"
 PY=${PY:-python}
 OUT=${OUT:-out/results}
-EPOCHS=${EPOCHS:-1}            # pre-training epochs of every method (CPU default: 469 steps of 128 images)
-LONG_EPOCHS=${LONG_EPOCHS:-5}  # the mae_long row: MAE for more epochs, about the CPU time of one iBOT epoch
+EPOCHS=${EPOCHS:-1}            # pre-training epochs of every method (1 = 468 steps of 128 images)
 FT_EPOCHS=${FT_EPOCHS:-2}      # fine-tuning epochs ...
 FT_SAMPLES=${FT_SAMPLES:-10000}  # ... on this many training images (a fixed random subset; 0 = all 60k)
 COMMON="--data fashion-mnist --model mini --img_size 32 --patch_size 4 --seed 0 --num_workers 1"
@@ -54,8 +54,6 @@ step() {
     dtm_mae) [ -f "$OUT/mae/pretrain/done" ] || step mae
              pretrain dtm_mae dtm.py --blr 5e-3 --teacher "vit:$OUT/mae/pretrain/checkpoint.pt" &&
              evaluate dtm_mae "$OUT/dtm_mae/pretrain/checkpoint.pt" ;;
-    mae_long) pretrain mae_long mae.py $DEC --blr 1.5e-3 --epochs "$LONG_EPOCHS" &&   # MAE for about iBOT's CPU time
-              evaluate mae_long "$OUT/mae_long/pretrain/checkpoint.pt" ;;
     random)  evaluate random none ;;
     pixels)  evaluate pixels pixels ;;
     table)   $PY - "$OUT" <<'EOF'
@@ -72,16 +70,16 @@ def schedule(name):
     return f"{last['epoch']:g}", str(last['step'])
 print('| backbone | pre-train epochs | steps | kNN top-1 | linear top-1 | fine-tune top-1 |')
 print('|---|---:|---:|---:|---:|---:|')
-for name in ['pixels', 'random', 'mae', 'lut', 'ibot', 'dtm_ema', 'dtm_mae', 'mae_long']:
+for name in ['pixels', 'random', 'mae', 'lut', 'ibot', 'dtm_ema', 'dtm_mae']:
     ep, steps = schedule(name)
     print(f"| {name} | {ep} | {steps} | {res(name, 'linprobe', 'knn_acc1')} | {res(name, 'linprobe', 'last_acc1')} "
           f"| {res(name, 'finetune', 'last_acc1')} |")
 EOF
     ;;
-    *) echo "unknown step $1 (mae lut ibot dtm_ema dtm_mae mae_long random pixels table)" >&2; exit 2 ;;
+    *) echo "unknown step $1 (mae lut ibot dtm_ema dtm_mae random pixels table)" >&2; exit 2 ;;
   esac
 }
 
-for s in "${@:-pixels random mae lut ibot dtm_ema dtm_mae mae_long table}"; do
+for s in "${@:-pixels random mae lut ibot dtm_ema dtm_mae table}"; do
   for t in $s; do step "$t"; done
 done
