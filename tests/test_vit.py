@@ -167,3 +167,11 @@ def test_load_backbone_formats_and_errors(tmp_path):
         vit.load_backbone({'encoder': sd}, vit.vit('small', img_size=32, patch_size=8, num_classes=0), verbose=False)
     with pytest.raises(FileNotFoundError):
         vit.load_backbone(str(tmp_path / 'nope.pt'), tiny())
+
+
+def test_mini_size_parameter_count_by_hand():
+    # ViT-mini/4 at 32 px, no head: patch embed 48*128 + 128, cls 128, pos 65*128, 6 blocks of
+    # (qkv 3D^2+3D, proj D^2+D, fc1 4D^2+4D, fc2 4D^2+D, two norms 4D) = 12D^2 + 13D, final norm 2D
+    D = 128
+    expect = 48 * D + D + D + 65 * D + 6 * (12 * D * D + 13 * D) + 2 * D
+    assert vit.count_params(vit.vit('mini', img_size=32, patch_size=4, num_classes=0)) == expect == 1_204_608
