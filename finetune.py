@@ -227,6 +227,8 @@ def subset(ds, n):
 def extract_features(backbone, loader, pool, device, autocast, dim):
     """Pooled features of this rank's share of the loader, in sampler order: (n_r, dim) float32, labels (n_r,).
     backbone None: the normalised image itself, flattened (dim = 3 S S), for the raw-pixel reference rows."""
+    if backbone is not None:
+        backbone.eval()
     feats, labels = [], []
     for x, y in loader:
         x = x.to(device, non_blocking=True)
@@ -234,7 +236,7 @@ def extract_features(backbone, loader, pool, device, autocast, dim):
             feats.append(x.flatten(1).float())  # (B, 3*S*S)
         else:
             with autocast:
-                feats.append(pool_tokens(backbone.eval().forward_features(x), pool).float())
+                feats.append(pool_tokens(backbone.forward_features(x), pool).float())
         labels.append(y.to(device))
     return (torch.cat(feats) if feats else torch.zeros(0, dim, device=device),
             torch.cat(labels) if labels else torch.zeros(0, dtype=torch.long, device=device))
