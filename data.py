@@ -19,6 +19,7 @@ import io
 import math
 import os
 import random
+import time
 import warnings
 from typing import NamedTuple
 
@@ -621,3 +622,38 @@ def batches(loader, sampler, start_step):
         for b in loader:
             yield epoch, b
         epoch, skip = epoch + 1, 0
+
+
+class Progress:
+    """Plain progress lines for long phases (feature extraction, evaluation, loading): at most one line every
+    `every` seconds with done/total, items/s and ETA, and a closing line if any was printed. Silent when not
+    `enabled` (pass `enabled=rank == 0`). NANOMIM_PROGRESS_EVERY overrides `every` (tests set 0 to see lines).
+
+        prog = data.Progress('knn features', total=len(dataset), unit='img')
+        for x, y in loader:
+            ...
+            prog.update(len(x))
+        prog.close()
+    """
+
+    def __init__(self, desc, total, unit='img', every=10.0, enabled=True):
+        self.desc, self.total, self.unit, self.enabled = desc, total, unit, enabled
+        self.every = float(os.environ.get('NANOMIM_PROGRESS_EVERY', every))
+        self.done, self.printed = 0, False
+        self.t0 = self.t_last = time.time()
+
+    def _line(self):
+        dt = max(time.time() - self.t0, 1e-9)
+        rate = self.done / dt
+        eta = (self.total - self.done) / rate if rate > 0 and self.total else float('nan')
+        return f'{self.desc}: {self.done}/{self.total} {self.unit} {rate:.1f} {self.unit}/s eta {eta:.0f} s'
+
+    def update(self, n=1):
+        self.done += n
+        if self.enabled and time.time() - self.t_last >= self.every:
+            print(self._line(), flush=True)
+            self.t_last, self.printed = time.time(), True
+
+    def close(self):
+        if self.enabled and self.printed:
+            print(f'{self._line()} (done in {time.time() - self.t0:.0f} s)', flush=True)
