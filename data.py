@@ -5,8 +5,8 @@ data.py -- everything about images in and tensors out, shared by every nanoMIM s
                                a folder -> ImageNet layout (DIR/{train,val}/<class>/*.jpg) or a flat class folder
   transforms                   mae_transform, LUTTransform, MultiCropTransform (iBOT), dtm_transform,
                                finetune_transform, eval_transform; all torchvision.transforms.v2
-  masks                        random_masking (MAE/LUT, on the device), block_mask / ibot_mask / exact_block_mask
-                               (BEiT-style blockwise, iBOT / DTM, in the loader workers)
+  masks                        WithNoise (the per-sample noise of MAE/LUT, whose masking is in mae.py / lut.py);
+                               block_mask / ibot_mask / exact_block_mask (BEiT-style blockwise, iBOT / DTM)
   make_loader / batches        one loader builder for every script; randomness per sample is a pure function of
                                (seed, epoch, index), so DDP == single process and resume == uninterrupted
   --decode gpu (MAE)           EncodedFolder + CropFlipParams + collate_encoded in the workers (file bytes, crop box,
@@ -257,6 +257,28 @@ def is_folder(spec):
     return spec not in ('', None, 'shapes') and spec not in IDX_SOURCES and not spec.startswith('idx:')
 
 
+REGIME_HELP = """Flags left at 0 / '' / -1 are picked by --data, in one of three regimes:
+  embedded  --data '' (the built-in procedural shapes): a small model that trains on a CPU in minutes
+  small     --data fashion-mnist | mnist | idx:DIR: the README's CPU-scale Results protocol (ViT-mini, 32 px)
+  folder    --data DIR (ImageNet layout DIR/train/<class>/*.jpg): the paper's recipe, sized for 8 GPUs
+The first line of a run prints the regime and every resolved value."""
+
+
+def regime(spec):
+    """Which defaults a script picks for --data: 'embedded' (the procedural shapes, CPU minutes), 'small' (the idx
+    datasets: the README's CPU-scale protocol) or 'folder' (an image folder: the paper's recipe)."""
+    if spec in ('', None, 'shapes'):
+        return 'embedded'
+    return 'folder' if is_folder(spec) else 'small'
+
+
+def default_workers(n):
+    """Loader workers: n, never more than the CPUs this process may use (a loader with more workers than CPUs only
+    adds processes and torch's warning)."""
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else (os.cpu_count() or 1)
+    return max(0, min(n, cpus))
+
+
 def build_dataset(spec, split='train', img_size=64, with_mask=False, encoded=False):
     """The dataset named by --data: '' or 'shapes' -> embedded Shapes at img_size; 'fashion-mnist' / 'mnist' /
     'idx:DIR' -> idx files resized to img_size; a folder -> ImageFolder of DIR/train or DIR/val if present
@@ -465,24 +487,6 @@ class WithNoise:
 
     def __call__(self, img):
         return self.transform(img), torch.rand(self.num_patches)
-
-
-def random_masking(noise, mask_ratio):
-    """MAE per-sample random masking by argsort of uniform noise (B, L) (small noise = keep).
-    Returns ids_shuffle (B, L), ids_restore (B, L) (its inverse permutation) and K = int(L * (1 - mask_ratio)).
-    ids_keep = ids_shuffle[:, :K]; the binary mask (1 = removed) is mask_from_ids(ids_shuffle[:, :K], L)."""
-    if not 0.0 < mask_ratio < 1.0:
-        raise ValueError(f'mask ratio must be in (0, 1), got {mask_ratio}')
-    L = noise.shape[1]
-    ids_shuffle = torch.argsort(noise, dim=1)
-    ids_restore = torch.argsort(ids_shuffle, dim=1)
-    return ids_shuffle, ids_restore, int(L * (1 - mask_ratio))
-
-
-def mask_from_ids(ids_keep, L):
-    """(B, K) kept indices -> (B, L) float mask in the original patch order, 0 = keep, 1 = remove."""
-    mask = torch.ones(ids_keep.shape[0], L, device=ids_keep.device)
-    return mask.scatter_(1, ids_keep, 0.0)
 
 
 def block_mask(h, w, num_masking, rng, min_patches=16, max_patches=None, min_aspect=0.3):

@@ -29,16 +29,15 @@ P pixels per patch (p*p*3), Dh head hidden width.
 import argparse
 import copy
 import dataclasses
+import inspect
 import json
 import math
 import os
-import random
 import sys
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn as nn
@@ -51,88 +50,140 @@ import vit
 METHOD = 'lut'
 
 # -----------------------------------------------------------------------------
-# config: typed defaults, one comment each; 0 / '' = pick by data (embedded CPU default or the paper recipe)
+# config: typed defaults, one comment each (the comment is the flag's --help); 0 / '' / -1 = picked by --data
 
 
 @dataclass
 class Config:
-    data: str = ''             # image folder (ImageNet layout: DIR/train/<class>/*.jpg) or '' for the embedded shapes
-    model: str = ''            # mini|tiny|small|base|large|huge; '' = tiny on embedded data, base on a folder
-    img_size: int = 0          # input resolution; 0 = 64 embedded, 224 folder
-    patch_size: int = 0        # 0 = 8 embedded, the model's own (16, 14 for huge) on a folder
+    data: str = ''             # '' = embedded shapes; fashion-mnist | mnist | idx:DIR; or an image folder
+    model: str = ''            # ViT size: mini|tiny|small|base|large|huge
+    img_size: int = 0          # input resolution in pixels
+    patch_size: int = 0        # patch side in pixels; 0 on a folder = the model's own (16, 14 for huge)
     mask_ratio: float = 0.75   # fraction of patches removed per view; >= 0.5 so the two kept sets are disjoint
     norm_pix_loss: bool = True  # per-patch normalised pixel target (the recipe of every published model)
-    decoder_dim: int = 0       # 0 = 128 embedded, 512 folder
-    decoder_depth: int = 0     # 0 = 2 embedded, 8 folder
-    decoder_heads: int = 0     # 0 = 4 embedded, 16 folder
+    decoder_dim: int = 0       # decoder width
+    decoder_depth: int = 0     # decoder blocks
+    decoder_heads: int = 0     # decoder attention heads
     crop: str = 'src'          # geometry shared by the two views: src (simple resized crop, LUT recipe) or rrc
     head_dim: int = 4096       # hidden width of the projection head and of the predictor (D -> head_dim -> D)
-    momentum: float = 0.996    # EMA momentum of the target encoder + head at step 0; half cosine to 1 at the end
+    ema_momentum: float = 0.996  # EMA momentum of the momentum encoder + head at step 0; half cosine to 1 at the end
     w_mae: float = 1.0         # weight of the reconstruction loss L_MAE
     w_bc: float = -1           # weight of the broader-contextualization loss L_BC; -1 = 1.0 up to small, 0.25 base+
-    epochs: int = 0            # 0 = 8 embedded, 1600 folder
-    batch_size: int = 0        # per process; 0 = 64 embedded, 512 folder (4096 on 8 GPUs)
-    accum_iter: int = 1        # gradient accumulation steps (effective batch = batch_size * accum_iter * world)
-    blr: float = 0.0           # base lr, lr = blr * effective_batch / 256; 0 = 1.5e-4 folder (recipe), 1.5e-3 embedded
-    lr: float = 0.0            # absolute lr; overrides blr when > 0
+    epochs: int = 0            # pre-training epochs
+    batch_size: int = 0        # per process (effective batch = batch_size * accum_iter * processes)
+    accum_iter: int = 1        # gradient accumulation: micro-batches per optimizer step
+    blr: float = 0.0           # base learning rate: lr = blr * effective_batch / 256
+    lr: float = 0.0            # absolute learning rate; overrides blr when > 0
     min_lr: float = 0.0        # end of the cosine schedule
-    warmup_epochs: float = -1  # linear warm-up; -1 = 1 embedded, 40 folder
+    warmup_epochs: float = -1  # linear warm-up from 0, in epochs
     weight_decay: float = 0.05  # AdamW; none on biases, norms, tokens, position embeddings
     out_dir: str = 'out/lut'   # checkpoint.pt, log.jsonl, recon.png
-    resume: str = ''           # '' fresh, 'auto' = out_dir/checkpoint.pt if present, or a path
-    save_every: int = 500      # steps between checkpoints (always saved at the end)
+    resume: str = ''           # '' fresh; 'auto' = out_dir/checkpoint.pt if present; or a checkpoint path
+    save_every: int = 0        # optimizer steps between checkpoints; 0 = once per epoch (always at the end)
     dtype: str = ''            # bf16|fp16|fp32; '' = bf16 on CUDA, fp32 on CPU
-    compile: bool = False      # torch.compile the model and the momentum branch
-    seed: int = 0              # data order, augmentation and masks are pure functions of (seed, epoch, index)
-    num_workers: int = -1      # loader workers per process; -1 = 2 embedded, 10 folder
-    log_every: int = 20        # steps between log lines (the only host syncs)
-    max_steps: int = 0         # stop after this many optimizer steps (0 = run all epochs); schedule unchanged
-    device: str = ''           # cuda|cpu|cuda:N; '' = cuda if available
+    compile: bool = False      # torch.compile the model and the momentum branch (eager is what the tests run)
+    seed: int = 0              # data order, augmentation, masks and drop path are pure functions of (seed, step)
+    num_workers: int = -1      # loader workers per process, capped at the CPUs this process may use
+    log_every: int = 20        # optimizer steps between log lines (the only host syncs)
+    max_steps: int = 0         # stop after this many optimizer steps (0 = all epochs); the schedule is unchanged
+    device: str = ''           # cuda|cuda:N|cpu; '' = cuda if available
 
 
-EMBEDDED = dict(model='tiny', img_size=64, patch_size=8, decoder_dim=128, decoder_depth=2, decoder_heads=4,
-                epochs=8, batch_size=64, blr=1.5e-3, warmup_epochs=1, num_workers=2)
-RECIPE = dict(model='base', img_size=224, patch_size=0, decoder_dim=512, decoder_depth=8, decoder_heads=16,
-              epochs=1600, batch_size=512, blr=1.5e-4, warmup_epochs=40, num_workers=10)
+# what 0 / '' / -1 resolve to: the embedded shapes (CPU, minutes), the small idx datasets (the README's CPU-scale
+# Results protocol), an image folder (the paper's recipe: ViT-B/16, 1600 epochs, effective batch 4096 on 8 GPUs)
+REGIMES = {
+    'embedded': dict(model='tiny', img_size=64, patch_size=8, decoder_dim=128, decoder_depth=2, decoder_heads=4,
+                     epochs=8, batch_size=64, blr=1.5e-3, warmup_epochs=1, num_workers=2),
+    'small': dict(model='mini', img_size=32, patch_size=4, decoder_dim=128, decoder_depth=2, decoder_heads=4,
+                  epochs=1, batch_size=128, blr=1.5e-3, warmup_epochs=0.1, num_workers=2),
+    'folder': dict(model='base', img_size=224, patch_size=0, decoder_dim=512, decoder_depth=8, decoder_heads=16,
+                   epochs=1600, batch_size=512, blr=1.5e-4, warmup_epochs=40, num_workers=10),
+}
 ARCH_KEYS = ('model', 'img_size', 'patch_size', 'decoder_dim', 'decoder_depth', 'decoder_heads', 'head_dim')
 
 
+def field_help(cls):
+    """{field name: its '# comment'} from the dataclass source, so the comment is the one place a knob is described."""
+    try:
+        lines = inspect.getsource(cls).splitlines()
+    except (OSError, TypeError):  # no source at hand (frozen app): flags keep their defaults as help
+        return {}
+    out = {}
+    for line in lines:
+        code, sep, comment = line.partition('# ')
+        name = code.split(':')[0].strip()
+        if sep and name.isidentifier() and ':' in code and '=' in code:
+            out[name] = comment.strip()
+    return out
+
+
 def get_config(argv=None):
-    """argparse from the dataclass (unknown flags rejected), then fill the data-dependent defaults."""
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    """argparse from Config (the field comments are the help; unknown flags are rejected), then the defaults left
+    at 0 / '' / -1 are filled from the regime of --data (REGIMES) and check_config validates the result."""
+    def boolean(s):
+        if s.lower() not in ('1', 'true', 'yes', 'on', '0', 'false', 'no', 'off'):
+            raise argparse.ArgumentTypeError(f'expected true or false, got {s!r}')
+        return s.lower() in ('1', 'true', 'yes', 'on')
+    helps = field_help(Config)
+    p = argparse.ArgumentParser(description=__doc__, epilog=data.REGIME_HELP,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     for f in dataclasses.fields(Config):
-        if f.type is bool:
-            p.add_argument(f'--{f.name}', type=lambda s: s.lower() in ('1', 'true', 'yes', 'on'), default=f.default,
-                           metavar='BOOL', help=f'(default {f.default})')
-        else:
-            p.add_argument(f'--{f.name}', type=f.type, default=f.default, help=f'(default {f.default!r})')
+        picked = '; '.join(f'{r} {v[f.name]!r}' for r, v in REGIMES.items() if f.name in v)
+        default = f'default {f.default!r}' + (f' = picked by --data: {picked}' if picked else '')
+        p.add_argument(f'--{f.name}', type=boolean if f.type is bool else f.type, default=f.default,
+                       metavar='BOOL' if f.type is bool else f.name.upper(),
+                       help=f'{helps.get(f.name, "")} ({default})'.replace('%', '%%'))
     cfg = Config(**vars(p.parse_args(argv)))
-    for k, v in (EMBEDDED if cfg.data in ('', 'shapes') else RECIPE).items():
+    for k, v in REGIMES[data.regime(cfg.data)].items():
         if getattr(cfg, k) == Config.__dataclass_fields__[k].default:  # left at its 'pick by data' default
             setattr(cfg, k, v)
-    if cfg.patch_size == 0:
-        cfg.patch_size = vit.SIZES[cfg.model][3] if cfg.model in vit.SIZES else 16
-    if cfg.w_bc == -1:  # the LUT recipe: 1.0 for ViT-S, 0.25 for ViT-B (and larger)
-        cfg.w_bc = 1.0 if cfg.model in ('mini', 'tiny', 'small') else 0.25
     if cfg.model not in vit.SIZES:
-        p.error(f'--model must be one of {", ".join(vit.SIZES)}')
+        p.error(f'--model must be one of {", ".join(vit.SIZES)}, got {cfg.model!r}')
+    if cfg.patch_size == 0:
+        cfg.patch_size = vit.SIZES[cfg.model][3]
     if cfg.img_size % cfg.patch_size:
         p.error(f'--img_size {cfg.img_size} is not divisible by --patch_size {cfg.patch_size}')
-    if not 0.5 <= cfg.mask_ratio < 1.0:
-        p.error(f'--mask_ratio must be in [0.5, 1) for LUT (the two views keep disjoint patch sets), '
-                f'got {cfg.mask_ratio}')
-    if int((cfg.img_size // cfg.patch_size) ** 2 * (1 - cfg.mask_ratio)) < 1:
-        p.error(f'--mask_ratio {cfg.mask_ratio} keeps no patch of a {cfg.img_size // cfg.patch_size}^2 grid')
-    if cfg.crop not in ('src', 'rrc'):
-        p.error(f'--crop must be src or rrc, got {cfg.crop!r}')
-    if not 0.0 <= cfg.momentum <= 1.0 or cfg.w_mae < 0 or cfg.w_bc < 0 or cfg.head_dim < 1:
-        p.error('--momentum must be in [0, 1], --w_mae and --w_bc >= 0, --head_dim >= 1')
     if cfg.dtype not in ('', 'bf16', 'fp16', 'fp32'):
-        p.error('--dtype must be bf16, fp16 or fp32')
+        p.error(f'--dtype must be bf16, fp16 or fp32, got {cfg.dtype!r}')
+    if min(cfg.epochs, cfg.batch_size, cfg.accum_iter, cfg.log_every) < 1 or cfg.save_every < 0:
+        p.error('--epochs, --batch_size, --accum_iter and --log_every must be >= 1, --save_every >= 0')
+    cfg.num_workers = data.default_workers(cfg.num_workers)
+    check_config(cfg, p.error)
     return cfg
+
+
+def check_config(cfg, error):
+    """LUT's own checks, after the defaults are filled; error(msg) exits with the usage line."""
+    if cfg.w_bc == -1:  # the LUT recipe: 1.0 for ViT-S, 0.25 for ViT-B (and larger)
+        cfg.w_bc = 1.0 if cfg.model in ('mini', 'tiny', 'small') else 0.25
+    if not 0.5 <= cfg.mask_ratio < 1.0:
+        error(f'--mask_ratio must be in [0.5, 1) for LUT (the two views keep disjoint patch sets), '
+              f'got {cfg.mask_ratio}')
+    if int((cfg.img_size // cfg.patch_size) ** 2 * (1 - cfg.mask_ratio)) < 1:
+        error(f'--mask_ratio {cfg.mask_ratio} keeps no patch of a {cfg.img_size // cfg.patch_size}^2 grid')
+    if cfg.crop not in ('src', 'rrc'):
+        error(f'--crop must be src or rrc, got {cfg.crop!r}')
+    if not 0.0 <= cfg.ema_momentum <= 1.0 or cfg.w_mae < 0 or cfg.w_bc < 0 or cfg.head_dim < 1:
+        error('--ema_momentum must be in [0, 1], --w_mae and --w_bc >= 0, --head_dim >= 1')
 
 # -----------------------------------------------------------------------------
 # model: MAE (ViT encoder on the kept patches + light decoder) + projection head and predictor; momentum branch
+
+
+def random_masking(noise, mask_ratio):
+    """Per-sample random masking by argsort of uniform noise (B, L), small noise = keep (models_mae.py).
+    Returns ids_shuffle (B, L), ids_restore (B, L) (its inverse permutation) and K = int(L * (1 - mask_ratio));
+    the kept patches are ids_shuffle[:, :K]."""
+    L = noise.shape[1]
+    ids_shuffle = torch.argsort(noise, dim=1)  # (B, L): ascending noise, the first K are kept
+    ids_restore = torch.argsort(ids_shuffle, dim=1)  # (B, L)
+    return ids_shuffle, ids_restore, int(L * (1 - mask_ratio))
+
+
+def mask_from_ids(ids_keep, L):
+    """(B, K) kept indices -> (B, L) float mask in the original patch order, 0 = keep, 1 = remove."""
+    mask = torch.ones(ids_keep.shape[0], L, device=ids_keep.device)
+    return mask.scatter_(1, ids_keep, 0.0)
 
 
 class AllReduceSum(torch.autograd.Function):
@@ -222,7 +273,7 @@ class LUT(nn.Module):
         ids_keep1, ids_keep2, ids_restore = two_view_masks(noise, mask_ratio)  # (B, K), (B, K), (B, L)
         latent1 = self.forward_encoder(view1, ids_keep1)  # (B, 1+K, D)
         latent2 = self.forward_encoder(view2, ids_keep2)  # (B, 1+K, D)
-        mask = data.mask_from_ids(ids_keep1, noise.shape[1])  # (B, L)
+        mask = mask_from_ids(ids_keep1, noise.shape[1])  # (B, L)
         pred = self.forward_decoder(latent1, ids_restore)  # only view 1 is reconstructed
         target = pixel_target(view1, self.patch_size, norm_pix)
         loss = mae_loss(pred, target, mask)
@@ -261,7 +312,7 @@ def two_view_masks(noise, mask_ratio):
     (the unshuffle of view 1, whose removed patches are everything but ids_keep1)."""
     if mask_ratio < 0.5:
         raise ValueError(f'LUT needs mask_ratio >= 0.5 so that the two views keep disjoint patches, got {mask_ratio}')
-    ids_shuffle, ids_restore, K = data.random_masking(noise, mask_ratio)
+    ids_shuffle, ids_restore, K = random_masking(noise, mask_ratio)
     return ids_shuffle[:, :K], ids_shuffle[:, K:2 * K], ids_restore
 
 
@@ -337,13 +388,55 @@ def ema_update(target, online, m):
     for t, o in pairs:
         if not t.is_floating_point():
             t.copy_(o)
+
+
+def schedules(step, cfg, base_lr, warmup_steps, total_steps):
+    """Every scheduled value of optimizer step `step` (logged as they are)."""
+    return {'lr': lr_at(step, base_lr, cfg.min_lr, warmup_steps, total_steps),
+            'momentum': momentum_at(step, cfg.ema_momentum, total_steps)}
+
 # -----------------------------------------------------------------------------
-# checkpointing
+# distributed, precision, checkpoints (the same block in every nanoMIM script)
 
 
-def rng_state():
-    return {'python': random.getstate(), 'numpy': np.random.get_state(), 'torch': torch.get_rng_state(),
-            'cuda': torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+def resolve_device(flag, local_rank, ddp, cuda_available):
+    """--device -> a device string with an index for CUDA ('cuda' -> 'cuda:LOCAL_RANK'; under torchrun every
+    process takes its own GPU), without touching CUDA."""
+    device = flag or ('cuda' if cuda_available else 'cpu')
+    if device.startswith('cuda') and (ddp or device == 'cuda'):
+        device = f'cuda:{local_rank}'
+    return device
+
+
+def setup_distributed(cfg):
+    """torchrun sets RANK / LOCAL_RANK / WORLD_SIZE; plain `python` runs one process.
+    Returns (ddp, rank, local_rank, world, device)."""
+    ddp = int(os.environ.get('RANK', -1)) != -1
+    rank, local_rank, world = (int(os.environ['RANK']), int(os.environ['LOCAL_RANK']),
+                               int(os.environ['WORLD_SIZE'])) if ddp else (0, 0, 1)
+    device = resolve_device(cfg.device, local_rank, ddp, torch.cuda.is_available())
+    if device.startswith('cuda'):
+        torch.cuda.set_device(device)
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    if ddp:
+        dist.init_process_group(backend='nccl' if device.startswith('cuda') else 'gloo')
+    torch.manual_seed(cfg.seed + rank)
+    return ddp, rank, local_rank, world, device
+
+
+def setup_precision(cfg, device_type):
+    """bf16 autocast by default on CUDA, fp16 autocast with a GradScaler, fp32 on CPU.
+    Returns (dtype name, autocast context, scaler)."""
+    dtype = cfg.dtype or ('bf16' if device_type == 'cuda' else 'fp32')
+    ptdtype = {'bf16': torch.bfloat16, 'fp16': torch.float16, 'fp32': torch.float32}[dtype]
+    autocast = nullcontext() if dtype == 'fp32' else torch.autocast(device_type, dtype=ptdtype)
+    return dtype, autocast, torch.amp.GradScaler(device_type, enabled=dtype == 'fp16')
+
+
+def step_seed(seed, rank, step):
+    """The seed of torch's RNG inside optimizer step `step` (drop path, in-step draws): a function of (seed, rank,
+    step), set after the batch is fetched, so resume == uninterrupted and DDP ranks draw differently."""
+    return seed + 1_000_003 * rank + 7919 * step
 
 
 def save_checkpoint(path, state):
@@ -366,13 +459,78 @@ def load_checkpoint(path, cfg):
         ckpt = torch.load(path, map_location='cpu', weights_only=False)
     except Exception as e:
         sys.exit(f'error: cannot read checkpoint {path} ({type(e).__name__}: {e})')
-    if ckpt.get('method') != METHOD:
-        sys.exit(f'error: {path} is a {ckpt.get("method", "non-nanoMIM")} checkpoint, not {METHOD}')
+    if not isinstance(ckpt, dict) or ckpt.get('method') != METHOD:
+        kind = ckpt.get('method', 'non-nanoMIM') if isinstance(ckpt, dict) else 'non-nanoMIM'
+        sys.exit(f'error: {path} is a {kind} checkpoint, not {METHOD}')
     old = ckpt['config']
     diff = [f'{k}={old.get(k)} (now {getattr(cfg, k)})' for k in ARCH_KEYS if old.get(k) != getattr(cfg, k)]
     if diff:
         sys.exit(f'error: {path} was trained with ' + ', '.join(diff))
     return ckpt
+
+
+def restore(ckpt, stateful):
+    """Load every object of `stateful` ({name: object with load_state_dict}) from ckpt[name]. A GradScaler saved
+    disabled (a bf16 / fp32 run) holds nothing and is skipped, so a run may resume with another --dtype."""
+    for name, obj in stateful.items():
+        if isinstance(obj, torch.amp.GradScaler) and not ckpt[name]:
+            continue
+        obj.load_state_dict(ckpt[name])
+
+
+def log_stats(stats_sum, names, rec, ddp, master, out_dir):
+    """Average the device-side sums of the last steps over processes (the only host sync), stop on a non-finite
+    value before anything is saved, print one line and append it to log.jsonl. rec: step, epoch, n (steps summed),
+    schedules, img/s, eta. Returns the record."""
+    if ddp:
+        dist.all_reduce(stats_sum, op=dist.ReduceOp.AVG)
+    vals = (stats_sum / rec.pop('n')).tolist()
+    if not all(math.isfinite(v) for v in vals):
+        print(f'error: non-finite loss by step {rec["step"]} ({dict(zip(names, vals))}); nothing saved',
+              file=sys.stderr)
+        sys.exit(2)
+    rec = {**rec, **dict(zip(names, vals))}
+    if master:
+        keys = list(names) + [k for k in rec if k not in (*names, 'step', 'end_step', 'epoch', 'img_per_s', 'eta_min')]
+        print(f"step {rec['step']}/{rec['end_step']} ep {rec['epoch']:.2f} " +
+              ' '.join(f'{k} {rec[k]:.4g}' for k in keys) +
+              f" {rec['img_per_s']:.0f} img/s eta {rec['eta_min']:.1f} min", flush=True)
+        with open(os.path.join(out_dir, 'log.jsonl'), 'a') as f:
+            f.write(json.dumps(rec) + '\n')
+    return rec
+
+# -----------------------------------------------------------------------------
+# one training step (what main() runs and bench.py times)
+
+STATS = ('loss', 'loss_mae', 'loss_bc', 'grad_norm')  # what train_step returns, summed on the device between logs
+
+
+def train_step(fwd, model, teacher, optimizer, scaler, autocast, batches, sched, cfg):
+    """One optimizer step: on each micro-batch the online model on both masked views (L_MAE on view 1, q1, q2), the
+    momentum branch on both full views (z1, z2), loss = w_mae L_MAE + w_bc L_BC, backward (gradients accumulate;
+    under DDP all-reduced on the last micro-batch only); then the grad norm, the optimizer step, the scaler update
+    and the EMA of the momentum branch. batches: accum_iter x (view1, view2 (B, 3, H, W), noise (B, L)) on the
+    device. Returns STATS (on the device, no sync)."""
+    for g in optimizer.param_groups:
+        g['lr'] = sched['lr']
+    stats = 0.0
+    for i, (view1, view2, noise) in enumerate(batches):
+        sync = fwd.no_sync() if isinstance(fwd, DDP) and i < len(batches) - 1 else nullcontext()
+        with sync:
+            with autocast:
+                loss_mae, q1, q2, _, _ = fwd(view1, view2, noise, cfg.mask_ratio, cfg.norm_pix_loss)
+                z1, z2 = teacher(view1), teacher(view2)  # (B, D) each, full views, no grad
+                loss_bc = bc_loss(q1, q2, z1, z2)
+                loss = cfg.w_mae * loss_mae + cfg.w_bc * loss_bc
+            scaler.scale(loss / len(batches)).backward()
+        stats = stats + torch.stack([loss, loss_mae, loss_bc]).detach() / len(batches)
+    scaler.unscale_(optimizer)
+    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), float('inf'))  # measured, not clipped (recipe)
+    scaler.step(optimizer)
+    scaler.update()
+    optimizer.zero_grad(set_to_none=True)
+    ema_update(teacher, tracked(model), sched['momentum'])
+    return torch.cat([stats, grad_norm.float()[None]])
 
 
 @torch.no_grad()
@@ -399,31 +557,15 @@ def save_reconstructions(model, imgs, noise, cfg, path):
 
 def main(argv=None):
     cfg = get_config(argv)
-
-    # distributed: torchrun sets RANK/LOCAL_RANK/WORLD_SIZE; plain `python` runs one process
-    ddp = int(os.environ.get('RANK', -1)) != -1
-    rank, local_rank, world = (int(os.environ['RANK']), int(os.environ['LOCAL_RANK']),
-                               int(os.environ['WORLD_SIZE'])) if ddp else (0, 0, 1)
-    device = cfg.device or ('cuda' if torch.cuda.is_available() else 'cpu')
-    if device.startswith('cuda'):
-        device = f'cuda:{local_rank}' if ddp else device
-        torch.cuda.set_device(device)
-    if ddp:
-        dist.init_process_group(backend='nccl' if device.startswith('cuda') else 'gloo')
+    ddp, rank, local_rank, world, device = setup_distributed(cfg)
     master = rank == 0
     device_type = 'cuda' if device.startswith('cuda') else 'cpu'
-    torch.manual_seed(cfg.seed + rank)
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
-
-    # precision: bf16 autocast by default on CUDA, fp16 with a GradScaler, fp32 on CPU
-    dtype = cfg.dtype or ('bf16' if device_type == 'cuda' else 'fp32')
-    ptdtype = {'bf16': torch.bfloat16, 'fp16': torch.float16, 'fp32': torch.float32}[dtype]
-    autocast = nullcontext() if dtype == 'fp32' else torch.autocast(device_type, dtype=ptdtype)
-    scaler = torch.amp.GradScaler(device_type, enabled=dtype == 'fp16')
+    dtype, autocast, scaler = setup_precision(cfg, device_type)
 
     # data
     try:
         base = data.build_dataset(cfg.data, 'train', cfg.img_size)
+        vis_base = data.build_dataset(cfg.data, 'val', cfg.img_size) if master else None
     except (FileNotFoundError, ValueError) as e:
         sys.exit(f'error: {e}')
     num_patches = (cfg.img_size // cfg.patch_size) ** 2
@@ -435,50 +577,49 @@ def main(argv=None):
     steps_per_epoch = sampler.batches_per_epoch() // cfg.accum_iter
     total_steps = cfg.epochs * steps_per_epoch
     end_step = min(total_steps, cfg.max_steps) if cfg.max_steps > 0 else total_steps
+    save_every = cfg.save_every or steps_per_epoch
     eff_batch = cfg.batch_size * cfg.accum_iter * world
     base_lr = cfg.lr if cfg.lr > 0 else cfg.blr * eff_batch / 256
     warmup_steps = int(cfg.warmup_epochs * steps_per_epoch)
 
-    # model, optimizer; the momentum branch starts as a copy of the online encoder + head
+    # model, optimizer; the momentum branch starts as a copy of the online encoder + head (never DDP-wrapped)
     model = LUT(cfg).to(device)
-    momentum = Momentum(model)
+    teacher = Momentum(model)
     optimizer = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=base_lr, betas=(0.9, 0.95),
                                   fused=device_type == 'cuda', foreach=device_type != 'cuda')
+    stateful = {'model': model, 'teacher': teacher, 'optimizer': optimizer, 'scaler': scaler}  # what a checkpoint restores
     step = 0
     resume = os.path.join(cfg.out_dir, 'checkpoint.pt') if cfg.resume == 'auto' else cfg.resume
     if resume and not (cfg.resume == 'auto' and not os.path.exists(resume)):
         ckpt = load_checkpoint(resume, cfg)
-        model.load_state_dict(ckpt['model'])
-        momentum.load_state_dict(ckpt['momentum'])
-        optimizer.load_state_dict(ckpt['optimizer'])
-        scaler.load_state_dict(ckpt['scaler'])
-        step = ckpt['step']
+        restore(ckpt, stateful)
+        step = ckpt['step']  # every schedule is a function of the step
         if master:
             print(f'resumed from {resume} at step {step}')
         del ckpt
     if master:
         os.makedirs(cfg.out_dir, exist_ok=True)
-        print(json.dumps({'method': METHOD, **dataclasses.asdict(cfg), 'world': world, 'device': device,
-                          'dtype': dtype, 'effective_batch': eff_batch, 'lr': base_lr, 'steps': total_steps}))
+        print(json.dumps({'method': METHOD, 'regime': data.regime(cfg.data), **dataclasses.asdict(cfg),
+                          'world': world, 'device': device, 'dtype': dtype, 'effective_batch': eff_batch,
+                          'lr': base_lr, 'steps': total_steps}))
         print(f'encoder {vit.count_params(model.encoder) / 1e6:.2f}M params, total {vit.count_params(model) / 1e6:.2f}M, '
               f'{len(base)} images, {steps_per_epoch} steps/epoch')
-    fwd = torch.compile(model) if cfg.compile else model
-    target = torch.compile(momentum) if cfg.compile else momentum
+    # DDP first, then compile: dynamo splits the graph at DDP's buckets so the all-reduce overlaps backward
+    fwd = DDP(model, device_ids=[local_rank] if device_type == 'cuda' else None) if ddp else model
+    fwd = torch.compile(fwd) if cfg.compile else fwd
+    teacher_fwd = torch.compile(teacher) if cfg.compile else teacher
     if ddp:
-        fwd = DDP(fwd, device_ids=[local_rank] if device_type == 'cuda' else None)
-        for t in momentum.state_dict().values():  # DDP gave every rank rank 0's online model; same for its copy
+        for t in teacher.state_dict().values():  # DDP gave every rank rank 0's online model; same for its copy
             dist.broadcast(t, 0)
 
     # a fixed batch for the reconstruction picture
-    vis_imgs = torch.stack([data.eval_transform(cfg.img_size)(data.build_dataset(cfg.data, 'val', cfg.img_size)[i][0])
-                            for i in range(8)]).to(device) if master else None
+    vis_imgs = torch.stack([data.eval_transform(cfg.img_size)(vis_base[i][0]) for i in range(8)]).to(device) \
+        if master else None
     vis_noise = torch.rand(8, num_patches, generator=torch.Generator().manual_seed(0)).to(device) if master else None
 
     def checkpoint():
-        state = {'method': METHOD, 'model': model.state_dict(), 'momentum': momentum.state_dict(),
-                 'optimizer': optimizer.state_dict(),
-                 'scaler': scaler.state_dict(), 'step': step, 'epoch': step / max(1, steps_per_epoch),
-                 'config': dataclasses.asdict(cfg), 'rng': rng_state(),
+        state = {'method': METHOD, **{k: v.state_dict() for k, v in stateful.items()}, 'step': step,
+                 'epoch': step / steps_per_epoch, 'config': dataclasses.asdict(cfg),
                  'encoder': vit.backbone_state_dict(model.encoder)}
         save_checkpoint(os.path.join(cfg.out_dir, 'checkpoint.pt'), state)
         save_reconstructions(model, vis_imgs, vis_noise, cfg, os.path.join(cfg.out_dir, 'recon.png'))
@@ -486,68 +627,33 @@ def main(argv=None):
     # the loop: one optimizer step = accum_iter micro-batches
     model.train()
     stream = data.batches(loader, sampler, step * cfg.accum_iter)
-    loss_sum = torch.zeros(3, device=device)  # (total, L_MAE, L_BC) summed on the device, read only on log steps
-    bad = torch.zeros((), device=device)  # any non-finite loss since the last check
+    stats_sum = torch.zeros(len(STATS), device=device)  # summed on the device, read only on log steps
     t0, t_start, step_start = time.time(), time.time(), step
     while step < end_step:
-        torch.manual_seed(cfg.seed + 1_000_003 * rank + 7919 * step)  # in-step randomness: a function of (seed, rank, step)
-        lr = lr_at(step, base_lr, cfg.min_lr, warmup_steps, total_steps)
-        for g in optimizer.param_groups:
-            g['lr'] = lr
-        for micro in range(cfg.accum_iter):
+        batches = []
+        for _ in range(cfg.accum_iter):
             _, (((view1, view2), noise), _) = next(stream)
-            view1, view2 = view1.to(device, non_blocking=True), view2.to(device, non_blocking=True)
-            noise = noise.to(device, non_blocking=True)
-            sync = nullcontext() if (not ddp or micro == cfg.accum_iter - 1) else fwd.no_sync()
-            with sync:
-                with autocast:
-                    loss_mae, q1, q2, _, _ = fwd(view1, view2, noise, cfg.mask_ratio, cfg.norm_pix_loss)
-                    z1, z2 = target(view1), target(view2)  # (B, D) each, full views, no grad
-                    loss_bc = bc_loss(q1, q2, z1, z2)
-                    loss = cfg.w_mae * loss_mae + cfg.w_bc * loss_bc
-                scaler.scale(loss / cfg.accum_iter).backward()
-            loss_sum += torch.stack([loss, loss_mae, loss_bc]).detach() / cfg.accum_iter
-            bad = torch.maximum(bad, (~torch.isfinite(loss.detach())).float())
-        log_now = (step + 1) % cfg.log_every == 0 or step + 1 == end_step
-        if log_now:
-            scaler.unscale_(optimizer)
-            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), float('inf'))
-        scaler.step(optimizer)
-        scaler.update()
-        optimizer.zero_grad(set_to_none=True)
-        m = momentum_at(step, cfg.momentum, total_steps)
-        ema_update(momentum, tracked(model), m)
+            batches.append((view1.to(device, non_blocking=True), view2.to(device, non_blocking=True),
+                            noise.to(device, non_blocking=True)))
+        torch.manual_seed(step_seed(cfg.seed, rank, step))
+        sched = schedules(step, cfg, base_lr, warmup_steps, total_steps)
+        stats_sum += train_step(fwd, model, teacher_fwd, optimizer, scaler, autocast, batches, sched, cfg)
         step += 1
-        save_now = step % cfg.save_every == 0 or step == end_step
-        if log_now or save_now:
-            if ddp:
-                dist.all_reduce(bad, op=dist.ReduceOp.MAX)
-            if bad.item():  # the only place a non-finite loss is looked for: never saved
-                print(f'error: non-finite loss by step {step} (loss {loss.item():.4g}); nothing saved', file=sys.stderr)
-                sys.exit(2)
-        if log_now:
-            n = step - step_start
-            if ddp:
-                dist.all_reduce(loss_sum, op=dist.ReduceOp.AVG)
+        save_now = step % save_every == 0 or step == end_step
+        if step % cfg.log_every == 0 or save_now:  # a non-finite loss is looked for here: never saved
             dt = time.time() - t0
-            ips = n * eff_batch / dt
-            eta = (end_step - step) * dt / n
-            total, l_mae, l_bc = (loss_sum / n).tolist()
-            rec = {'step': step, 'epoch': round(step / steps_per_epoch, 3), 'loss': total, 'loss_mae': l_mae,
-                   'loss_bc': l_bc, 'momentum': m, 'lr': lr, 'grad_norm': grad_norm.item(), 'img_per_s': ips,
-                   'eta_min': eta / 60}
-            if master:
-                print(f"step {step}/{end_step} ep {rec['epoch']:.2f} loss {total:.4f} (mae {l_mae:.4f} bc {l_bc:.4f}) "
-                      f"m {m:.5f} lr {lr:.2e} gnorm {rec['grad_norm']:.3f} {ips:.0f} img/s eta {eta / 60:.1f} min",
-                      flush=True)
-                with open(os.path.join(cfg.out_dir, 'log.jsonl'), 'a') as f:
-                    f.write(json.dumps(rec) + '\n')
-            loss_sum.zero_()
+            log_stats(stats_sum, STATS, {'step': step, 'end_step': end_step, 'epoch': step / steps_per_epoch,
+                                         'n': step - step_start, **sched, 'img_per_s': (step - step_start) * eff_batch / dt,
+                                         'eta_min': (end_step - step) * dt / (step - step_start) / 60},
+                      ddp, master, cfg.out_dir)
+            stats_sum.zero_()
             t0, step_start = time.time(), step
         if save_now and master:
             checkpoint()
     if master:
-        print(f'done: {step} steps in {(time.time() - t_start) / 60:.1f} min; checkpoint in {cfg.out_dir}')
+        print(f'done: {step} steps in {(time.time() - t_start) / 60:.1f} min; wrote {cfg.out_dir}/checkpoint.pt, '
+              f'log.jsonl, recon.png\nnext: python finetune.py --mode knn --checkpoint {cfg.out_dir}/checkpoint.pt'
+              f'{" --data " + cfg.data if cfg.data else ""}')
     if ddp:
         dist.destroy_process_group()
 

@@ -14,16 +14,15 @@ P pixels per patch (p*p*3).
 """
 import argparse
 import dataclasses
+import inspect
 import json
 import math
 import os
-import random
 import sys
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn as nn
@@ -35,77 +34,129 @@ import vit
 METHOD = 'mae'
 
 # -----------------------------------------------------------------------------
-# config: typed defaults, one comment each; 0 / '' = pick by data (embedded CPU default or the paper recipe)
+# config: typed defaults, one comment each (the comment is the flag's --help); 0 / '' / -1 = picked by --data
 
 
 @dataclass
 class Config:
-    data: str = ''             # image folder (ImageNet layout: DIR/train/<class>/*.jpg) or '' for the embedded shapes
-    model: str = ''            # mini|tiny|small|base|large|huge; '' = tiny on embedded data, base on a folder
-    img_size: int = 0          # input resolution; 0 = 64 embedded, 224 folder
-    patch_size: int = 0        # 0 = 8 embedded, the model's own (16, 14 for huge) on a folder
+    data: str = ''             # '' = embedded shapes; fashion-mnist | mnist | idx:DIR; or an image folder
+    model: str = ''            # ViT size: mini|tiny|small|base|large|huge
+    img_size: int = 0          # input resolution in pixels
+    patch_size: int = 0        # patch side in pixels; 0 on a folder = the model's own (16, 14 for huge)
     mask_ratio: float = 0.75   # fraction of patches removed per image
     norm_pix_loss: bool = True  # per-patch normalised pixel target (the recipe of every published model)
-    decoder_dim: int = 0       # 0 = 128 embedded, 512 folder
-    decoder_depth: int = 0     # 0 = 2 embedded, 8 folder
-    decoder_heads: int = 0     # 0 = 4 embedded, 16 folder
-    epochs: int = 0            # 0 = 8 embedded, 800 folder
-    batch_size: int = 0        # per process; 0 = 64 embedded, 512 folder (4096 on 8 GPUs)
-    accum_iter: int = 1        # gradient accumulation steps (effective batch = batch_size * accum_iter * world)
-    blr: float = 0.0           # base lr, lr = blr * effective_batch / 256; 0 = 1.5e-4 folder (recipe), 1.5e-3 embedded
-    lr: float = 0.0            # absolute lr; overrides blr when > 0
+    decoder_dim: int = 0       # decoder width
+    decoder_depth: int = 0     # decoder blocks
+    decoder_heads: int = 0     # decoder attention heads
+    epochs: int = 0            # pre-training epochs
+    batch_size: int = 0        # per process (effective batch = batch_size * accum_iter * processes)
+    accum_iter: int = 1        # gradient accumulation: micro-batches per optimizer step
+    blr: float = 0.0           # base learning rate: lr = blr * effective_batch / 256
+    lr: float = 0.0            # absolute learning rate; overrides blr when > 0
     min_lr: float = 0.0        # end of the cosine schedule
-    warmup_epochs: float = -1  # linear warm-up; -1 = 1 embedded, 40 folder
-    weight_decay: float = 0.05  # AdamW; none on biases, norms, tokens, position embeddings
+    warmup_epochs: float = -1  # linear warm-up from 0, in epochs
+    weight_decay: float = 0.05  # AdamW; none on biases and norms (1-D parameters), as timm's add_weight_decay
     out_dir: str = 'out/mae'   # checkpoint.pt, log.jsonl, recon.png
-    resume: str = ''           # '' fresh, 'auto' = out_dir/checkpoint.pt if present, or a path
-    save_every: int = 500      # steps between checkpoints (always saved at the end)
+    resume: str = ''           # '' fresh; 'auto' = out_dir/checkpoint.pt if present; or a checkpoint path
+    save_every: int = 0        # optimizer steps between checkpoints; 0 = once per epoch (always at the end)
     dtype: str = ''            # bf16|fp16|fp32; '' = bf16 on CUDA, fp32 on CPU
-    compile: bool = False      # torch.compile the model
-    seed: int = 0              # data order, augmentation and masks are pure functions of (seed, epoch, index)
-    num_workers: int = -1      # loader workers per process; -1 = 2 embedded, 10 folder
-    decode: str = 'cpu'        # cpu: PIL decode + crop in the workers; gpu: workers send JPEG bytes, the device decodes
-    log_every: int = 20        # steps between log lines (the only host syncs)
-    max_steps: int = 0         # stop after this many optimizer steps (0 = run all epochs); schedule unchanged
-    device: str = ''           # cuda|cpu|cuda:N; '' = cuda if available
+    compile: bool = False      # torch.compile the model (eager is what the tests run)
+    seed: int = 0              # data order, augmentation, masks and drop path are pure functions of (seed, step)
+    num_workers: int = -1      # loader workers per process, capped at the CPUs this process may use
+    decode: str = 'cpu'        # cpu: PIL decode + crop in the workers; gpu: workers send JPEG bytes, the GPU decodes
+    log_every: int = 20        # optimizer steps between log lines (the only host syncs)
+    max_steps: int = 0         # stop after this many optimizer steps (0 = all epochs); the schedule is unchanged
+    device: str = ''           # cuda|cuda:N|cpu; '' = cuda if available
 
 
-EMBEDDED = dict(model='tiny', img_size=64, patch_size=8, decoder_dim=128, decoder_depth=2, decoder_heads=4,
-                epochs=8, batch_size=64, blr=1.5e-3, warmup_epochs=1, num_workers=2)
-RECIPE = dict(model='base', img_size=224, patch_size=0, decoder_dim=512, decoder_depth=8, decoder_heads=16,
-              epochs=800, batch_size=512, blr=1.5e-4, warmup_epochs=40, num_workers=10)
+# what 0 / '' / -1 resolve to: the embedded shapes (CPU, minutes), the small idx datasets (the README's CPU-scale
+# Results protocol), an image folder (the paper's recipe: ViT-B/16, 800 epochs, effective batch 4096 on 8 GPUs)
+REGIMES = {
+    'embedded': dict(model='tiny', img_size=64, patch_size=8, decoder_dim=128, decoder_depth=2, decoder_heads=4,
+                     epochs=8, batch_size=64, blr=1.5e-3, warmup_epochs=1, num_workers=2),
+    'small': dict(model='mini', img_size=32, patch_size=4, decoder_dim=128, decoder_depth=2, decoder_heads=4,
+                  epochs=1, batch_size=128, blr=1.5e-3, warmup_epochs=0.1, num_workers=2),
+    'folder': dict(model='base', img_size=224, patch_size=0, decoder_dim=512, decoder_depth=8, decoder_heads=16,
+                   epochs=800, batch_size=512, blr=1.5e-4, warmup_epochs=40, num_workers=10),
+}
 ARCH_KEYS = ('model', 'img_size', 'patch_size', 'decoder_dim', 'decoder_depth', 'decoder_heads')  # must match on resume
 
 
+def field_help(cls):
+    """{field name: its '# comment'} from the dataclass source, so the comment is the one place a knob is described."""
+    try:
+        lines = inspect.getsource(cls).splitlines()
+    except (OSError, TypeError):  # no source at hand (frozen app): flags keep their defaults as help
+        return {}
+    out = {}
+    for line in lines:
+        code, sep, comment = line.partition('# ')
+        name = code.split(':')[0].strip()
+        if sep and name.isidentifier() and ':' in code and '=' in code:
+            out[name] = comment.strip()
+    return out
+
+
 def get_config(argv=None):
-    """argparse from the dataclass (unknown flags rejected), then fill the data-dependent defaults."""
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    """argparse from Config (the field comments are the help; unknown flags are rejected), then the defaults left
+    at 0 / '' / -1 are filled from the regime of --data (REGIMES) and check_config validates the result."""
+    def boolean(s):
+        if s.lower() not in ('1', 'true', 'yes', 'on', '0', 'false', 'no', 'off'):
+            raise argparse.ArgumentTypeError(f'expected true or false, got {s!r}')
+        return s.lower() in ('1', 'true', 'yes', 'on')
+    helps = field_help(Config)
+    p = argparse.ArgumentParser(description=__doc__, epilog=data.REGIME_HELP,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     for f in dataclasses.fields(Config):
-        if f.type is bool:
-            p.add_argument(f'--{f.name}', type=lambda s: s.lower() in ('1', 'true', 'yes', 'on'), default=f.default,
-                           metavar='BOOL', help=f'(default {f.default})')
-        else:
-            p.add_argument(f'--{f.name}', type=f.type, default=f.default, help=f'(default {f.default!r})')
+        picked = '; '.join(f'{r} {v[f.name]!r}' for r, v in REGIMES.items() if f.name in v)
+        default = f'default {f.default!r}' + (f' = picked by --data: {picked}' if picked else '')
+        p.add_argument(f'--{f.name}', type=boolean if f.type is bool else f.type, default=f.default,
+                       metavar='BOOL' if f.type is bool else f.name.upper(),
+                       help=f'{helps.get(f.name, "")} ({default})'.replace('%', '%%'))
     cfg = Config(**vars(p.parse_args(argv)))
-    for k, v in (EMBEDDED if cfg.data in ('', 'shapes') else RECIPE).items():
+    for k, v in REGIMES[data.regime(cfg.data)].items():
         if getattr(cfg, k) == Config.__dataclass_fields__[k].default:  # left at its 'pick by data' default
             setattr(cfg, k, v)
-    if cfg.patch_size == 0:
-        cfg.patch_size = vit.SIZES[cfg.model][3] if cfg.model in vit.SIZES else 16
     if cfg.model not in vit.SIZES:
-        p.error(f'--model must be one of {", ".join(vit.SIZES)}')
+        p.error(f'--model must be one of {", ".join(vit.SIZES)}, got {cfg.model!r}')
+    if cfg.patch_size == 0:
+        cfg.patch_size = vit.SIZES[cfg.model][3]
     if cfg.img_size % cfg.patch_size:
         p.error(f'--img_size {cfg.img_size} is not divisible by --patch_size {cfg.patch_size}')
-    if not 0.0 < cfg.mask_ratio < 1.0:
-        p.error(f'--mask_ratio must be in (0, 1), got {cfg.mask_ratio}')
     if cfg.dtype not in ('', 'bf16', 'fp16', 'fp32'):
-        p.error('--dtype must be bf16, fp16 or fp32')
-    if cfg.decode not in ('cpu', 'gpu') or (cfg.decode == 'gpu' and not data.is_folder(cfg.data)):
-        p.error('--decode must be cpu, or gpu with --data an image folder (it decodes JPEG files)')
+        p.error(f'--dtype must be bf16, fp16 or fp32, got {cfg.dtype!r}')
+    if min(cfg.epochs, cfg.batch_size, cfg.accum_iter, cfg.log_every) < 1 or cfg.save_every < 0:
+        p.error('--epochs, --batch_size, --accum_iter and --log_every must be >= 1, --save_every >= 0')
+    cfg.num_workers = data.default_workers(cfg.num_workers)
+    check_config(cfg, p.error)
     return cfg
 
+
+def check_config(cfg, error):
+    """MAE's own checks, after the defaults are filled; error(msg) exits with the usage line."""
+    if not 0.0 < cfg.mask_ratio < 1.0:
+        error(f'--mask_ratio must be in (0, 1), got {cfg.mask_ratio}')
+    if cfg.decode not in ('cpu', 'gpu') or (cfg.decode == 'gpu' and data.regime(cfg.data) != 'folder'):
+        error('--decode must be cpu, or gpu with --data an image folder (it decodes JPEG files)')
+
 # -----------------------------------------------------------------------------
-# model: ViT encoder on the kept patches + light decoder with mask tokens (paper sec. 3)
+# model: random masking, ViT encoder on the kept patches, light decoder with mask tokens (paper sec. 3)
+
+
+def random_masking(noise, mask_ratio):
+    """Per-sample random masking by argsort of uniform noise (B, L), small noise = keep (models_mae.py).
+    Returns ids_shuffle (B, L), ids_restore (B, L) (its inverse permutation) and K = int(L * (1 - mask_ratio));
+    the kept patches are ids_shuffle[:, :K]."""
+    L = noise.shape[1]
+    ids_shuffle = torch.argsort(noise, dim=1)  # (B, L): ascending noise, the first K are kept
+    ids_restore = torch.argsort(ids_shuffle, dim=1)  # (B, L)
+    return ids_shuffle, ids_restore, int(L * (1 - mask_ratio))
+
+
+def mask_from_ids(ids_keep, L):
+    """(B, K) kept indices -> (B, L) float mask in the original patch order, 0 = keep, 1 = remove."""
+    mask = torch.ones(ids_keep.shape[0], L, device=ids_keep.device)
+    return mask.scatter_(1, ids_keep, 0.0)
 
 
 class MAE(nn.Module):
@@ -144,9 +195,9 @@ class MAE(nn.Module):
 
     def forward(self, imgs, noise, mask_ratio, norm_pix):
         """imgs (B, 3, H, W), noise (B, L) -> (loss, pred (B, L, P), mask (B, L) with 1 = removed)."""
-        ids_shuffle, ids_restore, K = data.random_masking(noise, mask_ratio)
+        ids_shuffle, ids_restore, K = random_masking(noise, mask_ratio)
         ids_keep = ids_shuffle[:, :K]  # (B, K)
-        mask = data.mask_from_ids(ids_keep, noise.shape[1])  # (B, L)
+        mask = mask_from_ids(ids_keep, noise.shape[1])  # (B, L)
         pred = self.forward_decoder(self.forward_encoder(imgs, ids_keep), ids_restore)
         target = pixel_target(imgs, self.patch_size, norm_pix)
         return mae_loss(pred, target, mask), pred, mask
@@ -190,13 +241,53 @@ def lr_at(step, base_lr, min_lr, warmup_steps, total_steps):
     t = (step - warmup_steps) / max(1, total_steps - warmup_steps)
     return min_lr + (base_lr - min_lr) * 0.5 * (1.0 + math.cos(math.pi * min(t, 1.0)))
 
+
+def schedules(step, cfg, base_lr, warmup_steps, total_steps):
+    """Every scheduled value of optimizer step `step` (logged as they are)."""
+    return {'lr': lr_at(step, base_lr, cfg.min_lr, warmup_steps, total_steps)}
+
 # -----------------------------------------------------------------------------
-# checkpointing
+# distributed, precision, checkpoints (the same block in every nanoMIM script)
 
 
-def rng_state():
-    return {'python': random.getstate(), 'numpy': np.random.get_state(), 'torch': torch.get_rng_state(),
-            'cuda': torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+def resolve_device(flag, local_rank, ddp, cuda_available):
+    """--device -> a device string with an index for CUDA ('cuda' -> 'cuda:LOCAL_RANK'; under torchrun every
+    process takes its own GPU), without touching CUDA."""
+    device = flag or ('cuda' if cuda_available else 'cpu')
+    if device.startswith('cuda') and (ddp or device == 'cuda'):
+        device = f'cuda:{local_rank}'
+    return device
+
+
+def setup_distributed(cfg):
+    """torchrun sets RANK / LOCAL_RANK / WORLD_SIZE; plain `python` runs one process.
+    Returns (ddp, rank, local_rank, world, device)."""
+    ddp = int(os.environ.get('RANK', -1)) != -1
+    rank, local_rank, world = (int(os.environ['RANK']), int(os.environ['LOCAL_RANK']),
+                               int(os.environ['WORLD_SIZE'])) if ddp else (0, 0, 1)
+    device = resolve_device(cfg.device, local_rank, ddp, torch.cuda.is_available())
+    if device.startswith('cuda'):
+        torch.cuda.set_device(device)
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    if ddp:
+        dist.init_process_group(backend='nccl' if device.startswith('cuda') else 'gloo')
+    torch.manual_seed(cfg.seed + rank)
+    return ddp, rank, local_rank, world, device
+
+
+def setup_precision(cfg, device_type):
+    """bf16 autocast by default on CUDA, fp16 autocast with a GradScaler, fp32 on CPU.
+    Returns (dtype name, autocast context, scaler)."""
+    dtype = cfg.dtype or ('bf16' if device_type == 'cuda' else 'fp32')
+    ptdtype = {'bf16': torch.bfloat16, 'fp16': torch.float16, 'fp32': torch.float32}[dtype]
+    autocast = nullcontext() if dtype == 'fp32' else torch.autocast(device_type, dtype=ptdtype)
+    return dtype, autocast, torch.amp.GradScaler(device_type, enabled=dtype == 'fp16')
+
+
+def step_seed(seed, rank, step):
+    """The seed of torch's RNG inside optimizer step `step` (drop path, in-step draws): a function of (seed, rank,
+    step), set after the batch is fetched, so resume == uninterrupted and DDP ranks draw differently."""
+    return seed + 1_000_003 * rank + 7919 * step
 
 
 def save_checkpoint(path, state):
@@ -219,13 +310,72 @@ def load_checkpoint(path, cfg):
         ckpt = torch.load(path, map_location='cpu', weights_only=False)
     except Exception as e:
         sys.exit(f'error: cannot read checkpoint {path} ({type(e).__name__}: {e})')
-    if ckpt.get('method') != METHOD:
-        sys.exit(f'error: {path} is a {ckpt.get("method", "non-nanoMIM")} checkpoint, not {METHOD}')
+    if not isinstance(ckpt, dict) or ckpt.get('method') != METHOD:
+        kind = ckpt.get('method', 'non-nanoMIM') if isinstance(ckpt, dict) else 'non-nanoMIM'
+        sys.exit(f'error: {path} is a {kind} checkpoint, not {METHOD}')
     old = ckpt['config']
     diff = [f'{k}={old.get(k)} (now {getattr(cfg, k)})' for k in ARCH_KEYS if old.get(k) != getattr(cfg, k)]
     if diff:
         sys.exit(f'error: {path} was trained with ' + ', '.join(diff))
     return ckpt
+
+
+def restore(ckpt, stateful):
+    """Load every object of `stateful` ({name: object with load_state_dict}) from ckpt[name]. A GradScaler saved
+    disabled (a bf16 / fp32 run) holds nothing and is skipped, so a run may resume with another --dtype."""
+    for name, obj in stateful.items():
+        if isinstance(obj, torch.amp.GradScaler) and not ckpt[name]:
+            continue
+        obj.load_state_dict(ckpt[name])
+
+
+def log_stats(stats_sum, names, rec, ddp, master, out_dir):
+    """Average the device-side sums of the last steps over processes (the only host sync), stop on a non-finite
+    value before anything is saved, print one line and append it to log.jsonl. rec: step, epoch, n (steps summed),
+    schedules, img/s, eta. Returns the record."""
+    if ddp:
+        dist.all_reduce(stats_sum, op=dist.ReduceOp.AVG)
+    vals = (stats_sum / rec.pop('n')).tolist()
+    if not all(math.isfinite(v) for v in vals):
+        print(f'error: non-finite loss by step {rec["step"]} ({dict(zip(names, vals))}); nothing saved',
+              file=sys.stderr)
+        sys.exit(2)
+    rec = {**rec, **dict(zip(names, vals))}
+    if master:
+        keys = list(names) + [k for k in rec if k not in (*names, 'step', 'end_step', 'epoch', 'img_per_s', 'eta_min')]
+        print(f"step {rec['step']}/{rec['end_step']} ep {rec['epoch']:.2f} " +
+              ' '.join(f'{k} {rec[k]:.4g}' for k in keys) +
+              f" {rec['img_per_s']:.0f} img/s eta {rec['eta_min']:.1f} min", flush=True)
+        with open(os.path.join(out_dir, 'log.jsonl'), 'a') as f:
+            f.write(json.dumps(rec) + '\n')
+    return rec
+
+# -----------------------------------------------------------------------------
+# one training step (what main() runs and bench.py times)
+
+STATS = ('loss', 'grad_norm')  # what train_step returns, summed on the device between log lines
+
+
+def train_step(fwd, model, optimizer, scaler, autocast, batches, sched, cfg):
+    """One optimizer step: forward + loss + backward on each micro-batch (gradients accumulate; under DDP they are
+    all-reduced on the last one only), then the grad norm, the optimizer step and the scaler update.
+    batches: accum_iter x (imgs (B, 3, H, W), noise (B, L)) on the device. Returns STATS (on the device, no sync)."""
+    for g in optimizer.param_groups:
+        g['lr'] = sched['lr']
+    loss_sum = 0.0
+    for i, (imgs, noise) in enumerate(batches):
+        sync = fwd.no_sync() if isinstance(fwd, DDP) and i < len(batches) - 1 else nullcontext()
+        with sync:
+            with autocast:
+                loss, _, _ = fwd(imgs, noise, cfg.mask_ratio, cfg.norm_pix_loss)
+            scaler.scale(loss / len(batches)).backward()
+        loss_sum = loss_sum + loss.detach() / len(batches)
+    scaler.unscale_(optimizer)
+    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), float('inf'))  # measured, not clipped (recipe)
+    scaler.step(optimizer)
+    scaler.update()
+    optimizer.zero_grad(set_to_none=True)
+    return torch.stack([loss_sum, grad_norm.float()])
 
 
 @torch.no_grad()
@@ -252,32 +402,16 @@ def save_reconstructions(model, imgs, noise, cfg, path):
 
 def main(argv=None):
     cfg = get_config(argv)
-
-    # distributed: torchrun sets RANK/LOCAL_RANK/WORLD_SIZE; plain `python` runs one process
-    ddp = int(os.environ.get('RANK', -1)) != -1
-    rank, local_rank, world = (int(os.environ['RANK']), int(os.environ['LOCAL_RANK']),
-                               int(os.environ['WORLD_SIZE'])) if ddp else (0, 0, 1)
-    device = cfg.device or ('cuda' if torch.cuda.is_available() else 'cpu')
-    if device.startswith('cuda'):
-        device = f'cuda:{local_rank}' if ddp else device
-        torch.cuda.set_device(device)
-    if ddp:
-        dist.init_process_group(backend='nccl' if device.startswith('cuda') else 'gloo')
+    ddp, rank, local_rank, world, device = setup_distributed(cfg)
     master = rank == 0
     device_type = 'cuda' if device.startswith('cuda') else 'cpu'
-    torch.manual_seed(cfg.seed + rank)
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
-
-    # precision: bf16 autocast by default on CUDA, fp16 with a GradScaler, fp32 on CPU
-    dtype = cfg.dtype or ('bf16' if device_type == 'cuda' else 'fp32')
-    ptdtype = {'bf16': torch.bfloat16, 'fp16': torch.float16, 'fp32': torch.float32}[dtype]
-    autocast = nullcontext() if dtype == 'fp32' else torch.autocast(device_type, dtype=ptdtype)
-    scaler = torch.amp.GradScaler(device_type, enabled=dtype == 'fp16')
+    dtype, autocast, scaler = setup_precision(cfg, device_type)
 
     # data
     gpu_decode = cfg.decode == 'gpu'  # the loader yields (JPEG bytes, crop boxes, flips) in place of images
     try:
         base = data.build_dataset(cfg.data, 'train', cfg.img_size, encoded=gpu_decode)
+        vis_base = data.build_dataset(cfg.data, 'val', cfg.img_size) if master else None
     except (FileNotFoundError, ValueError) as e:
         sys.exit(f'error: {e}')
     num_patches = (cfg.img_size // cfg.patch_size) ** 2
@@ -291,6 +425,7 @@ def main(argv=None):
     steps_per_epoch = sampler.batches_per_epoch() // cfg.accum_iter
     total_steps = cfg.epochs * steps_per_epoch
     end_step = min(total_steps, cfg.max_steps) if cfg.max_steps > 0 else total_steps
+    save_every = cfg.save_every or steps_per_epoch
     eff_batch = cfg.batch_size * cfg.accum_iter * world
     base_lr = cfg.lr if cfg.lr > 0 else cfg.blr * eff_batch / 256
     warmup_steps = int(cfg.warmup_epochs * steps_per_epoch)
@@ -299,36 +434,35 @@ def main(argv=None):
     model = MAE(cfg).to(device)
     optimizer = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=base_lr, betas=(0.9, 0.95),
                                   fused=device_type == 'cuda', foreach=device_type != 'cuda')
+    stateful = {'model': model, 'optimizer': optimizer, 'scaler': scaler}  # what a checkpoint restores
     step = 0
     resume = os.path.join(cfg.out_dir, 'checkpoint.pt') if cfg.resume == 'auto' else cfg.resume
     if resume and not (cfg.resume == 'auto' and not os.path.exists(resume)):
         ckpt = load_checkpoint(resume, cfg)
-        model.load_state_dict(ckpt['model'])
-        optimizer.load_state_dict(ckpt['optimizer'])
-        scaler.load_state_dict(ckpt['scaler'])
-        step = ckpt['step']
+        restore(ckpt, stateful)
+        step = ckpt['step']  # every schedule is a function of the step
         if master:
             print(f'resumed from {resume} at step {step}')
         del ckpt
     if master:
         os.makedirs(cfg.out_dir, exist_ok=True)
-        print(json.dumps({'method': METHOD, **dataclasses.asdict(cfg), 'world': world, 'device': device,
-                          'dtype': dtype, 'effective_batch': eff_batch, 'lr': base_lr, 'steps': total_steps}))
+        print(json.dumps({'method': METHOD, 'regime': data.regime(cfg.data), **dataclasses.asdict(cfg),
+                          'world': world, 'device': device, 'dtype': dtype, 'effective_batch': eff_batch,
+                          'lr': base_lr, 'steps': total_steps}))
         print(f'encoder {vit.count_params(model.encoder) / 1e6:.2f}M params, total {vit.count_params(model) / 1e6:.2f}M, '
               f'{len(base)} images, {steps_per_epoch} steps/epoch')
-    fwd = torch.compile(model) if cfg.compile else model
-    if ddp:
-        fwd = DDP(fwd, device_ids=[local_rank] if device_type == 'cuda' else None)
+    # DDP first, then compile: dynamo splits the graph at DDP's buckets so the all-reduce overlaps backward
+    fwd = DDP(model, device_ids=[local_rank] if device_type == 'cuda' else None) if ddp else model
+    fwd = torch.compile(fwd) if cfg.compile else fwd
 
     # a fixed batch for the reconstruction picture
-    vis_imgs = torch.stack([data.eval_transform(cfg.img_size)(data.build_dataset(cfg.data, 'val', cfg.img_size)[i][0])
-                            for i in range(8)]).to(device) if master else None
+    vis_imgs = torch.stack([data.eval_transform(cfg.img_size)(vis_base[i][0]) for i in range(8)]).to(device) \
+        if master else None
     vis_noise = torch.rand(8, num_patches, generator=torch.Generator().manual_seed(0)).to(device) if master else None
 
     def checkpoint():
-        state = {'method': METHOD, 'model': model.state_dict(), 'optimizer': optimizer.state_dict(),
-                 'scaler': scaler.state_dict(), 'step': step, 'epoch': step / max(1, steps_per_epoch),
-                 'config': dataclasses.asdict(cfg), 'rng': rng_state(),
+        state = {'method': METHOD, **{k: v.state_dict() for k, v in stateful.items()}, 'step': step,
+                 'epoch': step / steps_per_epoch, 'config': dataclasses.asdict(cfg),
                  'encoder': vit.backbone_state_dict(model.encoder)}
         save_checkpoint(os.path.join(cfg.out_dir, 'checkpoint.pt'), state)
         save_reconstructions(model, vis_imgs, vis_noise, cfg, os.path.join(cfg.out_dir, 'recon.png'))
@@ -336,61 +470,34 @@ def main(argv=None):
     # the loop: one optimizer step = accum_iter micro-batches
     model.train()
     stream = data.batches(loader, sampler, step * cfg.accum_iter)
-    loss_sum = torch.zeros((), device=device)  # summed on the device, read only on log steps
-    bad = torch.zeros((), device=device)  # any non-finite loss since the last check
+    stats_sum = torch.zeros(len(STATS), device=device)  # summed on the device, read only on log steps
     t0, t_start, step_start = time.time(), time.time(), step
     while step < end_step:
-        torch.manual_seed(cfg.seed + 1_000_003 * rank + 7919 * step)  # in-step randomness: a function of (seed, rank, step)
-        lr = lr_at(step, base_lr, cfg.min_lr, warmup_steps, total_steps)
-        for g in optimizer.param_groups:
-            g['lr'] = lr
-        for micro in range(cfg.accum_iter):
+        batches = []
+        for _ in range(cfg.accum_iter):
             _, ((imgs, noise), _) = next(stream)
             if gpu_decode:  # imgs = (B JPEG byte tensors, boxes (B, 4), flips (B,)) -> (B, 3, H, W) on the device
                 imgs = data.gpu_decode_batch(*imgs, cfg.img_size, device)
-            imgs, noise = imgs.to(device, non_blocking=True), noise.to(device, non_blocking=True)
-            sync = nullcontext() if (not ddp or micro == cfg.accum_iter - 1) else fwd.no_sync()
-            with sync:
-                with autocast:
-                    loss, _, _ = fwd(imgs, noise, cfg.mask_ratio, cfg.norm_pix_loss)
-                scaler.scale(loss / cfg.accum_iter).backward()
-            loss_sum += loss.detach() / cfg.accum_iter
-            bad = torch.maximum(bad, (~torch.isfinite(loss.detach())).float())
-        log_now = (step + 1) % cfg.log_every == 0 or step + 1 == end_step
-        if log_now:
-            scaler.unscale_(optimizer)
-            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), float('inf'))
-        scaler.step(optimizer)
-        scaler.update()
-        optimizer.zero_grad(set_to_none=True)
+            batches.append((imgs.to(device, non_blocking=True), noise.to(device, non_blocking=True)))
+        torch.manual_seed(step_seed(cfg.seed, rank, step))
+        sched = schedules(step, cfg, base_lr, warmup_steps, total_steps)
+        stats_sum += train_step(fwd, model, optimizer, scaler, autocast, batches, sched, cfg)
         step += 1
-        save_now = step % cfg.save_every == 0 or step == end_step
-        if log_now or save_now:
-            if ddp:
-                dist.all_reduce(bad, op=dist.ReduceOp.MAX)
-            if bad.item():  # the only place a non-finite loss is looked for: never saved
-                print(f'error: non-finite loss by step {step} (loss {loss.item():.4g}); nothing saved', file=sys.stderr)
-                sys.exit(2)
-        if log_now:
-            n = step - step_start
-            if ddp:
-                dist.all_reduce(loss_sum, op=dist.ReduceOp.AVG)
+        save_now = step % save_every == 0 or step == end_step
+        if step % cfg.log_every == 0 or save_now:  # a non-finite loss is looked for here: never saved
             dt = time.time() - t0
-            ips = n * eff_batch / dt
-            eta = (end_step - step) * dt / n
-            rec = {'step': step, 'epoch': round(step / steps_per_epoch, 3), 'loss': loss_sum.item() / n, 'lr': lr,
-                   'grad_norm': grad_norm.item(), 'img_per_s': ips, 'eta_min': eta / 60}
-            if master:
-                print(f"step {step}/{end_step} ep {rec['epoch']:.2f} loss {rec['loss']:.4f} lr {lr:.2e} "
-                      f"gnorm {rec['grad_norm']:.3f} {ips:.0f} img/s eta {eta / 60:.1f} min", flush=True)
-                with open(os.path.join(cfg.out_dir, 'log.jsonl'), 'a') as f:
-                    f.write(json.dumps(rec) + '\n')
-            loss_sum.zero_()
+            log_stats(stats_sum, STATS, {'step': step, 'end_step': end_step, 'epoch': step / steps_per_epoch,
+                                         'n': step - step_start, **sched, 'img_per_s': (step - step_start) * eff_batch / dt,
+                                         'eta_min': (end_step - step) * dt / (step - step_start) / 60},
+                      ddp, master, cfg.out_dir)
+            stats_sum.zero_()
             t0, step_start = time.time(), step
         if save_now and master:
             checkpoint()
     if master:
-        print(f'done: {step} steps in {(time.time() - t_start) / 60:.1f} min; checkpoint in {cfg.out_dir}')
+        print(f'done: {step} steps in {(time.time() - t_start) / 60:.1f} min; wrote {cfg.out_dir}/checkpoint.pt, '
+              f'log.jsonl, recon.png\nnext: python finetune.py --mode knn --checkpoint {cfg.out_dir}/checkpoint.pt'
+              f'{" --data " + cfg.data if cfg.data else ""}')
     if ddp:
         dist.destroy_process_group()
 

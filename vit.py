@@ -337,8 +337,10 @@ BACKBONE_PREFIXES = ('cls_token', 'pos_embed', 'patch_embed.', 'blocks.', 'norm.
 
 def backbone_state_dict(model):
     """The encoder in the common ViT layout (what `encoder` holds in every nanoMIM checkpoint): no mask token,
-    no decoder, no head; loads into timm's ViT of the same size with num_classes=0."""
-    return {k: v.detach().clone() for k, v in model.state_dict().items() if k.startswith(BACKBONE_PREFIXES)}
+    no decoder, no head; CPU tensors, so a machine without a GPU loads it; loads into timm's ViT of the same size
+    with num_classes=0."""
+    sd = model.state_dict()
+    return {k: v.detach().to('cpu', copy=True) for k, v in sd.items() if k.startswith(BACKBONE_PREFIXES)}
 
 
 def _convert_beit(sd):

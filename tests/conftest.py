@@ -9,7 +9,10 @@ import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
-torch.set_num_threads(min(2, torch.get_num_threads()))
+# One thread per test process: the suite runs in parallel with its own subprocesses (torchrun, script runs), and on
+# a 2-core machine oversubscribed threads cost more than they give.
+os.environ['OMP_NUM_THREADS'] = '1'
+torch.set_num_threads(1)
 
 
 def free_port():

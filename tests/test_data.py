@@ -91,24 +91,6 @@ def test_lut_views_share_geometry():
     assert (d1 > d1.mean()).eq(d2 > d2.mean()).float().mean() > 0.9
 
 
-def test_random_masking_invariants():
-    torch.manual_seed(0)
-    noise = torch.rand(5, 49)
-    ids_shuffle, ids_restore, K = data.random_masking(noise, 0.75)
-    assert K == 12
-    ar = torch.arange(49).expand(5, -1)
-    assert torch.equal(torch.gather(ids_shuffle, 1, ids_restore), ar)  # ids_restore inverts ids_shuffle
-    mask = data.mask_from_ids(ids_shuffle[:, :K], 49)
-    assert torch.equal(mask.sum(1), torch.full((5,), 37.0))
-    for b in range(5):  # the mask marks exactly the removed set, and kept = the K smallest noise values
-        kept = set(ids_shuffle[b, :K].tolist())
-        assert kept == set(torch.nonzero(mask[b] == 0).flatten().tolist())
-        assert kept == set(noise[b].argsort()[:K].tolist())
-    assert len({tuple(sorted(ids_shuffle[b, :K].tolist())) for b in range(5)}) == 5  # per-sample masks differ
-    with pytest.raises(ValueError, match='mask ratio'):
-        data.random_masking(noise, 1.0)
-
-
 def test_block_masks():
     rng = np.random.default_rng(0)
     counts = [data.block_mask(14, 14, 75, rng).sum() for _ in range(200)]

@@ -18,18 +18,6 @@ TINY = ['--img_size', '32', '--patch_size', '8', '--decoder_dim', '32', '--decod
 FAST = ['--lr', '1e-3', '--warmup_epochs', '1e-9']  # constant lr from step 0
 
 
-@pytest.fixture(autouse=True, scope='module')
-def lean_cpu():
-    """In-process runs: no loader workers (--num_workers 0 counts as 'pick by data' in the shared config rule) and
-    one intra-op thread (on a loaded 2-core machine two spinning OpenMP threads made a step ~100x slower)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setitem(lut.EMBEDDED, 'num_workers', 0)
-        yield
-    torch.set_num_threads(threads)
-
-
 def run(out, *extra):
     lut.main(TINY + ['--out_dir', str(out)] + list(extra))
     return str(out)
@@ -225,7 +213,7 @@ def test_short_run_lowers_both_losses_and_writes_outputs(tmp_path):
     enc = vit.vit('tiny', img_size=32, patch_size=8, num_classes=0)
     enc.load_state_dict(ck['encoder'], strict=True)  # `encoder` is the online backbone as a plain ViT
     assert torch.equal(ck['encoder']['blocks.0.attn.qkv.weight'], ck['model']['encoder.blocks.0.attn.qkv.weight'])
-    mom = ck['momentum']
+    mom = ck['teacher']
     assert {k.split('.')[0] for k in mom} == {'encoder', 'head'}
     diff = (mom['encoder.blocks.0.attn.qkv.weight'] - ck['model']['encoder.blocks.0.attn.qkv.weight']).abs().max()
     assert 0 < diff < 0.05  # the momentum encoder lags the online one
@@ -238,7 +226,7 @@ def test_resume_restores_momentum_bit_exactly(tmp_path, two_steps):
     run(split, '--batch_size', '8', '--max_steps', '4', '--resume', 'auto', *FAST)
     a, b = load_ckpt(straight), load_ckpt(split)
     assert b['step'] == 4
-    for part in ('momentum', 'model'):
+    for part in ('teacher', 'model'):
         for k in a[part]:
             assert torch.equal(a[part][k], b[part][k]), (part, k)
     assert torch.equal(a['optimizer']['state'][0]['exp_avg'], b['optimizer']['state'][0]['exp_avg'])
@@ -258,7 +246,7 @@ def test_ddp_two_processes_equal_one_process(tmp_path, two_steps):
     for rs, rd in zip(log_s, log_d):  # step 1: gradient of the initial model; step 2: after one update
         for key in ('loss_mae', 'loss_bc', 'grad_norm'):
             assert abs(rs[key] - rd[key]) <= 1e-5 * abs(rs[key]), (key, rs[key], rd[key])
-    for part in ('model', 'momentum'):
+    for part in ('model', 'teacher'):
         far = total = 0
         for k, a in single[part].items():
             b = ddp[part][k]

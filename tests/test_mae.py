@@ -24,6 +24,22 @@ def run(tmp_path, name, *extra):
     return out
 
 
+def test_random_masking_invariants():
+    torch.manual_seed(0)
+    noise = torch.rand(5, 49)
+    ids_shuffle, ids_restore, K = mae.random_masking(noise, 0.75)
+    assert K == 12
+    ar = torch.arange(49).expand(5, -1)
+    assert torch.equal(torch.gather(ids_shuffle, 1, ids_restore), ar)  # ids_restore inverts ids_shuffle
+    mask = mae.mask_from_ids(ids_shuffle[:, :K], 49)
+    assert torch.equal(mask.sum(1), torch.full((5,), 37.0))
+    for b in range(5):  # the mask marks exactly the removed set, and kept = the K smallest noise values
+        kept = set(ids_shuffle[b, :K].tolist())
+        assert kept == set(torch.nonzero(mask[b] == 0).flatten().tolist())
+        assert kept == set(noise[b].argsort()[:K].tolist())
+    assert len({tuple(sorted(ids_shuffle[b, :K].tolist())) for b in range(5)}) == 5  # per-sample masks differ
+
+
 def test_loss_hand_computed_and_ignores_visible_patches():
     # 2 images x 4 patches x 2 values; mask 1 = removed
     pred = torch.tensor([[[1., 1.], [0., 0.], [2., 0.], [5., 5.]],
