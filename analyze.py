@@ -115,30 +115,12 @@ def read_checkpoint(path):
     if not os.path.exists(path):
         sys.exit(f'error: checkpoint {path} does not exist')
     try:
-        ckpt = torch.load(path, map_location='cpu', weights_only=False)
-    except Exception as e:
-        sys.exit(f'error: cannot read checkpoint {path} ({type(e).__name__}: {e})')
+        ckpt = vit.read_checkpoint(path)
+    except ValueError as e:
+        sys.exit(f'error: {e}')
     if not isinstance(ckpt, dict):
         sys.exit(f'error: {path} is not a checkpoint dict')
     return ckpt
-
-
-def checkpoint_arch(ckpt):
-    """(model name, patch size, image size) a checkpoint was trained with: its nanoMIM 'config' when present,
-    else read off the weights (width and depth -> vit.SIZES, patch conv kernel, position-embedding grid)."""
-    c = ckpt.get('config') or {}
-    if c.get('model') in vit.SIZES and c.get('patch_size') and c.get('img_size'):
-        return c['model'], c['patch_size'], c['img_size']
-    sd, fmt = vit.extract_backbone(ckpt)
-    if 'patch_embed.proj.weight' not in sd:
-        raise ValueError(f'checkpoint ({fmt}) has no ViT backbone (no patch_embed.proj.weight)')
-    D, _, p, _ = sd['patch_embed.proj.weight'].shape
-    depth = 1 + max((int(k.split('.')[1]) for k in sd if k.startswith('blocks.')), default=-1)
-    names = [n for n, (d, dep, _, _) in vit.SIZES.items() if (d, dep) == (D, depth)]
-    if not names:
-        raise ValueError(f'backbone of width {D}, depth {depth} is none of the sizes {", ".join(vit.SIZES)}')
-    grid = int(round(math.sqrt(sd['pos_embed'].shape[1] - 1))) if 'pos_embed' in sd else 224 // p
-    return names[0], p, grid * p
 
 
 def checkpoint_label(path, ckpt, taken):
@@ -158,12 +140,12 @@ def checkpoint_label(path, ckpt, taken):
 
 def build_encoder(ckpt, model, img_size, patch_size, seed):
     """A ViT (num_classes=0) at the analysis resolution: random init from `seed` for None, else the checkpoint's
-    backbone through vit.load_backbone (format detection, position embedding interpolated). Eval mode."""
+    backbone through vit.load_vit (the architecture it holds, layer scale included). Eval mode."""
     torch.manual_seed(seed)
-    enc = vit.vit(model, img_size=img_size, patch_size=patch_size, num_classes=0)
-    if ckpt is not None:
-        vit.load_backbone(ckpt, enc, verbose=False)
-    return enc.eval()
+    if ckpt is None:
+        return vit.vit(model, img_size=img_size, patch_size=patch_size, num_classes=0).eval()
+    return vit.load_vit(ckpt, img_size=img_size, model=model, patch_size=patch_size, num_classes=0,
+                        verbose=False)[0].eval()
 
 
 def build_reconstructor(ckpt, img_size):
@@ -177,7 +159,7 @@ def build_reconstructor(ckpt, img_size):
     sd = {k[len('module.'):] if k.startswith('module.') else k: v for k, v in sd.items()}
     if not any(k.startswith('encoder.') for k in sd):  # official MAE: encoder keys at the top level
         sd = {('encoder.' + k if k.startswith(vit.BACKBONE_PREFIXES) else k): v for k, v in sd.items()}
-    model_name, p, _ = checkpoint_arch(ckpt)
+    model_name, p = (vit.checkpoint_arch(ckpt)[k] for k in ('model', 'patch_size'))
     c = ckpt.get('config') or {}
     depth = 1 + max(int(k.split('.')[1]) for k in sd if k.startswith('decoder_blocks.'))
     mcfg = SimpleNamespace(model=model_name, img_size=img_size, patch_size=p, decoder_depth=depth,
@@ -498,7 +480,8 @@ def main(argv=None):
     # checkpoints and the one architecture / resolution they are all measured at
     ckpts = [read_checkpoint(path) for path in cfg.checkpoint]
     try:
-        archs = [checkpoint_arch(ck) if ck is not None else None for ck in ckpts]
+        archs = [tuple(vit.checkpoint_arch(ck)[k] for k in ('model', 'patch_size', 'img_size')) if ck is not None
+                 else None for ck in ckpts]
     except ValueError as e:
         sys.exit(f'error: {e}')
     first = next((a for a in archs if a is not None), None)

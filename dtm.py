@@ -30,7 +30,6 @@ import os
 import random
 import sys
 import time
-import warnings
 from contextlib import nullcontext
 from dataclasses import dataclass
 
@@ -276,24 +275,13 @@ class CLIPVisual(nn.Module):
         return self.ln_post(x[:, 1:]) @ self.proj.to(x.dtype)  # (B, L, C), [CLS] dropped
 
 
-def read_checkpoint(path):
-    """torch.load a teacher file; a TorchScript archive (OpenAI's released CLIP files) gives its state_dict."""
-    if not os.path.isfile(path):
-        sys.exit(f'error: teacher checkpoint {path} does not exist')
-    try:
-        with warnings.catch_warnings():  # torch.load hands TorchScript archives to torch.jit.load, with two warnings
-            warnings.filterwarnings('ignore', message='.*TorchScript')
-            warnings.filterwarnings('ignore', message='.*torch.jit.load.*deprecated')
-            obj = torch.load(path, map_location='cpu', weights_only=False)
-    except Exception as e:
-        sys.exit(f'error: cannot read teacher checkpoint {path} ({type(e).__name__}: {e})')
-    return obj.state_dict() if isinstance(obj, torch.jit.ScriptModule) else obj
-
-
 def load_clip_visual(path, img_size):
     """CLIPVisual from an OpenAI-format state_dict (full model with 'visual.' keys, or the visual tower alone);
     width, depth, patch and output width are read from the tensors, the position embedding is resized to img_size."""
-    sd = read_checkpoint(path)
+    try:
+        sd = vit.read_checkpoint(path)
+    except (FileNotFoundError, ValueError) as e:
+        sys.exit(f'error: teacher {e}')
     sd = sd.get('state_dict', sd) if isinstance(sd, dict) else sd
     if isinstance(sd, dict) and any(k.startswith('visual.') for k in sd):
         sd = {k[len('visual.'):]: v for k, v in sd.items() if k.startswith('visual.')}
@@ -316,43 +304,27 @@ def load_clip_visual(path, img_size):
     return model
 
 
-def load_vit_encoder(path, cfg, verbose=True):
-    """A vit.py ViT for any backbone vit.load_backbone reads; size (from SIZES by width and depth) and patch size
-    come from the tensors; learned position embedding (a fixed sin-cos one loads as its values)."""
-    ckpt = read_checkpoint(path)
-    try:
-        sd, fmt = vit.extract_backbone(ckpt)
-    except ValueError as e:
-        sys.exit(f'error: teacher {path}: {e}')
-    if 'patch_embed.proj.weight' not in sd:
-        sys.exit(f'error: teacher {path} ({fmt}) has no ViT backbone (no patch_embed.proj.weight)')
-    D, _, p, _ = sd['patch_embed.proj.weight'].shape
-    depth = 1 + max((int(k.split('.')[1]) for k in sd if k.startswith('blocks.')), default=-1)
-    name = next((n for n, s in vit.SIZES.items() if s[:2] == (D, depth)), None)
-    if name is None:
-        sys.exit(f'error: teacher {path} is a ViT of width {D}, depth {depth}: '
-                 f'not one of the sizes {", ".join(vit.SIZES)}')
-    if cfg.img_size % p or cfg.img_size // p != cfg.img_size // cfg.patch_size:
-        sys.exit(f'error: teacher patch size {p} does not give the student\'s {cfg.img_size // cfg.patch_size}-wide '
-                 f'grid at --img_size {cfg.img_size}; use --patch_size {p}')
-    layer_scale = 1.0 if any('.ls1.' in k for k in sd) else None
-    enc = vit.vit(name, img_size=cfg.img_size, patch_size=p, num_classes=0, pos_embed='learned',
-                  layer_scale=layer_scale, weight_init='trunc_normal')
-    missing, _ = vit.load_backbone(ckpt, enc, verbose=False)
-    if [k for k in missing if not k.startswith('norm.')]:
-        sys.exit(f'error: teacher {path} lacks {", ".join(missing[:4])}{" ..." if len(missing) > 4 else ""}')
-    if verbose:
-        print(f'teacher: ViT-{name} patch {p} from {path} ({fmt}); missing: {missing or "none"}')
-    return enc
-
-
 def build_teacher(cfg, student_encoder=None, verbose=True):
     """--teacher ema (a copy of student_encoder) | vit:PATH | clip:PATH -> frozen module in eval mode with .dim."""
     kind, _, path = cfg.teacher.partition(':')
     if kind == 'ema':
         teacher = ViTTeacher(copy.deepcopy(student_encoder))
-    elif kind == 'vit':
-        teacher = ViTTeacher(load_vit_encoder(path, cfg, verbose))
+    elif kind == 'vit':  # the ViT the file holds (size, patch, layer scale from its tensors), at the student's size
+        try:
+            enc, arch = vit.load_vit(path, img_size=cfg.img_size, num_classes=0, verbose=False)
+        except (FileNotFoundError, ValueError) as e:
+            sys.exit(f'error: teacher {e}')
+        if enc.grid != cfg.img_size // cfg.patch_size:
+            sys.exit(f"error: teacher patch size {arch['patch_size']} does not give the student's "
+                     f"{cfg.img_size // cfg.patch_size}-wide grid at --img_size {cfg.img_size}; use --patch_size "
+                     f"{arch['patch_size']}")
+        lacks = [k for k in arch['missing'] if not k.startswith('norm.')]
+        if lacks:
+            sys.exit(f'error: teacher {path} lacks {", ".join(lacks[:4])}{" ..." if len(lacks) > 4 else ""}')
+        if verbose:
+            print(f"teacher: ViT-{arch['model']} patch {arch['patch_size']} from {path} ({arch['format']}); "
+                  f"missing: {arch['missing'] or 'none'}")
+        teacher = ViTTeacher(enc)
     else:
         teacher = load_clip_visual(path, cfg.img_size)
     return teacher.requires_grad_(False).eval()

@@ -5,7 +5,8 @@ Parameter names follow the common ViT layout (timm `vision_transformer`, MAE, iB
   cls_token, pos_embed, patch_embed.proj, blocks.{i}.{norm1,attn.qkv,attn.proj,norm2,mlp.fc1,mlp.fc2,ls1.gamma,ls2.gamma},
   norm, fc_norm, head
 so `backbone_state_dict(model)` loads into timm's ViT of the same size with no renaming, and the official
-MAE / iBOT / LUT / BEiT-style backbones load here through `load_backbone`.
+MAE / iBOT / LUT / DTM / BEiT-style backbones load here: `load_vit(path)` builds the ViT a checkpoint holds (width,
+depth, heads, patch, MLP ratio, qkv bias, layer scale read off its tensors) and loads it, for every script.
 
 Letters used in shape comments: B batch, L patches, K kept patches, D width, H heads, P pixels per patch (p*p*3).
 
@@ -18,6 +19,8 @@ Forward paths (small methods, one per use):
   forward(x)                      pooled features -> head (fine-tuning / probing)
 """
 import math
+import os
+import warnings
 
 import numpy as np
 import torch
@@ -394,19 +397,93 @@ def extract_backbone(ckpt):
     return sd, fmt
 
 
-def load_backbone(path_or_ckpt, model, verbose=True):
+def read_checkpoint(path):
+    """torch.load a checkpoint file on the CPU. FileNotFoundError (missing) or ValueError (unreadable) with one
+    line naming the file; a TorchScript archive (OpenAI's released CLIP files) gives its state_dict."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f'checkpoint {path} does not exist')
+    try:
+        with warnings.catch_warnings():  # torch.load hands TorchScript archives to torch.jit.load, with two warnings
+            warnings.filterwarnings('ignore', message='.*TorchScript')
+            warnings.filterwarnings('ignore', message='.*torch.jit.load.*deprecated')
+            obj = torch.load(path, map_location='cpu', weights_only=False)
+    except Exception as e:
+        raise ValueError(f'cannot read checkpoint {path} ({type(e).__name__}: {e})') from None
+    return obj.state_dict() if isinstance(obj, torch.jit.ScriptModule) else obj
+
+
+def checkpoint_arch(ckpt, num_heads=0):
+    """The ViT a loaded checkpoint holds, read off its backbone tensors: dict(model (SIZES name, None for another
+    size), embed_dim, depth, num_heads, patch_size, img_size, mlp_ratio, qkv_bias, layer_scale, abs_pos_embed (bools),
+    format, method ('ibot' for an iBOT / DINO teacher file)). Heads are not in the weights: they come from the size name of (width, depth), else width / 64 (every
+    published ViT but huge), else `num_heads`. img_size: the nanoMIM config's, else the position-embedding grid."""
+    sd, fmt = extract_backbone(ckpt)
+    if 'patch_embed.proj.weight' not in sd:
+        raise ValueError(f'checkpoint ({fmt}) has no ViT backbone (no patch_embed.proj.weight)')
+    D, _, p, _ = sd['patch_embed.proj.weight'].shape
+    depth = 1 + max((int(k.split('.')[1]) for k in sd if k.startswith('blocks.')), default=-1)
+    if depth == 0 or 'blocks.0.mlp.fc1.weight' not in sd:
+        raise ValueError(f'checkpoint ({fmt}) has no transformer blocks in the common layout (blocks.0.mlp.fc1)')
+    name = next((n for n, s in SIZES.items() if s[:2] == (D, depth)), None)
+    heads = num_heads or (SIZES[name][2] if name else D // 64 if D % 64 == 0 else 0)
+    if not heads:
+        raise ValueError(f'checkpoint backbone of width {D}, depth {depth} is none of the sizes {", ".join(SIZES)}: '
+                         f'its head count is not in the weights')
+    config = ckpt.get('config') if isinstance(ckpt, dict) and isinstance(ckpt.get('config'), dict) else {}
+    if config.get('img_size') and config['img_size'] % p == 0:
+        img_size = config['img_size']
+    elif 'pos_embed' in sd:
+        n = sd['pos_embed'].reshape(-1, D).shape[0]
+        img_size = (math.isqrt(n) if math.isqrt(n) ** 2 == n else math.isqrt(n - 1)) * p
+    else:
+        img_size = 224 // p * p
+    method = ckpt.get('method') if isinstance(ckpt, dict) else None
+    return dict(model=name, embed_dim=D, depth=depth, num_heads=heads, patch_size=p, img_size=img_size,
+                mlp_ratio=sd['blocks.0.mlp.fc1.weight'].shape[0] / D, qkv_bias='blocks.0.attn.qkv.bias' in sd,
+                layer_scale='blocks.0.ls1.gamma' in sd, abs_pos_embed='pos_embed' in sd, format=fmt,
+                method=method or ('ibot' if fmt.startswith('ibot') else None))
+
+
+def load_vit(src, key='', img_size=0, model='', patch_size=0, num_heads=0, verbose=True, **kw):
+    """The one way every script gets a pre-trained ViT: read `src` (a path or a loaded checkpoint; `key` picks one
+    entry of it, e.g. model_ema or student), build the VisionTransformer its backbone holds (checkpoint_arch: width,
+    depth, heads, patch, MLP ratio, qkv bias, layer scale) at `img_size` (0 = the checkpoint's own; the position
+    embedding is interpolated) and load the weights (load_backbone). `model` / `patch_size`, when given, must match
+    the checkpoint. kw go to VisionTransformer (num_classes, global_pool, drop_path_rate, pos_embed, mask_token, ...).
+    Returns (model, arch with the missing / unexpected keys). FileNotFoundError / ValueError name the problem."""
+    ckpt = read_checkpoint(src) if isinstance(src, str) else src
+    if key:
+        if not isinstance(ckpt, dict) or key not in ckpt:
+            keys = ', '.join(map(str, ckpt)) if isinstance(ckpt, dict) else type(ckpt).__name__
+            raise ValueError(f'checkpoint {src if isinstance(src, str) else ""} has no key {key!r} (it has: {keys})')
+        ckpt = ckpt[key]
+    arch = checkpoint_arch(ckpt, num_heads)
+    D, depth, p = arch['embed_dim'], arch['depth'], arch['patch_size']
+    if (model and model != arch['model']) or (patch_size and patch_size != p):
+        want = f'width {SIZES[model][0]}, depth {SIZES[model][1]}' if model in SIZES else f'ViT-{model}'
+        raise ValueError(f'checkpoint backbone is width {D}, depth {depth}, patch {p} (ViT-{arch["model"] or "?"}); '
+                         f'the model asked for is {want}, patch {patch_size or p} -- pick the matching --model / '
+                         f'--patch_size')
+    img_size = img_size or arch['img_size']
+    if img_size % p:
+        raise ValueError(f'image size {img_size} is not divisible by the checkpoint\'s patch size {p}')
+    kw.setdefault('pos_embed', 'learned')  # the checkpoint's values are loaded either way; 'learned' keeps them trainable
+    net = VisionTransformer(img_size=img_size, patch_size=p, embed_dim=D, depth=depth, num_heads=arch['num_heads'],
+                            mlp_ratio=arch['mlp_ratio'], qkv_bias=arch['qkv_bias'],
+                            layer_scale=1.0 if arch['layer_scale'] else None, **kw)
+    if not arch['abs_pos_embed']:  # BEiT-style backbone with relative position bias only: no absolute position
+        with torch.no_grad():
+            net.pos_embed.zero_()
+    arch['missing'], arch['unexpected'] = load_backbone(ckpt, net, verbose, src if isinstance(src, str) else None)
+    return net, arch
+
+
+def load_backbone(path_or_ckpt, model, verbose=True, name=None):
     """Load a pre-trained backbone into `model` (a VisionTransformer) from a path or a loaded checkpoint:
     detects the format, maps keys, interpolates the position embedding to the model's grid, and reports
     missing/unexpected keys. A width/depth/patch or any shape mismatch raises ValueError with one clear line.
-    Returns (missing_keys, unexpected_keys)."""
-    ckpt = path_or_ckpt
-    if isinstance(path_or_ckpt, str):
-        try:
-            ckpt = torch.load(path_or_ckpt, map_location='cpu', weights_only=False)
-        except FileNotFoundError:
-            raise FileNotFoundError(f'checkpoint {path_or_ckpt} does not exist') from None
-        except Exception as e:
-            raise ValueError(f'checkpoint {path_or_ckpt} could not be read ({type(e).__name__}: {e})') from None
+    Returns (missing_keys, unexpected_keys). `load_vit` builds the matching model first."""
+    ckpt = read_checkpoint(path_or_ckpt) if isinstance(path_or_ckpt, str) else path_or_ckpt
     sd, fmt = extract_backbone(ckpt)
     if 'patch_embed.proj.weight' not in sd:
         raise ValueError(f'checkpoint ({fmt}) has no ViT backbone (no patch_embed.proj.weight)')
@@ -434,7 +511,7 @@ def load_backbone(path_or_ckpt, model, verbose=True):
     missing, unexpected = model.load_state_dict(sd, strict=False)
     missing = [k for k in missing if not k.startswith(('head.', 'fc_norm.', 'mask_token'))]
     if verbose:
-        src = path_or_ckpt if isinstance(path_or_ckpt, str) else 'checkpoint'
+        src = name or (path_or_ckpt if isinstance(path_or_ckpt, str) else 'checkpoint')
         print(f'loaded {len(sd)} backbone tensors from {src} (format: {fmt}); '
               f'missing: {missing or "none"}; unexpected: {list(unexpected) or "none"}')
     return missing, list(unexpected)
