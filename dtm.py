@@ -24,6 +24,7 @@ W CLIP width.
 import argparse
 import copy
 import dataclasses
+import inspect
 import json
 import math
 import os
@@ -33,7 +34,6 @@ import time
 from contextlib import nullcontext
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn as nn
@@ -46,15 +46,15 @@ import vit
 METHOD = 'dtm'
 
 # -----------------------------------------------------------------------------
-# config: typed defaults, one comment each; 0 / '' = pick by data (embedded CPU default or the paper recipe)
+# config: typed defaults, one comment each (the comment is the flag's --help); 0 / '' / -1 = picked by --data
 
 
 @dataclass
 class Config:
-    data: str = ''             # image folder (ImageNet layout: DIR/train/<class>/*.jpg) or '' for the embedded shapes
-    model: str = ''            # student size mini|tiny|small|base|large|huge; '' = tiny on embedded data, base on a folder
-    img_size: int = 0          # input resolution; 0 = 64 embedded, 224 folder
-    patch_size: int = 0        # 0 = 8 embedded, the model's own (16, 14 for huge) on a folder
+    data: str = ''             # '' = embedded shapes; fashion-mnist | mnist | idx:DIR; or an image folder
+    model: str = ''            # student ViT size: mini|tiny|small|base|large|huge
+    img_size: int = 0          # input resolution in pixels
+    patch_size: int = 0        # patch side in pixels; 0 on a folder = the model's own (16, 14 for huge)
     teacher: str = 'ema'       # ema | vit:PATH | clip:PATH; frozen, eval mode, sees the unmasked view
     num_mask: int = 0          # masked patches per image, exactly; 0 = 75 of 196 scaled to the grid, round(75 L / 196)
     drop_path: float = 0.1     # student stochastic depth (linear in depth)
@@ -67,74 +67,114 @@ class Config:
     loss_type: str = 'smoothl1'  # distance between cluster means: smoothl1 | l1 | l2 | cosine
     beta: float = 2.0          # smooth L1 change point
     normalize_target: bool = False  # standardise each morphed target token over its channels
-    ema_momentum: float = 0.0  # EMA teacher only: momentum, cosine to 1; 0 = 0.99 embedded, 0.999 folder
-    epochs: int = 0            # 0 = 1 embedded, 300 folder
-    batch_size: int = 0        # per process; 0 = 32 embedded, 256 folder (2048 on 8 GPUs)
-    accum_iter: int = 1        # gradient accumulation steps (effective batch = batch_size * accum_iter * world)
-    blr: float = 0.0           # base lr, lr = blr * sqrt(effective_batch / 2048); 0 = 1.5e-3 folder, 1e-2 embedded
-    lr: float = 0.0            # absolute lr; overrides blr when > 0
+    ema_momentum: float = 0.0  # EMA teacher only: momentum at step 0, half cosine to 1 at the end
+    epochs: int = 0            # pre-training epochs
+    batch_size: int = 0        # per process (effective batch = batch_size * accum_iter * processes)
+    accum_iter: int = 1        # gradient accumulation: micro-batches per optimizer step
+    blr: float = 0.0           # base learning rate: lr = blr * sqrt(effective_batch / 2048) (BEiT v2 / DTM)
+    lr: float = 0.0            # absolute learning rate; overrides blr when > 0
     min_lr: float = 1e-5       # end of the cosine schedule
-    warmup_epochs: float = -1  # linear warm-up from 0; -1 = 0.2 embedded, 10 folder
+    warmup_epochs: float = -1  # linear warm-up from 0, in epochs
     weight_decay: float = 0.05  # AdamW; none on biases, norms, [CLS] and position embeddings
     clip_grad: float = 3.0     # global gradient-norm clip; 0 = off
     out_dir: str = 'out/dtm'   # checkpoint.pt, log.jsonl
-    resume: str = ''           # '' fresh, 'auto' = out_dir/checkpoint.pt if present, or a path
-    save_every: int = 500      # steps between checkpoints (always saved at the end)
+    resume: str = ''           # '' fresh; 'auto' = out_dir/checkpoint.pt if present; or a checkpoint path
+    save_every: int = 0        # optimizer steps between checkpoints; 0 = once per epoch (always at the end)
     dtype: str = ''            # bf16|fp16|fp32; '' = bf16 on CUDA, fp32 on CPU
-    compile: bool = False      # torch.compile the model
-    seed: int = 0              # data order, augmentation and masks are pure functions of (seed, epoch, index)
-    num_workers: int = -1      # loader workers per process; -1 = 2 embedded, 10 folder
-    log_every: int = 20        # steps between log lines (the only host syncs)
-    max_steps: int = 0         # stop after this many optimizer steps (0 = run all epochs); schedule unchanged
-    device: str = ''           # cuda|cpu|cuda:N; '' = cuda if available
+    compile: bool = False      # torch.compile the model (eager is what the tests run)
+    seed: int = 0              # data order, augmentation, masks, morphing, drop path: pure functions of (seed, step)
+    num_workers: int = -1      # loader workers per process, capped at the CPUs this process may use
+    log_every: int = 20        # optimizer steps between log lines (the only host syncs)
+    max_steps: int = 0         # stop after this many optimizer steps (0 = all epochs); the schedule is unchanged
+    device: str = ''           # cuda|cuda:N|cpu; '' = cuda if available
 
 
-EMBEDDED = dict(model='tiny', img_size=64, patch_size=8, epochs=1, batch_size=32, blr=1e-2, warmup_epochs=0.2,
-                num_workers=2, ema_momentum=0.99)
-RECIPE = dict(model='base', img_size=224, patch_size=0, epochs=300, batch_size=256, blr=1.5e-3, warmup_epochs=10,
-              num_workers=10, ema_momentum=0.999)
+# what 0 / '' / -1 resolve to: the embedded shapes (CPU, minutes), the small idx datasets (the README's CPU-scale
+# Results protocol), an image folder (the paper's recipe: ViT-B/16, 300 epochs, effective batch 2048 on 8 GPUs)
+REGIMES = {
+    'embedded': dict(model='tiny', img_size=64, patch_size=8, epochs=1, batch_size=32, blr=1e-2, warmup_epochs=0.2,
+                     num_workers=2, ema_momentum=0.99),
+    'small': dict(model='mini', img_size=32, patch_size=4, epochs=1, batch_size=128, blr=5e-3, warmup_epochs=0.1,
+                  num_workers=2, ema_momentum=0.99),
+    'folder': dict(model='base', img_size=224, patch_size=0, epochs=300, batch_size=256, blr=1.5e-3,
+                   warmup_epochs=10, num_workers=10, ema_momentum=0.999),
+}
 ARCH_KEYS = ('model', 'img_size', 'patch_size', 'teacher')  # must match on resume
 LOSS_TYPES = ('smoothl1', 'l1', 'l2', 'cosine')
 
 
+def field_help(cls):
+    """{field name: its '# comment'} from the dataclass source (a comment may go on over '#' lines below it), so the
+    comment is the one place a knob is described."""
+    try:
+        lines = inspect.getsource(cls).splitlines()
+    except (OSError, TypeError):  # no source at hand (frozen app): flags keep their defaults as help
+        return {}
+    out, name = {}, None
+    for line in lines:
+        code, sep, comment = line.partition('# ')
+        if sep and not code.strip() and name:  # a continuation line of the previous field's comment
+            out[name] += ' ' + comment.strip()
+            continue
+        name = code.split(':')[0].strip() if sep and ':' in code and '=' in code else None
+        if name:
+            out[name] = comment.strip()
+    return out
+
+
 def get_config(argv=None):
-    """argparse from the dataclass (unknown flags rejected), then fill the data-dependent defaults."""
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    """argparse from Config (the field comments are the help; unknown flags are rejected), then the defaults left
+    at 0 / '' / -1 are filled from the regime of --data (REGIMES) and check_config validates the result."""
+    def boolean(s):
+        if s.lower() not in ('1', 'true', 'yes', 'on', '0', 'false', 'no', 'off'):
+            raise argparse.ArgumentTypeError(f'expected true or false, got {s!r}')
+        return s.lower() in ('1', 'true', 'yes', 'on')
+    helps = field_help(Config)
+    p = argparse.ArgumentParser(description=__doc__, epilog=data.REGIME_HELP,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     for f in dataclasses.fields(Config):
-        if f.type is bool:
-            p.add_argument(f'--{f.name}', type=lambda s: s.lower() in ('1', 'true', 'yes', 'on'), default=f.default,
-                           metavar='BOOL', help=f'(default {f.default})')
-        else:
-            p.add_argument(f'--{f.name}', type=f.type, default=f.default, help=f'(default {f.default!r})')
+        picked = '; '.join(f'{r} {v[f.name]!r}' for r, v in REGIMES.items() if f.name in v)
+        default = f'default {f.default!r}' + (f' = picked by --data: {picked}' if picked else '')
+        p.add_argument(f'--{f.name}', type=boolean if f.type is bool else f.type, default=f.default,
+                       metavar='BOOL' if f.type is bool else f.name.upper(),
+                       help=f'{helps.get(f.name, "")} ({default})'.replace('%', '%%'))
     cfg = Config(**vars(p.parse_args(argv)))
-    for k, v in (EMBEDDED if cfg.data in ('', 'shapes') else RECIPE).items():
+    for k, v in REGIMES[data.regime(cfg.data)].items():
         if getattr(cfg, k) == Config.__dataclass_fields__[k].default:  # left at its 'pick by data' default
             setattr(cfg, k, v)
-    if cfg.patch_size == 0:
-        cfg.patch_size = vit.SIZES[cfg.model][3] if cfg.model in vit.SIZES else 16
     if cfg.model not in vit.SIZES:
-        p.error(f'--model must be one of {", ".join(vit.SIZES)}')
+        p.error(f'--model must be one of {", ".join(vit.SIZES)}, got {cfg.model!r}')
+    if cfg.patch_size == 0:
+        cfg.patch_size = vit.SIZES[cfg.model][3]
     if cfg.img_size % cfg.patch_size:
         p.error(f'--img_size {cfg.img_size} is not divisible by --patch_size {cfg.patch_size}')
+    if cfg.dtype not in ('', 'bf16', 'fp16', 'fp32'):
+        p.error(f'--dtype must be bf16, fp16 or fp32, got {cfg.dtype!r}')
+    if min(cfg.epochs, cfg.batch_size, cfg.accum_iter, cfg.log_every) < 1 or cfg.save_every < 0:
+        p.error('--epochs, --batch_size, --accum_iter and --log_every must be >= 1, --save_every >= 0')
+    cfg.num_workers = data.default_workers(cfg.num_workers)
+    check_config(cfg, p.error)
+    return cfg
+
+
+def check_config(cfg, error):
+    """DTM's own checks, after the defaults are filled; error(msg) exits with the usage line."""
     L = (cfg.img_size // cfg.patch_size) ** 2
     cfg.num_mask = cfg.num_mask or round(75 * L / 196)
     cfg.morph_n = L if cfg.morph_n == -1 else cfg.morph_n
     kind, _, path = cfg.teacher.partition(':')
     if not (cfg.teacher == 'ema' or (kind in ('vit', 'clip') and path)):
-        p.error(f'--teacher must be ema, vit:PATH or clip:PATH, got {cfg.teacher!r}')
+        error(f'--teacher must be ema, vit:PATH or clip:PATH, got {cfg.teacher!r}')
     if not 0 < cfg.num_mask < L:
-        p.error(f'--num_mask must be in [1, {L - 1}] for {L} patches, got {cfg.num_mask}')
+        error(f'--num_mask must be in [1, {L - 1}] for {L} patches, got {cfg.num_mask}')
     if not 0 <= cfg.morph_n <= L:
-        p.error(f'--morph_n must be in [0, {L}] (or -1 = {L}), got {cfg.morph_n}')
+        error(f'--morph_n must be in [0, {L}] (or -1 = {L}), got {cfg.morph_n}')
     if cfg.morph_k < 1 or cfg.morph_levels < 1:
-        p.error('--morph_k and --morph_levels must be at least 1')
+        error('--morph_k and --morph_levels must be at least 1')
     if cfg.morph_sampling not in ('code', 'paper'):
-        p.error('--morph_sampling must be code or paper')
+        error('--morph_sampling must be code or paper')
     if cfg.loss_type not in LOSS_TYPES:
-        p.error(f'--loss_type must be one of {", ".join(LOSS_TYPES)}')
-    if cfg.dtype not in ('', 'bf16', 'fp16', 'fp32'):
-        p.error('--dtype must be bf16, fp16 or fp32')
-    return cfg
+        error(f'--loss_type must be one of {", ".join(LOSS_TYPES)}')
 
 
 class MaskedView:
@@ -331,9 +371,17 @@ def build_teacher(cfg, student_encoder=None, verbose=True):
 
 
 @torch.no_grad()
-def ema_update(teacher, student, m):
-    """teacher <- m * teacher + (1 - m) * student, every parameter in one fused call."""
-    torch._foreach_lerp_(list(teacher.parameters()), list(student.parameters()), 1.0 - m)
+def ema_update(target, online, m):
+    """target <- m target + (1 - m) online over parameters and floating buffers (BN running statistics), one
+    fused multi-tensor lerp each; integer buffers (BN num_batches_tracked) are copied. m = 0 copies, m = 1 keeps."""
+    torch._foreach_lerp_(list(target.parameters()), list(online.parameters()), 1.0 - m)
+    pairs = list(zip(target.buffers(), online.buffers()))
+    floats = [(t, o) for t, o in pairs if t.is_floating_point()]
+    if floats:
+        torch._foreach_lerp_([t for t, _ in floats], [o for _, o in floats], 1.0 - m)
+    for t, o in pairs:
+        if not t.is_floating_point():
+            t.copy_(o)
 
 # -----------------------------------------------------------------------------
 # token morphing (paper sec. 3.2, Algorithm 1) and loss
@@ -413,11 +461,10 @@ def morph_clusters(x, rs, random_split=False):
     return assign, t
 
 
-def draw_clusters(target, rng, cfg):
-    """cfg.morph_levels independent morphings of the teacher tokens (B, L, C) -> list of (assign (B, L), M)."""
-    L = target.shape[1]
-    return [morph_clusters(target, morph_schedule(L, cfg.morph_n, cfg.morph_k, rng, cfg.morph_sampling),
-                           random_split=cfg.morph_sampling == 'paper') for _ in range(cfg.morph_levels)]
+def morph_draws(L, rng, cfg):
+    """cfg.morph_levels independent morph schedules for L tokens (lists of merges per matching iteration), drawn on
+    the host from rng: data-independent, so they are part of the step's schedules."""
+    return [morph_schedule(L, cfg.morph_n, cfg.morph_k, rng, cfg.morph_sampling) for _ in range(cfg.morph_levels)]
 
 
 def token_distance(u, v, loss_type='smoothl1', beta=2.0):
@@ -461,34 +508,86 @@ def param_groups(model, weight_decay):
 
 
 def lr_at(step, base_lr, min_lr, warmup_steps, total_steps):
-    """Per-step linear warm-up from 0, then half-cycle cosine to min_lr."""
+    """Per-step linear warm-up from 0, then half-cycle cosine to min_lr (MAE util/lr_sched.py)."""
     if step < warmup_steps:
         return base_lr * step / warmup_steps
     t = (step - warmup_steps) / max(1, total_steps - warmup_steps)
     return min_lr + (base_lr - min_lr) * 0.5 * (1.0 + math.cos(math.pi * min(t, 1.0)))
 
 
-def ema_at(step, base, total_steps):
-    """EMA teacher momentum: cosine from base at step 0 to 1 at the last step (BYOL)."""
+def momentum_at(step, base, total_steps):
+    """EMA momentum after optimizer step `step`: 1 - (1 - base) (1 + cos(pi step / T)) / 2, base at 0, 1 at T."""
     return 1.0 - (1.0 - base) * 0.5 * (1.0 + math.cos(math.pi * min(step / max(1, total_steps), 1.0)))
 
+
+def schedules(step, cfg, base_lr, warmup_steps, total_steps, rank=0):
+    """Every scheduled value of optimizer step `step`: lr, EMA momentum, and the morph schedules of each
+    micro-batch (accum_iter x morph_levels lists, from an rng seeded by (seed, rank, step)); `clusters` is their
+    mean number of clusters left, for the log."""
+    rng = random.Random(step_seed(cfg.seed, rank, step))
+    L = (cfg.img_size // cfg.patch_size) ** 2
+    morph = [morph_draws(L, rng, cfg) for _ in range(cfg.accum_iter)]
+    return {'lr': lr_at(step, base_lr, cfg.min_lr, warmup_steps, total_steps),
+            'momentum': momentum_at(step, cfg.ema_momentum, total_steps),
+            'clusters': sum(L - sum(rs) for m in morph for rs in m) / (cfg.accum_iter * cfg.morph_levels),
+            'morph': morph}
+
 # -----------------------------------------------------------------------------
-# checkpointing
+# distributed, precision, checkpoints (the same block in every nanoMIM script)
 
 
-def rng_state():
-    return {'python': random.getstate(), 'numpy': np.random.get_state(), 'torch': torch.get_rng_state(),
-            'cuda': torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+def resolve_device(flag, local_rank, ddp, cuda_available):
+    """--device -> a device string with an index for CUDA ('cuda' -> 'cuda:LOCAL_RANK'; under torchrun every
+    process takes its own GPU), without touching CUDA."""
+    device = flag or ('cuda' if cuda_available else 'cpu')
+    if device.startswith('cuda') and (ddp or device == 'cuda'):
+        device = f'cuda:{local_rank}'
+    return device
+
+
+def setup_distributed(cfg):
+    """torchrun sets RANK / LOCAL_RANK / WORLD_SIZE; plain `python` runs one process.
+    Returns (ddp, rank, local_rank, world, device)."""
+    ddp = int(os.environ.get('RANK', -1)) != -1
+    rank, local_rank, world = (int(os.environ['RANK']), int(os.environ['LOCAL_RANK']),
+                               int(os.environ['WORLD_SIZE'])) if ddp else (0, 0, 1)
+    device = resolve_device(cfg.device, local_rank, ddp, torch.cuda.is_available())
+    if device.startswith('cuda'):
+        torch.cuda.set_device(device)
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    if ddp:
+        dist.init_process_group(backend='nccl' if device.startswith('cuda') else 'gloo')
+    torch.manual_seed(cfg.seed + rank)
+    return ddp, rank, local_rank, world, device
+
+
+def setup_precision(cfg, device_type):
+    """bf16 autocast by default on CUDA, fp16 autocast with a GradScaler, fp32 on CPU.
+    Returns (dtype name, autocast context, scaler)."""
+    dtype = cfg.dtype or ('bf16' if device_type == 'cuda' else 'fp32')
+    ptdtype = {'bf16': torch.bfloat16, 'fp16': torch.float16, 'fp32': torch.float32}[dtype]
+    autocast = nullcontext() if dtype == 'fp32' else torch.autocast(device_type, dtype=ptdtype)
+    return dtype, autocast, torch.amp.GradScaler(device_type, enabled=dtype == 'fp16')
+
+
+def step_seed(seed, rank, step):
+    """The seed of torch's RNG inside optimizer step `step` (drop path, in-step draws): a function of (seed, rank,
+    step), set after the batch is fetched, so resume == uninterrupted and DDP ranks draw differently."""
+    return seed + 1_000_003 * rank + 7919 * step
 
 
 def save_checkpoint(path, state):
     """Atomic: write a temp file in the same folder, fsync, rename; a killed process never leaves a torn file."""
     tmp = f'{path}.tmp.{os.getpid()}'
-    with open(tmp, 'wb') as f:
-        torch.save(state, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, 'wb') as f:
+            torch.save(state, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
 
 
 def load_checkpoint(path, cfg):
@@ -497,13 +596,82 @@ def load_checkpoint(path, cfg):
         ckpt = torch.load(path, map_location='cpu', weights_only=False)
     except Exception as e:
         sys.exit(f'error: cannot read checkpoint {path} ({type(e).__name__}: {e})')
-    if ckpt.get('method') != METHOD:
-        sys.exit(f'error: {path} is a {ckpt.get("method", "non-nanoMIM")} checkpoint, not {METHOD}')
+    if not isinstance(ckpt, dict) or ckpt.get('method') != METHOD:
+        kind = ckpt.get('method', 'non-nanoMIM') if isinstance(ckpt, dict) else 'non-nanoMIM'
+        sys.exit(f'error: {path} is a {kind} checkpoint, not {METHOD}')
     old = ckpt['config']
     diff = [f'{k}={old.get(k)} (now {getattr(cfg, k)})' for k in ARCH_KEYS if old.get(k) != getattr(cfg, k)]
     if diff:
         sys.exit(f'error: {path} was trained with ' + ', '.join(diff))
     return ckpt
+
+
+def restore(ckpt, stateful):
+    """Load every object of `stateful` ({name: object with load_state_dict}) from ckpt[name]. A GradScaler saved
+    disabled (a bf16 / fp32 run) holds nothing and is skipped, so a run may resume with another --dtype."""
+    for name, obj in stateful.items():
+        if isinstance(obj, torch.amp.GradScaler) and not ckpt[name]:
+            continue
+        obj.load_state_dict(ckpt[name])
+
+
+def log_stats(stats_sum, names, rec, ddp, master, out_dir):
+    """Average the device-side sums of the last steps over processes (the only host sync), stop on a non-finite
+    value before anything is saved, print one line and append it to log.jsonl. rec: step, epoch, n (steps summed),
+    schedules, img/s, eta. Returns the record."""
+    if ddp:
+        dist.all_reduce(stats_sum, op=dist.ReduceOp.AVG)
+    vals = (stats_sum / rec.pop('n')).tolist()
+    rec = {k: v for k, v in rec.items() if isinstance(v, (int, float))}  # scalars only (DTM's morph lists stay out)
+    if not all(math.isfinite(v) for v in vals):
+        print(f'error: non-finite loss by step {rec["step"]} ({dict(zip(names, vals))}); nothing saved',
+              file=sys.stderr)
+        sys.exit(2)
+    rec = {**rec, **dict(zip(names, vals))}
+    if master:
+        keys = list(names) + [k for k in rec if k not in (*names, 'step', 'end_step', 'epoch', 'img_per_s', 'eta_min')]
+        print(f"step {rec['step']}/{rec['end_step']} ep {rec['epoch']:.2f} " +
+              ' '.join(f'{k} {rec[k]:.4g}' for k in keys) +
+              f" {rec['img_per_s']:.0f} img/s eta {rec['eta_min']:.1f} min", flush=True)
+        with open(os.path.join(out_dir, 'log.jsonl'), 'a') as f:
+            f.write(json.dumps(rec) + '\n')
+    return rec
+
+# -----------------------------------------------------------------------------
+# one training step (what main() runs and bench.py times)
+
+STATS = ('loss', 'grad_norm')  # what train_step returns, summed on the device between log lines
+
+
+def train_step(fwd, model, teacher, optimizer, scaler, autocast, batches, sched, cfg):
+    """One optimizer step: on each micro-batch the teacher's tokens of the unmasked view, the step's morphings of
+    them (the same clusters then average the student's tokens), the student on the masked view and L_DTM, backward
+    (gradients accumulate; under DDP all-reduced on the last micro-batch only); then the clipped grad norm, the
+    optimizer step, the scaler update and, with --teacher ema, the EMA of the teacher.
+    batches: accum_iter x (imgs (B, 3, H, W), mask (B, L) bool) on the device. Returns STATS (on the device)."""
+    for g in optimizer.param_groups:
+        g['lr'] = sched['lr']
+    loss_sum = 0.0
+    for i, (imgs, mask) in enumerate(batches):
+        with torch.no_grad(), autocast:
+            target = teacher(imgs).float()  # (B, L, C) on the unmasked view
+        clusters = [morph_clusters(target, rs, random_split=cfg.morph_sampling == 'paper')
+                    for rs in sched['morph'][i]]  # morph_levels x (assign (B, L), M)
+        sync = fwd.no_sync() if isinstance(fwd, DDP) and i < len(batches) - 1 else nullcontext()
+        with sync:
+            with autocast:
+                loss = fwd(imgs, mask, target, clusters)
+            scaler.scale(loss / len(batches)).backward()
+        loss_sum = loss_sum + loss.detach() / len(batches)
+    scaler.unscale_(optimizer)
+    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip_grad or float('inf'))
+    scaler.step(optimizer)
+    scaler.update()
+    optimizer.zero_grad(set_to_none=True)
+    if cfg.teacher == 'ema':
+        ema_update(teacher.encoder, model.encoder, sched['momentum'])
+    return torch.stack([loss_sum, grad_norm.float()])
+
 
 # -----------------------------------------------------------------------------
 # training
@@ -511,27 +679,10 @@ def load_checkpoint(path, cfg):
 
 def main(argv=None):
     cfg = get_config(argv)
-
-    # distributed: torchrun sets RANK/LOCAL_RANK/WORLD_SIZE; plain `python` runs one process
-    ddp = int(os.environ.get('RANK', -1)) != -1
-    rank, local_rank, world = (int(os.environ['RANK']), int(os.environ['LOCAL_RANK']),
-                               int(os.environ['WORLD_SIZE'])) if ddp else (0, 0, 1)
-    device = cfg.device or ('cuda' if torch.cuda.is_available() else 'cpu')
-    if device.startswith('cuda'):
-        device = f'cuda:{local_rank}' if ddp else device
-        torch.cuda.set_device(device)
-    if ddp:
-        dist.init_process_group(backend='nccl' if device.startswith('cuda') else 'gloo')
+    ddp, rank, local_rank, world, device = setup_distributed(cfg)
     master = rank == 0
     device_type = 'cuda' if device.startswith('cuda') else 'cpu'
-    torch.manual_seed(cfg.seed + rank)
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
-
-    # precision: bf16 autocast by default on CUDA, fp16 with a GradScaler, fp32 on CPU
-    dtype = cfg.dtype or ('bf16' if device_type == 'cuda' else 'fp32')
-    ptdtype = {'bf16': torch.bfloat16, 'fp16': torch.float16, 'fp32': torch.float32}[dtype]
-    autocast = nullcontext() if dtype == 'fp32' else torch.autocast(device_type, dtype=ptdtype)
-    scaler = torch.amp.GradScaler(device_type, enabled=dtype == 'fp16')
+    dtype, autocast, scaler = setup_precision(cfg, device_type)
 
     # data
     try:
@@ -547,117 +698,79 @@ def main(argv=None):
     steps_per_epoch = sampler.batches_per_epoch() // cfg.accum_iter
     total_steps = cfg.epochs * steps_per_epoch
     end_step = min(total_steps, cfg.max_steps) if cfg.max_steps > 0 else total_steps
+    save_every = cfg.save_every or steps_per_epoch
     eff_batch = cfg.batch_size * cfg.accum_iter * world
     base_lr = cfg.lr if cfg.lr > 0 else cfg.blr * math.sqrt(eff_batch / 2048)  # square-root rule (BEiT v2 / DTM)
     warmup_steps = int(cfg.warmup_epochs * steps_per_epoch)
 
-    # model, teacher, optimizer
+    # model, teacher (a plain module, never DDP-wrapped), optimizer
     file_teacher = None if cfg.teacher == 'ema' else build_teacher(cfg, verbose=master)
     model = DTM(cfg, file_teacher.dim if file_teacher else None).to(device)
-    teacher = (file_teacher or build_teacher(cfg, model.encoder)).to(device)  # plain module, never DDP-wrapped
+    teacher = (file_teacher or build_teacher(cfg, model.encoder)).to(device)
     optimizer = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=base_lr, betas=(0.9, 0.999),
                                   fused=device_type == 'cuda', foreach=device_type != 'cuda')
+    stateful = {'model': model, 'optimizer': optimizer, 'scaler': scaler}  # what a checkpoint restores
+    if cfg.teacher == 'ema':
+        stateful['teacher'] = teacher
     step = 0
     resume = os.path.join(cfg.out_dir, 'checkpoint.pt') if cfg.resume == 'auto' else cfg.resume
     if resume and not (cfg.resume == 'auto' and not os.path.exists(resume)):
         ckpt = load_checkpoint(resume, cfg)
-        model.load_state_dict(ckpt['model'])
-        optimizer.load_state_dict(ckpt['optimizer'])
-        scaler.load_state_dict(ckpt['scaler'])
-        if cfg.teacher == 'ema':
-            teacher.load_state_dict(ckpt['teacher'])
-        step = ckpt['step']
+        restore(ckpt, stateful)
+        step = ckpt['step']  # every schedule is a function of the step
         if master:
             print(f'resumed from {resume} at step {step}')
         del ckpt
     if master:
         os.makedirs(cfg.out_dir, exist_ok=True)
-        print(json.dumps({'method': METHOD, **dataclasses.asdict(cfg), 'world': world, 'device': device,
-                          'dtype': dtype, 'effective_batch': eff_batch, 'lr': base_lr, 'steps': total_steps}))
+        print(json.dumps({'method': METHOD, 'regime': data.regime(cfg.data), **dataclasses.asdict(cfg),
+                          'world': world, 'device': device, 'dtype': dtype, 'effective_batch': eff_batch,
+                          'lr': base_lr, 'steps': total_steps}))
         print(f'encoder {vit.count_params(model.encoder) / 1e6:.2f}M params, total {vit.count_params(model) / 1e6:.2f}M, '
               f'teacher {cfg.teacher} {vit.count_params(teacher) / 1e6:.2f}M ({teacher.dim}-d targets), '
               f'{len(base)} images, {steps_per_epoch} steps/epoch')
-    fwd = torch.compile(model) if cfg.compile else model
+    # DDP first, then compile: dynamo splits the graph at DDP's buckets so the all-reduce overlaps backward
+    fwd = DDP(model, device_ids=[local_rank] if device_type == 'cuda' else None) if ddp else model
+    fwd = torch.compile(fwd) if cfg.compile else fwd
     if ddp:
-        fwd = DDP(fwd, device_ids=[local_rank] if device_type == 'cuda' else None)
         for t in teacher.state_dict().values():  # the EMA copy was taken from each rank's own init: use rank 0's
             dist.broadcast(t, 0)
 
     def checkpoint():
-        state = {'method': METHOD, 'model': model.state_dict(), 'optimizer': optimizer.state_dict(),
-                 'scaler': scaler.state_dict(), 'step': step, 'epoch': step / max(1, steps_per_epoch),
-                 'config': dataclasses.asdict(cfg), 'rng': rng_state(),
+        state = {'method': METHOD, **{k: v.state_dict() for k, v in stateful.items()}, 'step': step,
+                 'epoch': step / steps_per_epoch, 'config': dataclasses.asdict(cfg),
                  'encoder': vit.backbone_state_dict(model.encoder)}
-        if cfg.teacher == 'ema':
-            state['teacher'] = teacher.state_dict()
         save_checkpoint(os.path.join(cfg.out_dir, 'checkpoint.pt'), state)
 
     # the loop: one optimizer step = accum_iter micro-batches
     model.train()
     stream = data.batches(loader, sampler, step * cfg.accum_iter)
-    loss_sum = torch.zeros((), device=device)  # summed on the device, read only on log steps
-    bad = torch.zeros((), device=device)  # any non-finite loss since the last check
-    clusters_sum = 0.0  # mean cluster count of the morphings, a host-side number
+    stats_sum = torch.zeros(len(STATS), device=device)  # summed on the device, read only on log steps
     t0, t_start, step_start = time.time(), time.time(), step
     while step < end_step:
-        torch.manual_seed(cfg.seed + 1_000_003 * rank + 7919 * step)  # in-step randomness: a function of (seed, rank, step)
-        rng = random.Random(cfg.seed + 1_000_003 * rank + 7919 * step)  # the morph schedules, likewise
-        lr = lr_at(step, base_lr, cfg.min_lr, warmup_steps, total_steps)
-        for g in optimizer.param_groups:
-            g['lr'] = lr
-        for micro in range(cfg.accum_iter):
+        batches = []
+        for _ in range(cfg.accum_iter):
             _, ((imgs, mask), _) = next(stream)
-            imgs, mask = imgs.to(device, non_blocking=True), mask.to(device, non_blocking=True)
-            with torch.no_grad(), autocast:
-                target = teacher(imgs).float()  # (B, L, C) on the unmasked view
-            clusters = draw_clusters(target, rng, cfg)  # morph_levels x (assign (B, L), M)
-            clusters_sum += sum(M for _, M in clusters) / len(clusters) / cfg.accum_iter
-            sync = nullcontext() if (not ddp or micro == cfg.accum_iter - 1) else fwd.no_sync()
-            with sync:
-                with autocast:
-                    loss = fwd(imgs, mask, target, clusters)
-                scaler.scale(loss / cfg.accum_iter).backward()  # every micro-batch counts (not only the last)
-            loss_sum += loss.detach() / cfg.accum_iter
-            bad = torch.maximum(bad, (~torch.isfinite(loss.detach())).float())
-        log_now = (step + 1) % cfg.log_every == 0 or step + 1 == end_step
-        if log_now or cfg.clip_grad > 0:
-            scaler.unscale_(optimizer)
-            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip_grad or float('inf'))
-        scaler.step(optimizer)
-        scaler.update()
-        optimizer.zero_grad(set_to_none=True)
-        if cfg.teacher == 'ema':
-            ema_update(teacher.encoder, model.encoder, ema_at(step, cfg.ema_momentum, total_steps))
+            batches.append((imgs.to(device, non_blocking=True), mask.to(device, non_blocking=True)))
+        torch.manual_seed(step_seed(cfg.seed, rank, step))
+        sched = schedules(step, cfg, base_lr, warmup_steps, total_steps, rank)
+        stats_sum += train_step(fwd, model, teacher, optimizer, scaler, autocast, batches, sched, cfg)
         step += 1
-        save_now = step % cfg.save_every == 0 or step == end_step
-        if log_now or save_now:
-            if ddp:
-                dist.all_reduce(bad, op=dist.ReduceOp.MAX)
-            if bad.item():  # the only place a non-finite loss is looked for: never saved
-                print(f'error: non-finite loss by step {step} (loss {loss.item():.4g}); nothing saved', file=sys.stderr)
-                sys.exit(2)
-        if log_now:
-            n = step - step_start
-            if ddp:
-                dist.all_reduce(loss_sum, op=dist.ReduceOp.AVG)
+        save_now = step % save_every == 0 or step == end_step
+        if step % cfg.log_every == 0 or save_now:  # a non-finite loss is looked for here: never saved
             dt = time.time() - t0
-            ips = n * eff_batch / dt
-            eta = (end_step - step) * dt / n
-            rec = {'step': step, 'epoch': round(step / steps_per_epoch, 3), 'loss': loss_sum.item() / n, 'lr': lr,
-                   'grad_norm': grad_norm.item(), 'clusters': clusters_sum / n, 'img_per_s': ips, 'eta_min': eta / 60}
-            if master:
-                print(f"step {step}/{end_step} ep {rec['epoch']:.2f} loss {rec['loss']:.4f} lr {lr:.2e} "
-                      f"gnorm {rec['grad_norm']:.3f} clusters {rec['clusters']:.1f} {ips:.0f} img/s "
-                      f"eta {eta / 60:.1f} min", flush=True)
-                with open(os.path.join(cfg.out_dir, 'log.jsonl'), 'a') as f:
-                    f.write(json.dumps(rec) + '\n')
-            loss_sum.zero_()
-            clusters_sum = 0.0
+            log_stats(stats_sum, STATS, {'step': step, 'end_step': end_step, 'epoch': step / steps_per_epoch,
+                                         'n': step - step_start, **sched, 'img_per_s': (step - step_start) * eff_batch / dt,
+                                         'eta_min': (end_step - step) * dt / (step - step_start) / 60},
+                      ddp, master, cfg.out_dir)
+            stats_sum.zero_()
             t0, step_start = time.time(), step
         if save_now and master:
             checkpoint()
     if master:
-        print(f'done: {step} steps in {(time.time() - t_start) / 60:.1f} min; checkpoint in {cfg.out_dir}')
+        print(f'done: {step} steps in {(time.time() - t_start) / 60:.1f} min; wrote {cfg.out_dir}/checkpoint.pt, '
+              f'log.jsonl\nnext: python finetune.py --mode knn --checkpoint {cfg.out_dir}/checkpoint.pt'
+              f'{" --data " + cfg.data if cfg.data else ""}')
     if ddp:
         dist.destroy_process_group()
 

@@ -103,16 +103,20 @@ ARCH_KEYS = ('model', 'img_size', 'patch_size', 'decoder_dim', 'decoder_depth', 
 
 
 def field_help(cls):
-    """{field name: its '# comment'} from the dataclass source, so the comment is the one place a knob is described."""
+    """{field name: its '# comment'} from the dataclass source (a comment may go on over '#' lines below it), so the
+    comment is the one place a knob is described."""
     try:
         lines = inspect.getsource(cls).splitlines()
     except (OSError, TypeError):  # no source at hand (frozen app): flags keep their defaults as help
         return {}
-    out = {}
+    out, name = {}, None
     for line in lines:
         code, sep, comment = line.partition('# ')
-        name = code.split(':')[0].strip()
-        if sep and name.isidentifier() and ':' in code and '=' in code:
+        if sep and not code.strip() and name:  # a continuation line of the previous field's comment
+            out[name] += ' ' + comment.strip()
+            continue
+        name = code.split(':')[0].strip() if sep and ':' in code and '=' in code else None
+        if name:
             out[name] = comment.strip()
     return out
 
@@ -485,6 +489,7 @@ def log_stats(stats_sum, names, rec, ddp, master, out_dir):
     if ddp:
         dist.all_reduce(stats_sum, op=dist.ReduceOp.AVG)
     vals = (stats_sum / rec.pop('n')).tolist()
+    rec = {k: v for k, v in rec.items() if isinstance(v, (int, float))}  # scalars only (DTM's morph lists stay out)
     if not all(math.isfinite(v) for v in vals):
         print(f'error: non-finite loss by step {rec["step"]} ({dict(zip(names, vals))}); nothing saved',
               file=sys.stderr)

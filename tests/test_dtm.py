@@ -12,15 +12,6 @@ import dtm
 import vit
 from conftest import load_ckpt, run_torchrun
 
-@pytest.fixture(autouse=True, scope='module')
-def one_thread():
-    """Tiny tensors: one intra-op thread is faster than two, and far faster on a shared, busy machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 TINY = ['--model', 'tiny', '--img_size', '32', '--patch_size', '8', '--batch_size', '8', '--num_workers', '0',
         '--log_every', '2']
 
@@ -327,7 +318,7 @@ def test_ema_teacher_gets_no_gradient_and_lerps():
     assert not target.requires_grad and not teacher.training
     mask = torch.zeros(2, 16, dtype=torch.bool)
     mask[:, :6] = True
-    loss = model(imgs, mask, target, dtm.draw_clusters(target, random.Random(0), cfg))
+    loss = model(imgs, mask, target, [dtm.morph_clusters(target, rs) for rs in dtm.morph_draws(16, random.Random(0), cfg)])
     loss.backward()
     assert all(p.grad is None for p in teacher.parameters())
     assert model.head.weight.grad is not None and model.encoder.mask_token.grad.abs().sum() > 0
@@ -337,8 +328,8 @@ def test_ema_teacher_gets_no_gradient_and_lerps():
     dtm.ema_update(teacher.encoder, model.encoder, 0.9)
     for t_old, t_new, s in zip(t0, teacher.parameters(), model.encoder.parameters()):
         assert torch.allclose(t_new, 0.9 * t_old + 0.1 * s, atol=1e-6)
-    assert dtm.ema_at(0, 0.99, 100) == pytest.approx(0.99) and dtm.ema_at(50, 0.99, 100) == pytest.approx(0.995)
-    assert dtm.ema_at(100, 0.99, 100) == pytest.approx(1.0)
+    assert dtm.momentum_at(0, 0.99, 100) == pytest.approx(0.99) and dtm.momentum_at(50, 0.99, 100) == pytest.approx(0.995)
+    assert dtm.momentum_at(100, 0.99, 100) == pytest.approx(1.0)
 
 
 def test_config_defaults_and_errors(capsys):
