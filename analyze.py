@@ -5,9 +5,10 @@ analyze.py -- the measurements and pictures used to compare MIM encoders, for on
             for every patch query, the attention-weighted mean pixel distance to the patch keys, averaged over
             queries and images. Table per layer, PNG with one dot per head (layer on x, pixels on y).
   attn      attention maps of one layer (default the last) for the [CLS] query, or for one patch query, per head,
-            overlaid on the images (PNG grid, one file per checkpoint).
-  spectrum  per-layer singular values of the feature covariance (log10), table and PNG (LUT, Jing et al. 2022).
-  recon     MAE / LUT reconstructions of masked images, for checkpoints that hold a decoder.
+            overlaid on the images in grey (PNG grid, one file per checkpoint).
+  spectrum  per-layer singular values of the feature covariance (LUT; Jing et al. 2022): table of log10 values,
+            PNG with one panel per layer on a log axis.
+  recon     MAE / LUT reconstructions of masked images, for checkpoints that hold a decoder (PNG grid).
 
   python analyze.py --checkpoint none --checkpoint out/mae/checkpoint.pt --what all   # embedded data, CPU
   python analyze.py --data /path/to/imagenet --what aad --layers 10,11,12 \\
@@ -17,7 +18,8 @@ analyze.py -- the measurements and pictures used to compare MIM encoders, for on
 --checkpoint is repeatable; 'none' is a randomly initialised ViT of the same shape as the first real checkpoint.
 Every checkpoint is measured on the same images at the same resolution, so tables are side by side and plots
 are overlaid. Outputs go to --out_dir: report.md (every table), results.json, aad.png, spectrum.png,
-attn_<label>.png, recon.png.
+attn_<label>.png, recon.png. The PNGs are drawn by matplotlib, an optional dependency of this script only
+(`pip install matplotlib`); without it the tables and results.json are still written, and one line says so.
 
 Letters in shape comments: B batch, H heads, L patches, D width, P pixels per patch (p*p*3), S image side.
 """
@@ -27,13 +29,12 @@ import json
 import math
 import os
 import sys
+import textwrap
 from dataclasses import dataclass, field
 from types import SimpleNamespace
 
 import numpy as np
 import torch
-import torch.nn.functional as F
-import torchvision
 
 import data
 import vit
@@ -242,190 +243,130 @@ def reconstruct(model, imgs, noise, mask_ratio):
     return vit.unpatchify(target * (1 - m), p), vit.unpatchify(target * (1 - m) + pred.float() * m, p)
 
 # -----------------------------------------------------------------------------
-# drawing on tensors: a canvas is (3, H, W) floats in [0, 1]; x to the right, y down
-
-PALETTE = torch.tensor([[0.12, 0.47, 0.71], [1.00, 0.50, 0.05], [0.17, 0.63, 0.17], [0.84, 0.15, 0.16],
-                        [0.58, 0.40, 0.74], [0.55, 0.34, 0.29], [0.89, 0.47, 0.76], [0.50, 0.50, 0.50]])
-BLACK, GREY = torch.zeros(3), torch.full((3,), 0.85)
-GLYPHS = {  # 3 x 5 pixel font, rows top to bottom
-    '0': '111101101101111', '1': '010110010010111', '2': '111001111100111', '3': '111001111001111',
-    '4': '101101111001001', '5': '111100111001111', '6': '111100111101111', '7': '111001010010010',
-    '8': '111101111101111', '9': '111101111001111', 'A': '010101111101101', 'B': '110101110101110',
-    'C': '011100100100011', 'D': '110101101101110', 'E': '111100110100111', 'F': '111100110100100',
-    'G': '011100101101011', 'H': '101101111101101', 'I': '111010010010111', 'J': '001001001101010',
-    'K': '101101110101101', 'L': '100100100100111', 'M': '101111111101101', 'N': '110101101101101',
-    'O': '010101101101010', 'P': '110101110100100', 'Q': '010101101110011', 'R': '110101110101101',
-    'S': '011100010001110', 'T': '111010010010010', 'U': '101101101101111', 'V': '101101101101010',
-    'W': '101101111111101', 'X': '101101010101101', 'Y': '101101010010010', 'Z': '111001010100111',
-    '.': '000000000000010', '-': '000000111000000', '_': '000000000000111', '/': '001001010100100',
-    ':': '000010000010000', '(': '010100100100010', ')': '010001001001010', '=': '000111000111000',
-    '+': '000010111010000', ' ': '000000000000000', '?': '111001010000010'}
+# figures: matplotlib, an optional dependency of this script only (the tables and results.json need none)
 
 
-def fill_rect(c, x0, y0, x1, y1, color):
-    """Fill the pixels x0 <= x < x1, y0 <= y < y1 (clipped to the canvas)."""
-    x0, x1 = max(0, int(x0)), min(c.shape[2], int(x1))
-    y0, y1 = max(0, int(y0)), min(c.shape[1], int(y1))
-    if x0 < x1 and y0 < y1:
-        c[:, y0:y1, x0:x1] = color.view(3, 1, 1)
+def pyplot():
+    """matplotlib.pyplot on the Agg backend (files only, no display), or None when matplotlib is not installed."""
+    try:
+        import matplotlib
+        matplotlib.use('Agg')
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    return plt
 
 
-def draw_dot(c, x, y, r, color):
-    """Filled disk of radius r pixels centred on (x, y)."""
-    x0, y0 = max(0, int(math.floor(x - r))), max(0, int(math.floor(y - r)))
-    x1, y1 = min(c.shape[2], int(math.ceil(x + r)) + 1), min(c.shape[1], int(math.ceil(y + r)) + 1)
-    if x0 >= x1 or y0 >= y1:
-        return
-    yy, xx = torch.meshgrid(torch.arange(y0, y1), torch.arange(x0, x1), indexing='ij')
-    inside = (xx - x) ** 2 + (yy - y) ** 2 <= r * r  # (h, w)
-    c[:, y0:y1, x0:x1] = torch.where(inside, color.view(3, 1, 1), c[:, y0:y1, x0:x1])
+def save_figure(fig, path):
+    fig.savefig(path, dpi=100)
+    pyplot().close(fig)
 
 
-def draw_line(c, x0, y0, x1, y1, color, width=1):
-    """Segment from (x0, y0) to (x1, y1), `width` pixels thick, by dense sampling."""
-    n = int(2 * max(abs(x1 - x0), abs(y1 - y0))) + 2
-    t = torch.linspace(0, 1, n)
-    for d in range(width):
-        xs = (x0 + t * (x1 - x0)).round().long() + (d if abs(y1 - y0) > abs(x1 - x0) else 0)
-        ys = (y0 + t * (y1 - y0)).round().long() + (0 if abs(y1 - y0) > abs(x1 - x0) else d)
-        ok = (xs >= 0) & (xs < c.shape[2]) & (ys >= 0) & (ys < c.shape[1])
-        c[:, ys[ok], xs[ok]] = color.view(3, 1)
-
-
-def text_width(text, scale=2):
-    return 4 * scale * len(text) - scale
-
-
-def draw_text(c, x, y, text, color=BLACK, scale=2):
-    """Upper-case text in the 3 x 5 font, top-left corner at (x, y), each font pixel scale x scale."""
-    for i, ch in enumerate(str(text).upper()):
-        g = torch.tensor([b == '1' for b in GLYPHS.get(ch, GLYPHS['?'])]).view(5, 3)
-        g = g.repeat_interleave(scale, 0).repeat_interleave(scale, 1)  # (5 s, 3 s)
-        gx, gy = int(x) + 4 * scale * i, int(y)
-        h, w = min(g.shape[0], c.shape[1] - gy), min(g.shape[1], c.shape[2] - gx)
-        if h > 0 and w > 0 and gx >= 0 and gy >= 0:
-            region = c[:, gy:gy + h, gx:gx + w]
-            c[:, gy:gy + h, gx:gx + w] = torch.where(g[:h, :w], color.view(3, 1, 1), region)
-
-
-def nice_ceil(v):
-    """Smallest of 1, 2, 2.5, 5 x 10^k that is >= v (axis limits)."""
-    if v <= 0:
-        return 1.0
-    e = 10 ** math.floor(math.log10(v))
-    return next(m * e for m in (1, 2, 2.5, 5, 10) if m * e >= v - 1e-12)
-
-
-def fmt_tick(v):
-    return f'{v:.0f}' if abs(v - round(v)) < 1e-9 else f'{v:.1f}'
-
-
-def draw_legend(c, labels, x, y, scale=2):
-    """One coloured square and name per checkpoint, left to right from (x, y)."""
-    for i, label in enumerate(labels):
-        fill_rect(c, x, y, x + 5 * scale, y + 5 * scale, PALETTE[i % len(PALETTE)])
-        draw_text(c, x + 7 * scale, y, label, scale=scale)
-        x += 7 * scale + text_width(label, scale) + 6 * scale
-
-
-def draw_axes(c, box, ylim, yticks, scale=2):
-    """Frame box (x0, y0, x1, y1), horizontal grid lines with labels at `yticks`; returns y -> pixel row."""
-    x0, y0, x1, y1 = box
-    to_y = lambda v: y1 - (v - ylim[0]) / (ylim[1] - ylim[0]) * (y1 - y0)  # noqa: E731
-    for v in yticks:
-        draw_line(c, x0, to_y(v), x1, to_y(v), GREY)
-        label = fmt_tick(v)
-        draw_text(c, x0 - text_width(label, scale) - 2 * scale, to_y(v) - 2.5 * scale, label, scale=scale)
-    for a, b, d, e in ((x0, y0, x1, y0), (x0, y1, x1, y1), (x0, y0, x0, y1), (x1, y0, x1, y1)):
-        draw_line(c, a, b, d, e, BLACK)
-    return to_y
-
-
-def plot_aad(labels, aad, layers, path, uniform=None):
-    """aad: list (one per checkpoint) of (depth, H) tensors; one dot per head, a line through the layer means,
-    checkpoints side by side within each layer slot. Layers are 1-based. `uniform`: the distance of uniform
-    attention, drawn as a dashed grey reference."""
-    W, Hc, left, right, top, bottom = 600, 380, 70, 20, 60, 50
-    c = torch.ones(3, Hc, W)
-    ymax = nice_ceil(1.05 * max([float(a[[i - 1 for i in layers]].max()) for a in aad] + [uniform or 0.0]))
-    box = (left, top, W - right, Hc - bottom)
-    to_y = draw_axes(c, box, (0.0, ymax), [ymax * k / 4 for k in range(5)])
+def plot_aad(labels, aad, layers, path, title, uniform=None):
+    """aad: list (one per checkpoint) of (depth, H) tensors. One dot per head and a line through the mean over heads,
+    layer (1-based block) on x, pixels on y, checkpoints side by side within each layer. `uniform`: the distance
+    of uniform attention, a dashed reference line."""
+    plt = pyplot()
+    fig, ax = plt.subplots(figsize=(max(8.0, 0.6 * len(layers) + 4.0), 4.5), layout='constrained')
+    K, xs = len(aad), np.arange(len(layers))
+    width = 0.6 / K  # the checkpoints of one layer share 0.6 of the slot
+    for k, (label, a) in enumerate(zip(labels, aad)):
+        x = xs + (k - (K - 1) / 2) * width
+        v = a[[layer - 1 for layer in layers]].numpy()  # (layers, H)
+        ax.scatter(np.repeat(x, v.shape[1]), v.reshape(-1), s=14, color=f'C{k}', alpha=0.5, linewidths=0)
+        ax.plot(x, v.mean(axis=1), '-o', color=f'C{k}', ms=4, lw=1.5, label=f'{label}: mean over heads')
+    ax.scatter([], [], s=14, color='grey', alpha=0.5, linewidths=0, label='one dot per head')
     if uniform is not None:
-        for x in range(box[0], box[2] - 6, 12):
-            draw_line(c, x, to_y(uniform), x + 6, to_y(uniform), PALETTE[-1])
-        draw_text(c, box[2] - text_width('uniform') - 4, to_y(uniform) - 14, 'uniform', PALETTE[-1])
-    slot = (box[2] - box[0]) / len(layers)
-    K = len(aad)
-    for j, layer in enumerate(layers):
-        draw_text(c, box[0] + (j + 0.5) * slot - text_width(str(layer)) / 2, box[3] + 6, str(layer))
-    for k, a in enumerate(aad):
-        col, off = PALETTE[k % len(PALETTE)], (k - (K - 1) / 2) * min(10.0, slot / (K + 1))
-        xs = [box[0] + (j + 0.5) * slot + off for j in range(len(layers))]
-        means = [to_y(float(a[layer - 1].mean())) for layer in layers]
-        for j in range(len(layers) - 1):
-            draw_line(c, xs[j], means[j], xs[j + 1], means[j + 1], col, width=2)
-        for j, layer in enumerate(layers):
-            for v in a[layer - 1].tolist():
-                draw_dot(c, xs[j], to_y(v), 3.0, col)
-    draw_text(c, 10, 10, 'mean attention distance (px) per head')
-    draw_legend(c, labels, 10, 32)
-    draw_text(c, (box[0] + box[2]) / 2 - text_width('layer') / 2, Hc - 20, 'layer')
-    torchvision.utils.save_image(c, path)
+        ax.axhline(uniform, ls='--', lw=1, color='grey', label=f'uniform attention ({uniform:.1f} px)')
+    ax.set_xticks(xs, [str(layer) for layer in layers])
+    ax.set_xlabel('layer (transformer block)')
+    ax.set_ylabel('average attention distance (px)')
+    ax.set_ylim(0, 1.1 * max([float(a[[layer - 1 for layer in layers]].max()) for a in aad] + [uniform or 0.0]))
+    ax.grid(axis='y', alpha=0.3)
+    ax.legend(loc='upper left', bbox_to_anchor=(1.01, 1.0), frameon=False, fontsize=9)
+    fig.suptitle(title, fontsize=10)
+    save_figure(fig, path)
 
 
-def plot_spectrum(labels, spectra, path, ncols=4):
-    """spectra: list (one per checkpoint) of (depth, D) singular values; one panel per layer, log10 on y, rank
-    index on x, one line per checkpoint."""
-    depth = spectra[0].shape[0]
-    pw, ph, panels = 260, 200, []
-    for layer in range(depth):
-        c = torch.ones(3, ph, pw)
-        logs = [torch.log10(s[layer].clamp_min(float(s[layer].max()) * 1e-10 + 1e-30)) for s in spectra]
-        lo = math.floor(min(float(v.min()) for v in logs))
-        hi = max(lo + 1, math.ceil(max(float(v.max()) for v in logs)))
-        box = (44, 26, pw - 10, ph - 24)
-        to_y = draw_axes(c, box, (lo, hi), [lo, (lo + hi) / 2, hi])
-        draw_text(c, box[0], 6, f'layer {layer + 1}')
-        for k, v in enumerate(logs):
-            xs = [box[0] + i / max(1, len(v) - 1) * (box[2] - box[0]) for i in range(len(v))]
-            for i in range(len(v) - 1):
-                draw_line(c, xs[i], to_y(float(v[i])), xs[i + 1], to_y(float(v[i + 1])), PALETTE[k % len(PALETTE)], 2)
-        draw_text(c, box[0] - 2, box[3] + 6, '1')
-        top_rank = str(max(len(v) for v in logs))
-        draw_text(c, box[2] - text_width(top_rank), box[3] + 6, top_rank)
-        panels.append(c)
-    while len(panels) % ncols:
-        panels.append(torch.ones(3, ph, pw))
-    grid = torch.cat([torch.cat(panels[r:r + ncols], dim=2) for r in range(0, len(panels), ncols)], dim=1)
-    header = torch.ones(3, 44, grid.shape[2])
-    draw_text(header, 10, 6, 'log10 singular values of the feature covariance per layer (x: rank)')
-    draw_legend(header, labels, 10, 24)
-    torchvision.utils.save_image(torch.cat([header, grid], dim=1), path)
+def plot_spectrum(labels, spectra, path, title, ncols=4):
+    """spectra: list (one per checkpoint) of (depth, D) singular values, same shape. One panel per layer: rank on x,
+    singular value on a log y axis, one line per checkpoint."""
+    plt = pyplot()
+    depth, D = spectra[0].shape
+    ncols = min(ncols, depth)
+    nrows = math.ceil(depth / ncols)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(3.2 * ncols, 2.4 * nrows + 1.0), layout='constrained',
+                             squeeze=False)
+    ranks = np.arange(1, D + 1)
+    for i, ax in enumerate(axes.flat):
+        if i >= depth:
+            ax.axis('off')
+            continue
+        for k, s in enumerate(spectra):
+            v = s[i].double()
+            ax.plot(ranks, v.clamp_min(float(v.max()) * 1e-10 + 1e-30).numpy(), color=f'C{k}', lw=1.5,
+                    label=labels[k])  # clamped: exact zeros have no logarithm
+        ax.set_yscale('log')
+        ax.set_title(f'block {i + 1}', fontsize=10)
+        ax.grid(alpha=0.3)
+        if i % ncols == 0:
+            ax.set_ylabel('singular value')
+        if i + ncols >= depth:  # lowest panel of its column
+            ax.set_xlabel('rank')
+    fig.suptitle(title, fontsize=11)
+    fig.legend(*axes.flat[0].get_legend_handles_labels(), loc='outside lower center', ncols=len(labels),
+               frameon=False)
+    save_figure(fig, path)
 
 
-def heat_colors(a):
-    """(..., h, w) values in [0, 1] -> (..., 3, h, w) blue-green-yellow-red colour map."""
-    a = a.clamp(0, 1)[..., None, :, :]
-    return torch.cat([1.5 - (4 * a - c).abs() for c in (3, 2, 1)], dim=-3).clamp(0, 1)  # r, g, b
-
-
-def attention_overlay(imgs, att, grid, query=-1):
-    """imgs (B, 3, S, S) in [0, 1], att (B, H, L) -> (B, 1 + H, 3, S, S): the image, then one map per head (each
-    scaled to its own max, patch-sharp), blended on the image; a patch query is outlined in white."""
+def plot_attention(imgs, att, grid, path, title, query=-1):
+    """imgs (B, 3, S, S) in [0, 1], att (B, H, L) -> one row per image: the image, then each head's map over the
+    image in grey (scaled to the head's own max, one square per patch). A patch query is outlined in cyan."""
+    plt = pyplot()
+    from matplotlib.patches import Rectangle
     B, H, L = att.shape
     S = imgs.shape[-1]
-    a = att / att.amax(dim=-1, keepdim=True).clamp_min(1e-30)
-    a = F.interpolate(a.reshape(B, H, grid, grid), size=(S, S), mode='nearest')  # (B, H, S, S)
-    out = 0.35 * imgs[:, None] + 0.65 * heat_colors(a)  # (B, H, 3, S, S)
-    out = torch.cat([imgs[:, None], out], dim=1)
-    if query >= 0:
-        p, (r, col) = S // grid, divmod(query, grid)
-        for b in range(B):
-            for h in range(1 + H):
-                x0, y0, x1, y1 = col * p, r * p, (col + 1) * p, (r + 1) * p
-                for edge in ((x0, y0, x1, y0 + 1), (x0, y1 - 1, x1, y1), (x0, y0, x0 + 1, y1), (x1 - 1, y0, x1, y1)):
-                    fill_rect(out[b, h], *edge, torch.ones(3))
-    return out
+    a = (att / att.amax(dim=-1, keepdim=True).clamp_min(1e-30)).reshape(B, H, grid, grid).numpy()
+    fig, axes = plt.subplots(B, 1 + H, figsize=(1.3 * (1 + H) + 1.0, 1.3 * B + 1.0), layout='constrained',
+                             squeeze=False)
+    extent, p = (-0.5, S - 0.5, S - 0.5, -0.5), S / grid
+    for b in range(B):
+        img = imgs[b].permute(1, 2, 0).clamp(0, 1).numpy()  # (S, S, 3)
+        for h in range(1 + H):
+            ax = axes[b, h]
+            if h == 0:
+                ax.imshow(img, interpolation='nearest')
+            else:  # grey underneath: the colours on the map are the attention's only
+                ax.imshow(img.mean(axis=-1), cmap='gray', vmin=0, vmax=1, interpolation='nearest')
+                im = ax.imshow(a[b, h - 1], cmap='inferno', alpha=0.65, vmin=0, vmax=1, interpolation='nearest',
+                               extent=extent)
+            if query >= 0:
+                r, c = divmod(query, grid)
+                ax.add_patch(Rectangle((c * p - 0.5, r * p - 0.5), p, p, fill=False, edgecolor='cyan', lw=1.5))
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if b == 0:
+                ax.set_title('image' if h == 0 else f'head {h}', fontsize=9)
+    fig.colorbar(im, ax=axes, shrink=0.6, fraction=0.25 / (1 + H), pad=0.01, label='attention / max of the head')
+    fig.suptitle(title, fontsize=10)
+    save_figure(fig, path)
+
+
+def plot_images(cols, names, path, title):
+    """cols: list of (B, 3, S, S) in [0, 1], one column each, headed by `names`; one row per image."""
+    plt = pyplot()
+    B, K = cols[0].shape[0], len(cols)
+    fig, axes = plt.subplots(B, K, figsize=(max(5.0, 1.6 * K + 0.4), 1.4 * B + 1.1), layout='constrained',
+                             squeeze=False)
+    for b in range(B):
+        for j in range(K):
+            axes[b, j].imshow(cols[j][b].permute(1, 2, 0).clamp(0, 1).numpy(), interpolation='nearest')
+            axes[b, j].set_xticks([])
+            axes[b, j].set_yticks([])
+            if b == 0:
+                axes[b, j].set_title(names[j], fontsize=9)
+    fig.suptitle(title, fontsize=10)
+    save_figure(fig, path)
 
 # -----------------------------------------------------------------------------
 # tables
@@ -529,6 +470,7 @@ def main(argv=None):
     moments = [[None] * e.enc.depth for e in entries]
     dists = [patch_distances(e.enc.grid, e.enc.grid, e.enc.patch_size) for e in entries]
     vis, count = [], 0
+    prog = data.Progress(f'analyze, {len(entries)} checkpoint(s)', total=len(dataset), unit='img')
     for imgs, _ in loader:
         imgs = imgs.to(device)
         if count < cfg.num_vis:
@@ -547,15 +489,18 @@ def main(argv=None):
                     t = t[:, 1:].mean(dim=1) if cfg.spectrum_tokens == 'mean' else t[:, 1:].flatten(0, 1)  # (N, D)
                     m = feature_moments(t)
                     moments[k][i] = m if moments[k][i] is None else tuple(x + y for x, y in zip(moments[k][i], m))
+        prog.update(imgs.shape[0])
+    prog.close()
     vis = torch.cat(vis)
-    print(f'{count} images from {cfg.data or "the embedded shapes"} ({cfg.split}) at {img_size} px')
+    source = f'{count} images of {cfg.data or "the embedded shapes"} ({cfg.split}) at {img_size} px'
+    print(source)
 
     os.makedirs(cfg.out_dir, exist_ok=True)
-    report = [f'# analyze.py: {", ".join(what)}\n', f'{count} images of {cfg.data or "the embedded shapes"} '
-              f'({cfg.split}) at {img_size} px.\n', markdown_table(['label', 'checkpoint'], [[lb, e.path] for lb, e in
-                                                                                            zip(labels, entries)])]
+    report = [f'# analyze.py: {", ".join(what)}\n', f'{source}.\n',
+              markdown_table(['label', 'checkpoint'], [[lb, e.path] for lb, e in zip(labels, entries)])]
     results = {lb: {'checkpoint': e.path} for lb, e in zip(labels, entries)}
-    written = []
+    written, plt = [], pyplot()  # plt None: no matplotlib, tables and results.json only
+    names = textwrap.fill(', '.join(labels), 90)  # checkpoint names in figure titles
 
     if 'aad' in what:
         aad = [s / count for s in aad_sum]  # (depth, H) per checkpoint
@@ -567,8 +512,11 @@ def main(argv=None):
         report += [f'\n## Average attention distance ({title})\n'] + tables
         for lb, a in zip(labels, aad):
             results[lb]['aad'] = a.tolist()
-        plot_aad(labels, aad, layers, os.path.join(cfg.out_dir, 'aad.png'), uniform)
-        written.append(os.path.join(cfg.out_dir, 'aad.png'))
+        if plt:
+            plot_aad(labels, aad, layers, os.path.join(cfg.out_dir, 'aad.png'), uniform=uniform,
+                     title=f'Average attention distance per layer and head\n{names}\n{source}, [CLS] key: '
+                           f'{cfg.cls_key}')
+            written.append(os.path.join(cfg.out_dir, 'aad.png'))
 
     if 'spectrum' in what:
         spectra = [torch.stack([covariance_spectrum(*m) for m in ms]).float() for ms in moments]  # (depth, D) each
@@ -578,47 +526,56 @@ def main(argv=None):
         for lb, s in zip(labels, spectra):
             results[lb]['singular_values'] = s.tolist()
             results[lb]['effective_rank'] = [effective_rank(v) for v in s]
-        if len({s.shape for s in spectra}) == 1:
-            plot_spectrum(labels, spectra, os.path.join(cfg.out_dir, 'spectrum.png'))
+        if plt and len({s.shape for s in spectra}) == 1:
+            plot_spectrum(labels, spectra, os.path.join(cfg.out_dir, 'spectrum.png'),
+                          title=f'Singular values of the feature covariance ({cfg.spectrum_tokens} tokens) per block\n'
+                                f'{names}\n{source}')
             written.append(os.path.join(cfg.out_dir, 'spectrum.png'))
-        else:
+        elif plt:
             print('note: checkpoints differ in width or depth; no overlaid spectrum plot')
 
-    if 'attn' in what:
+    if 'attn' in what and plt:
+        query = '[CLS] query' if cfg.attn_query < 0 else f'query patch {cfg.attn_query} (outlined)'
         for lb, e in zip(labels, entries):
             layer = cfg.attn_layer or e.enc.depth
             att = query_attention(e.enc.forward_attention(vis)[layer - 1], cfg.attn_query)  # (B, H, L)
-            tiles = attention_overlay(data.denormalize(vis).cpu(), att.cpu(), e.enc.grid, cfg.attn_query)
             path = os.path.join(cfg.out_dir, f'attn_{safe_name(lb)}.png')
-            torchvision.utils.save_image(tiles.flatten(0, 1), path, nrow=tiles.shape[1], padding=2, pad_value=1.0)
+            plot_attention(data.denormalize(vis).cpu(), att.cpu(), e.enc.grid, path, query=cfg.attn_query,
+                           title=f'{lb}: attention of the {query}, block {layer} of {e.enc.depth}\n'
+                                 + (e.path if e.path != 'none' else f'random init, seed {cfg.seed}'))
             written.append(path)
 
-    if 'recon' in what:
-        cols, masked_before, names = [data.denormalize(vis).cpu()], None, ['original']
+    if 'recon' in what and plt:
+        cols, masked_before, cols_names, recon_labels = [data.denormalize(vis).cpu()], None, ['original'], []
         for lb, e in zip(labels, entries):
             if e.rec is None:
                 print(f'note: {lb} has no pixel decoder; not in recon.png')
                 continue
             noise = torch.rand(vis.shape[0], e.rec.num_patches, generator=torch.Generator().manual_seed(cfg.seed))
-            masked, pasted = reconstruct(e.rec, vis, noise.to(device), cfg.mask_ratio or e.rec.mask_ratio)
+            ratio = cfg.mask_ratio or e.rec.mask_ratio
+            masked, pasted = reconstruct(e.rec, vis, noise.to(device), ratio)
             if masked_before is None or not torch.equal(masked, masked_before):  # same mask: show the input once
                 cols.append(data.denormalize(masked).cpu())
-                names.append(f'{lb} input')
+                cols_names.append(f'{lb} input\n({ratio:.0%} masked)')
             masked_before = masked
             cols.append(data.denormalize(pasted).cpu())
-            names.append(lb)
-        report.append('\nrecon.png columns: ' + ' | '.join(names))
+            cols_names.append(lb)
+            recon_labels.append(lb)
+        report.append('\nrecon.png columns: ' + ' | '.join(n.replace('\n', ' ') for n in cols_names))
         path = os.path.join(cfg.out_dir, 'recon.png')
-        grid = torch.stack(cols, dim=1).flatten(0, 1)  # (B * columns, 3, S, S), one image per row
-        torchvision.utils.save_image(grid, path, nrow=len(cols), padding=2, pad_value=1.0)
+        plot_images(cols, cols_names, path, title=f'Reconstructions: {textwrap.fill(", ".join(recon_labels), 60)}\n'
+                                                  f'masked patches predicted, visible ones pasted\n{source}')
         written.append(path)
 
     with open(os.path.join(cfg.out_dir, 'report.md'), 'w') as f:
-        f.write('\n'.join(report) + '\n\nfiles: ' + ', '.join(written) + '\n')
+        files = (', '.join(written) or 'none') if plt else 'no PNGs (matplotlib is not installed)'
+        f.write('\n'.join(report) + f'\n\nfiles: {files}\n')
     with open(os.path.join(cfg.out_dir, 'results.json'), 'w') as f:
         json.dump({'config': {k: v for k, v in dataclasses.asdict(cfg).items()}, 'img_size': img_size,
                    'num_images': count, 'results': results}, f)
     print('\nwrote ' + ', '.join(written + [os.path.join(cfg.out_dir, n) for n in ('report.md', 'results.json')]))
+    if plt is None:
+        print('no PNGs: matplotlib is not installed; `pip install matplotlib` and rerun to get them')
 
 
 if __name__ == '__main__':

@@ -1,8 +1,9 @@
-"""analyze.py: AAD and spectrum against hand-computed cases, attention rows, reconstruction invariants, drawing,
-and an end-to-end run on a real mae.py checkpoint (tiny, 32 px)."""
+"""analyze.py: AAD and spectrum against hand-computed cases, attention rows, reconstruction invariants, and
+end-to-end runs on a real mae.py checkpoint (tiny, 32 px) without matplotlib (tables only) and with it (PNGs)."""
 import json
 import math
 import os
+import sys
 from types import SimpleNamespace
 
 import pytest
@@ -113,23 +114,6 @@ def test_query_attention_rows():
     assert torch.allclose(analyze.query_attention(a, 2), torch.tensor([[[0.0, 0.0, 0.0, 1.0]]]))
 
 
-def test_nice_ceil():
-    assert [analyze.nice_ceil(v) for v in (37, 0.8, 2.1, 100, 4.9)] == [50, 1, 2.5, 100, 5]
-
-
-def test_drawing_primitives():
-    c = torch.ones(3, 20, 30)
-    red = torch.tensor([1.0, 0.0, 0.0])
-    analyze.draw_dot(c, 10, 10, 2, red)
-    assert torch.equal(c[:, 10, 10], red) and torch.equal(c[:, 10, 12], red)
-    assert torch.equal(c[:, 10, 13], torch.ones(3))  # outside the radius
-    analyze.draw_line(c, 0, 0, 29, 19, red)
-    assert torch.equal(c[:, 0, 0], red) and torch.equal(c[:, 19, 29], red)
-    c = torch.ones(3, 10, 10)
-    analyze.draw_text(c, 0, 0, '1', scale=1)  # glyph 010 / 110 / 010 / 010 / 111
-    assert c[0, 0, 1] == 0 and c[0, 0, 0] == 1 and c[0, 4, 0] == 0
-
-
 def test_reconstruct_pastes_the_visible_patches():
     import mae
     torch.manual_seed(0)
@@ -154,13 +138,26 @@ def mae_ckpt(tmp_path_factory):
     return os.path.join(out, 'checkpoint.pt')
 
 
-def test_end_to_end_random_and_mae(mae_ckpt, tmp_path):
+PNGS = ('aad.png', 'spectrum.png', 'attn_random.png', 'attn_mae_2.png', 'attn_mae_2-2.png', 'recon.png')
+ALL_THREE = ['--what', 'all', '--num_images', '4', '--batch_size', '3', '--num_vis', '2']
+
+
+def test_end_to_end_without_matplotlib(mae_ckpt, tmp_path, monkeypatch, capsys):
+    """matplotlib made unimportable (None in sys.modules): report.md and results.json are written, no PNG, one line
+    says how to get them; the progress line of the pass over the images appears when asked for."""
+    for name in [m for m in sys.modules if m == 'matplotlib' or m.startswith('matplotlib.')]:
+        monkeypatch.delitem(sys.modules, name)
+    monkeypatch.setitem(sys.modules, 'matplotlib', None)
+    monkeypatch.setenv('NANOMIM_PROGRESS_EVERY', '0')
     out = str(tmp_path / 'an')
-    analyze.main(['--checkpoint', 'none', '--checkpoint', mae_ckpt, '--checkpoint', mae_ckpt, '--what', 'all',
-                  '--num_images', '4', '--batch_size', '3', '--num_vis', '2', '--out_dir', out])
-    for name in ('aad.png', 'spectrum.png', 'attn_random.png', 'attn_mae_2.png', 'attn_mae_2-2.png', 'recon.png',
-                 'report.md', 'results.json'):
-        assert os.path.getsize(os.path.join(out, name)) > 0, name
+    analyze.main(['--checkpoint', 'none', '--checkpoint', mae_ckpt, '--checkpoint', mae_ckpt, '--out_dir', out]
+                 + ALL_THREE)
+    printed = capsys.readouterr().out
+    assert sorted(os.listdir(out)) == ['report.md', 'results.json']
+    hints = [line for line in printed.splitlines() if 'matplotlib' in line]
+    assert len(hints) == 1 and 'pip install matplotlib' in hints[0], hints
+    assert 'analyze, 3 checkpoint(s): 3/4 img' in printed and '4/4 img' in printed  # batches of 3 then 1
+    assert 'no PNGs (matplotlib is not installed)' in open(os.path.join(out, 'report.md')).read()
     res = json.load(open(os.path.join(out, 'results.json')))
     assert res['img_size'] == 32 and res['num_images'] == 4
     max_dist = math.hypot(3, 3) * 8  # opposite corners of the 4x4 grid
@@ -169,10 +166,28 @@ def test_end_to_end_random_and_mae(mae_ckpt, tmp_path):
         assert aad.shape == (12, 3) and bool((aad > 0).all()) and bool((aad < max_dist).all())
         assert len(res['results'][label]['singular_values'][0]) == 192
     assert res['results']['mae:2-2']['aad'] == res['results']['mae:2']['aad']
-    # recon.png, 2 rows: original | masked input (one mask for both: shown once) | mae:2 | mae:2-2 (random: no decoder)
-    assert Image.open(os.path.join(out, 'recon.png')).size == (4 * 32 + 5 * 2, 2 * 32 + 3 * 2)  # (width, height)
-    # attn_mae_2.png: 2 rows x (image + 3 heads)
-    assert Image.open(os.path.join(out, 'attn_mae_2.png')).size == (4 * 32 + 5 * 2, 2 * 32 + 3 * 2)
+
+
+def test_end_to_end_pngs_with_matplotlib(mae_ckpt, tmp_path, capsys):
+    pytest.importorskip('matplotlib')
+    out = str(tmp_path / 'an')
+    analyze.main(['--checkpoint', 'none', '--checkpoint', mae_ckpt, '--checkpoint', mae_ckpt, '--out_dir', out]
+                 + ALL_THREE)
+    assert 'pip install matplotlib' not in capsys.readouterr().out
+    assert sorted(os.listdir(out)) == sorted(PNGS + ('report.md', 'results.json'))
+    for name in PNGS:
+        with open(os.path.join(out, name), 'rb') as f:
+            assert f.read(8) == b'\x89PNG\r\n\x1a\n', name  # the PNG signature
+        im = Image.open(os.path.join(out, name))
+        im.verify()  # CRCs and chunk structure
+        im = Image.open(os.path.join(out, name)).convert('L')
+        w, h = im.size
+        assert 300 <= w <= 3000 and 200 <= h <= 3000, (name, im.size)  # readable, not a thumbnail or a poster
+        lo, hi = im.getextrema()
+        assert hi - lo > 100, name  # drawn on: dark text or lines on a light background
+    report = open(os.path.join(out, 'report.md')).read()
+    # recon.png: original | masked input (one mask for both: shown once) | mae:2 | mae:2-2 (random: no decoder)
+    assert 'recon.png columns: original | mae:2 input (75% masked) | mae:2 | mae:2-2' in report
 
 
 def test_official_mae_layout_gives_the_same_reconstruction(mae_ckpt):
