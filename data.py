@@ -486,24 +486,28 @@ def mask_from_ids(ids_keep, L):
 
 
 def block_mask(h, w, num_masking, rng, min_patches=16, max_patches=None, min_aspect=0.3):
-    """BEiT-style blockwise mask on an h x w grid: place random rectangles (area >= min_patches, log-uniform
-    aspect in (min_aspect, 1/min_aspect)) until about `num_masking` cells are masked; never more.
-    Returns a bool array (h, w). rng: numpy Generator."""
+    """BEiT-style blockwise mask on an h x w grid: place random rectangles (log-uniform aspect in
+    (min_aspect, 1/min_aspect)) until about `num_masking` cells are masked; never more.
+    Returns a bool array (h, w). rng: numpy Generator.
+    As the official generator (BEiT masking_generator.py, iBOT loader.py, DTM), a block's area is drawn as
+    uniform(min_patches, cap) with cap = min(remaining, max_patches) cells, also when cap < min_patches: Python's
+    random.uniform(a, b) = a + (b - a) U then returns a value between the two, so the last blocks of a mask
+    shrink below min_patches to fill what remains (and the block stage falls short less often)."""
     mask = np.zeros((h, w), dtype=bool)
     max_patches = num_masking if max_patches is None else max_patches
     log_aspect = (math.log(min_aspect), math.log(1 / min_aspect))
     count = 0
     while count < num_masking:
-        remaining = num_masking - count
+        cap = min(num_masking - count, max_patches)  # most cells the next block may add
         added = 0
         for _ in range(10):  # up to 10 attempts per block, as in BEiT / iBOT
-            target_area = rng.uniform(min_patches, max(min_patches, min(remaining, max_patches)))
+            target_area = min_patches + (cap - min_patches) * rng.random()  # random.uniform(min_patches, cap)
             aspect = math.exp(rng.uniform(*log_aspect))
             bh, bw = int(round(math.sqrt(target_area * aspect))), int(round(math.sqrt(target_area / aspect)))
             if bw < w and bh < h:
                 top, left = int(rng.integers(0, h - bh + 1)), int(rng.integers(0, w - bw + 1))
                 new = bh * bw - mask[top:top + bh, left:left + bw].sum()
-                if 0 < new <= remaining:
+                if 0 < new <= cap:
                     mask[top:top + bh, left:left + bw] = True
                     added = int(new)
                     break
