@@ -227,7 +227,8 @@ def make_ibot_step(cfg, device, autocast):
         opt.step()
         opt.zero_grad(set_to_none=True)
         ibot.ema_update(teacher, model, icfg.momentum_teacher)
-        centers[:] = ibot.update_centers(*centers, ibot.center_sums(t_cls, t_patch), B, icfg.center_momentum)
+        centers[:] = ibot.update_centers(*centers, ibot.center_sums(t_cls, t_patch), t_cls.shape[0],
+                                     icfg.center_momentum)  # 2B teacher rows
     return step, flops, vit.count_params(model)
 
 

@@ -284,15 +284,17 @@ def ibot_loss(s_cls, s_patch, t_cls, t_patch, mask, center, center_patch, temps,
 
 
 def center_sums(t_cls, t_patch):
-    """Sums over the batch of the raw teacher outputs: t_cls (N, K), t_patch (N, L, K) -> (2, K): [CLS] sum and
-    the sum of per-image means over *all* patches (masked or not)."""
+    """Sums over the N teacher rows (both global crops of every image) of the raw teacher outputs: t_cls (N, K),
+    t_patch (N, L, K) -> (2, K): [CLS] sum and the sum of per-row means over *all* patches (masked or not)."""
     return torch.stack([t_cls.float().sum(0), t_patch.float().mean(1).sum(0)])
 
 
 @torch.no_grad()
 def update_centers(center, center_patch, sums, n, momentum):
-    """c <- m c + (1 - m) batch mean, the mean over the n images of this process and of all ranks (all-reduced).
-    center (1, K), center_patch (1, 1, K), sums (2, K) from center_sums -> new (center, center_patch)."""
+    """c <- m c + (1 - m) batch mean, the mean over the n teacher rows of this process (2 global crops per image:
+    n = 2 B accum_iter) and of all ranks (all-reduced; official iBOTLoss.update_center divides by
+    len(teacher_cls) * world_size). center (1, K), center_patch (1, 1, K), sums (2, K) from center_sums over the
+    same n rows -> new (center, center_patch)."""
     sums = sums.clone()
     world = 1
     if dist.is_available() and dist.is_initialized():
@@ -510,6 +512,7 @@ def main(argv=None):
             g['lr'] = lr
         optimizer.param_groups[0]['weight_decay'] = wd
         sums.zero_()
+        rows = 0  # teacher rows of this step on this process (2 global crops per image), the centers' divisor
         for micro in range(cfg.accum_iter):
             _, ((crops, masks), _) = next(stream)
             # in-step randomness (drop path): a function of (seed, rank, step), seeded after the loader, whose new
@@ -531,6 +534,7 @@ def main(argv=None):
                                         cfg.student_temp, (cfg.lambda1, cfg.lambda2))  # fp32, outside autocast
                 scaler.scale(loss / cfg.accum_iter).backward()
             sums += center_sums(t_cls, t_patch)
+            rows += t_cls.shape[0]
             stats_sum += stats / cfg.accum_iter
             bad = torch.maximum(bad, (~torch.isfinite(loss.detach())).float())
         scaler.unscale_(optimizer)
@@ -542,8 +546,7 @@ def main(argv=None):
         optimizer.zero_grad(set_to_none=True)
         ema_update(teacher, model, momentum)
         # centers after the loss, from this step's teacher outputs over all micro-batches and ranks
-        center, center_patch = update_centers(center, center_patch, sums, cfg.batch_size * cfg.accum_iter,
-                                              cfg.center_momentum)
+        center, center_patch = update_centers(center, center_patch, sums, rows, cfg.center_momentum)
         step += 1
         log_now = step % cfg.log_every == 0 or step == end_step
         save_now = step % cfg.save_every == 0 or step == end_step

@@ -190,6 +190,34 @@ def test_center_update_across_two_gloo_ranks_equals_concatenated_batch(tmp_path)
         assert torch.allclose(got[0], want[0], atol=1e-6) and torch.allclose(got[1], want[1], atol=1e-6)
 
 
+def test_main_centers_are_the_mean_over_teacher_rows(tmp_path, monkeypatch):
+    """Two real steps of main() (2 images x 2 micro-batches each): the centers after them equal
+    c2 = m c1 + (1 - m) mean2 with c1 = (1 - m) mean1 (c0 = 0), each mean taken over *all* teacher rows of the
+    step, 2 global crops x 2 images x 2 micro-batches = 8 rows (official iBOTLoss.update_center), for [CLS] and
+    for the patches (mean over every patch of those rows). Dividing by the number of images instead gives 2x."""
+    seen = []
+    loss_fn = ibot.ibot_loss
+
+    def recording_loss(s_cls, s_patch, t_cls, t_patch, *rest):
+        seen.append((t_cls.detach().clone(), t_patch.detach().clone()))
+        return loss_fn(s_cls, s_patch, t_cls, t_patch, *rest)
+
+    monkeypatch.setattr(ibot, 'ibot_loss', recording_loss)
+    m = 0.8
+    ck = load_ckpt(run(tmp_path, 'centers', '--batch_size', '2', '--accum_iter', '2', '--max_steps', '2',
+                       '--center_momentum', str(m), '--lr', '1e-3', '--warmup_epochs', '0'))
+    assert len(seen) == 4 and all(t.shape == (4, 64) for t, _ in seen)  # 4 micro-batches of 2 crops x 2 images
+    c, cp = torch.zeros(64), torch.zeros(64)
+    for step in (seen[:2], seen[2:]):
+        t_cls = torch.cat([t for t, _ in step])  # (8, K): every teacher row of the step
+        t_patch = torch.cat([t for _, t in step])  # (8, L, K)
+        c = m * c + (1 - m) * t_cls.mean(0)
+        cp = m * cp + (1 - m) * t_patch.mean((0, 1))
+    assert torch.allclose(ck['center'].view(-1), c, atol=1e-5)
+    assert torch.allclose(ck['center_patch'].view(-1), cp, atol=1e-5)
+    assert not torch.allclose(c, 2 * c, atol=1e-3)  # the test tells the two divisors apart
+
+
 # ----------------------------------------------------------------------------- schedules, clipping, EMA
 
 
