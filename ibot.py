@@ -197,7 +197,7 @@ class iBOT(nn.Module):
         super().__init__()
         self.backbone = vit.vit(cfg.model, img_size=cfg.img_size, patch_size=cfg.patch_size, num_classes=0,
                                 pos_embed='learned', mask_token=True, weight_init='trunc_normal',
-                                drop_path_rate=drop_path)
+                                drop_path_rate=drop_path, dino_interp=True)  # local crops: official +0.1 form
         self.head = iBOTHead(self.backbone.embed_dim, cfg.out_dim, cfg.head_hidden, shared=cfg.shared_head,
                              norm_last_layer=cfg.norm_last_layer)
 

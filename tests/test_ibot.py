@@ -71,6 +71,40 @@ def test_dataset_item_crops_and_masks_are_deterministic():
     assert torch.equal(masks, masks2) and all(torch.equal(a, b) for a, b in zip(crops, crops2))
 
 
+def dino_interpolate_pos_encoding(pos_embed, patch_size, w, h):
+    """The official iBOT / DINO VisionTransformer.interpolate_pos_encoding(x, w, h), written out for pos_embed
+    (1, 1+N, D) and an input of w x h pixels (w the first spatial dimension, as `B, nc, w, h = x.shape` there)."""
+    N = pos_embed.shape[1] - 1
+    dim = pos_embed.shape[-1]
+    w0, h0 = w // patch_size + 0.1, h // patch_size + 0.1
+    patch_pos_embed = torch.nn.functional.interpolate(
+        pos_embed[:, 1:].reshape(1, int(math.sqrt(N)), int(math.sqrt(N)), dim).permute(0, 3, 1, 2),
+        scale_factor=(w0 / math.sqrt(N), h0 / math.sqrt(N)), mode='bicubic')
+    assert int(w0) == patch_pos_embed.shape[-2] and int(h0) == patch_pos_embed.shape[-1]
+    patch_pos_embed = patch_pos_embed.permute(0, 2, 3, 1).view(1, -1, dim)
+    return torch.cat((pos_embed[:, :1], patch_pos_embed), dim=1)
+
+
+def test_local_crop_position_embedding_is_the_official_scale_factor_form():
+    torch.manual_seed(0)
+    pe = torch.randn(1, 1 + 196, 24) * 0.02  # a 14 x 14 grid, as ViT-B/16 at 224 px; local crops 96 px -> 6 x 6
+    want = dino_interpolate_pos_encoding(pe, 16, 96, 96)
+    got = vit.interpolate_pos_embed(pe, (6, 6), dino_scale=True)
+    assert got.shape == (1, 37, 24) and torch.allclose(got, want, atol=1e-7)
+    size_form = vit.interpolate_pos_embed(pe, (6, 6))  # the size= form (fine-tuning) gives other values
+    assert (size_form - want)[:, 1:].pow(2).mean().sqrt() > 1e-3
+    assert torch.equal(vit.interpolate_pos_embed(pe, (14, 14), dino_scale=True), pe)  # global crops: unchanged
+    # iBOT's backbone uses it for its local crops: embed = patch embedding + the official embedding (4 x 4 -> 2 x 2)
+    model = ibot.iBOT(tiny_cfg())
+    bb = model.backbone
+    with torch.no_grad():
+        bb.pos_embed.normal_(std=0.02)
+        x = torch.randn(3, 3, 16, 16)
+        want = bb.patch_embed(x) + dino_interpolate_pos_encoding(bb.pos_embed, 8, 16, 16)[:, 1:]
+        assert torch.allclose(bb.embed(x), want, atol=1e-6)
+    assert not vit.vit('tiny', img_size=32, patch_size=8).dino_interp  # fine-tuning / evaluation: the size= form
+
+
 # ----------------------------------------------------------------------------- losses
 
 
