@@ -212,6 +212,19 @@ class iBOT(nn.Module):
         return cls, patch
 
 
+def build_teacher(model):
+    """The EMA teacher: a copy of the student (same start) without stochastic depth or gradients, never DDP.
+    Its head's last layer is always shared by [CLS] and patches (official shared_head_teacher, default true), also
+    under --shared_head false; the student's separate last_layer2 then has no teacher counterpart. The shared layer
+    starts from the student's last_layer2 (official load_state_dict(student, strict=False) loads last_layer, then
+    last_layer2, into the same module) and follows the EMA of the student's [CLS] last_layer (ema_update)."""
+    teacher = copy.deepcopy(model).requires_grad_(False)
+    for blk in teacher.backbone.blocks:
+        blk.drop_path = 0.0
+    teacher.head.last_layer = teacher.head.last_layer2  # a no-op when the student's head is shared
+    return teacher
+
+
 class MultiCropMasks:
     """(img, rng) -> (crops, masks): 2 global + n local crops (data.MultiCropTransform) and one blockwise mask
     per global crop, bool (2, h, w), drawn from the sample's rng (recipe: no mask with p 0.5, else at most
@@ -364,8 +377,11 @@ def clip_per_tensor_(params, max_norm):
 
 @torch.no_grad()
 def ema_update(teacher, student, momentum):
-    """theta_t <- m theta_t + (1 - m) theta_s over all parameters (same architecture, same order)."""
-    torch._foreach_lerp_(list(teacher.parameters()), list(student.parameters()), 1.0 - momentum)
+    """theta_t <- m theta_t + (1 - m) theta_s over the parameters both have by name (official names_common): all of
+    them, except the student's separate patch layer last_layer2 under --shared_head false (see build_teacher)."""
+    s = dict(student.named_parameters())
+    pairs = [(p, s[n]) for n, p in teacher.named_parameters() if n in s]
+    torch._foreach_lerp_([t for t, _ in pairs], [q for _, q in pairs], 1.0 - momentum)
 
 # -----------------------------------------------------------------------------
 # checkpointing
@@ -451,9 +467,7 @@ def main(argv=None):
 
     # model, optimizer; the teacher is a plain module (never DDP), updated only by EMA
     model = iBOT(cfg, drop_path=cfg.drop_path).to(device)
-    teacher = copy.deepcopy(model).requires_grad_(False)  # same start as the student ...
-    for blk in teacher.backbone.blocks:
-        blk.drop_path = 0.0  # ... without stochastic depth
+    teacher = build_teacher(model)
     K = cfg.out_dim
     center = torch.zeros(1, K, device=device)
     center_patch = torch.zeros(1, 1, K, device=device)

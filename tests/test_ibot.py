@@ -380,6 +380,25 @@ def test_two_ranks_with_accumulation_equal_one_process(tmp_path):
             assert d.max() <= 2 * 1e-3 and (d > 1e-5).float().mean() < 0.01, (part, k)
 
 
+def test_separate_student_patch_head_teacher_still_shares(tmp_path):
+    """--shared_head false: the student has its own patch layer (last_layer2), the teacher's head stays shared
+    (official shared_head_teacher), starting from the student's last_layer2 and following the EMA of the student's
+    [CLS] last_layer. One real step of main(); in epoch 0 (--freeze_last_layer 1) the student's last layers do not
+    move, so the teacher's layer is m * last_layer2 + (1 - m) * last_layer of the saved student, m = 0.996."""
+    ck = load_ckpt(run(tmp_path, 'sep', '--shared_head', 'false', '--batch_size', '4', '--max_steps', '1',
+                       '--lr', '1e-3', '--warmup_epochs', '0'))
+    s, t = ck['model'], ck['teacher']
+    assert not torch.equal(s['head.last_layer.weight_v'], s['head.last_layer2.weight_v'])  # the student: separate
+    assert torch.equal(t['head.last_layer.weight_v'], t['head.last_layer2.weight_v'])  # the teacher: one layer
+    want = 0.996 * s['head.last_layer2.weight_v'] + 0.004 * s['head.last_layer.weight_v']
+    assert torch.allclose(t['head.last_layer.weight_v'], want, atol=1e-7)
+    model = ibot.iBOT(tiny_cfg(shared_head=False))
+    teacher = ibot.build_teacher(model)
+    assert teacher.head.last_layer is teacher.head.last_layer2 and model.head.last_layer is not model.head.last_layer2
+    assert all(b.drop_path == 0.0 for b in teacher.backbone.blocks) and not any(p.requires_grad
+                                                                                for p in teacher.parameters())
+
+
 def test_explicit_zero_is_not_replaced_by_the_embedded_default():
     cfg = ibot.get_config(['--local_crops_number', '0', '--num_workers', '0', '--warmup_epochs', '0'])
     assert (cfg.local_crops_number, cfg.num_workers, cfg.warmup_epochs) == (0, 0, 0)
