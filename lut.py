@@ -77,7 +77,7 @@ class Config:
     lr: float = 0.0            # absolute lr; overrides blr when > 0
     min_lr: float = 0.0        # end of the cosine schedule
     warmup_epochs: float = -1  # linear warm-up; -1 = 1 embedded, 40 folder
-    weight_decay: float = 0.05  # AdamW; none on biases, norms, tokens, position embeddings
+    weight_decay: float = 0.05  # AdamW; none on biases and norms (1-D); [CLS] and mask tokens decayed (official)
     out_dir: str = 'out/lut'   # checkpoint.pt, log.jsonl, recon.png
     resume: str = ''           # '' fresh, 'auto' = out_dir/checkpoint.pt if present, or a path
     save_every: int = 500      # steps between checkpoints (always saved at the end)
@@ -194,12 +194,15 @@ class LUT(nn.Module):
         self.decoder_pred = nn.Linear(Dd, p * p * 3)
         self.head = mlp(D, cfg.head_dim)  # projection head: also in the momentum branch
         self.predictor = mlp(D, cfg.head_dim)  # online only
-        # MAE init (models_mae.py): xavier_uniform Linear, zero bias, LN (1, 0), tokens N(0, 0.02)
+        # MAE init (models_mae.py; official models_lut.py applies it to the head and predictor too): xavier_uniform
+        # on every Linear, zero bias, LN (1, 0), BN torch's default, tokens N(0, 0.02)
         nn.init.normal_(self.mask_token, std=0.02)
-        for m in [self.decoder_embed, self.decoder_pred, *self.decoder_blocks.modules()]:
+        for m in [self.decoder_embed, self.decoder_pred, *self.decoder_blocks.modules(), *self.head.modules(),
+                  *self.predictor.modules()]:
             if isinstance(m, nn.Linear):
                 nn.init.xavier_uniform_(m.weight)
-                nn.init.zeros_(m.bias)
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
 
     def forward_encoder(self, imgs, ids_keep):
         """imgs (B, 3, H, W), ids_keep (B, K) -> latent (B, 1+K, D); the encoder never sees mask tokens."""
@@ -302,13 +305,14 @@ def bc_loss(q1, q2, z1, z2):
 
 
 def param_groups(model, weight_decay):
-    """AdamW groups: no weight decay on biases, norms (1-D params), tokens and position embeddings."""
+    """AdamW groups as the official pre-training (timm add_weight_decay with no skip list): no weight decay on
+    biases and 1-D params (norms); cls_token and mask_token are decayed. Frozen parameters (the fixed sin-cos
+    position embeddings) are left out."""
     decay, no_decay = [], []
     for n, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        skip = p.ndim <= 1 or n.endswith(('cls_token', 'mask_token', 'pos_embed'))
-        (no_decay if skip else decay).append(p)
+        (no_decay if p.ndim <= 1 or n.endswith('.bias') else decay).append(p)
     return [{'params': decay, 'weight_decay': weight_decay}, {'params': no_decay, 'weight_decay': 0.0}]
 
 

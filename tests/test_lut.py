@@ -80,6 +80,34 @@ def test_mask_ratio_below_half_rejected(capsys):
     assert lut.get_config(['--mask_ratio', '0.5']).mask_ratio == 0.5
 
 
+def test_param_groups_decay_tokens_not_biases_or_norms():
+    """Official pre-training (timm add_weight_decay, no skip list): only biases and 1-D params (LN, BN) are exempt;
+    [CLS] and mask tokens are decayed; the fixed sin-cos position embeddings are not trained at all."""
+    m = tiny_model()
+    decay, no_decay = lut.param_groups(m, 0.05)
+    names = {id(p): n for n, p in m.named_parameters()}
+    nd = {names[id(p)] for p in no_decay['params']}
+    d = {names[id(p)] for p in decay['params']}
+    assert {'mask_token', 'encoder.cls_token', 'head.0.weight', 'predictor.3.weight'} <= d
+    assert {'encoder.blocks.0.norm1.weight', 'decoder_embed.bias', 'head.1.weight', 'head.1.bias'} <= nd  # head.1: BN
+    assert not {'encoder.pos_embed', 'decoder_pos_embed'} & (d | nd)
+    assert all(p.ndim <= 1 for p in no_decay['params']) and all(p.ndim >= 2 for p in decay['params'])
+    assert decay['weight_decay'] == 0.05 and no_decay['weight_decay'] == 0.0
+
+
+def test_head_and_predictor_xavier_init():
+    """Every Linear of the head and predictor is xavier-uniform (official models_lut.py): U(-a, a) with
+    a = sqrt(6 / (fan_in + fan_out)), std a / sqrt(3). torch's default (a = 1 / sqrt(fan_in)) gives std 0.042 for
+    the D -> Dh layer and 0.072 for Dh -> D here (D 192, Dh 64), xavier 0.088 for both."""
+    torch.manual_seed(0)
+    m = tiny_model()
+    for name in ('head.0', 'head.3', 'predictor.0', 'predictor.3'):
+        w = m.get_submodule(name).weight.detach()
+        a = math.sqrt(6 / sum(w.shape))
+        assert w.abs().max() <= a and abs(w.std().item() / (a / math.sqrt(3)) - 1) < 0.05, name
+        assert m.get_submodule(name).bias is None
+
+
 @pytest.mark.parametrize('args,msg', [(['--crop', 'zoom'], '--crop must be src or rrc'),
                                       (['--w_bc', '-0.5'], '--w_bc'),
                                       (['--no_such_flag', '1'], 'unrecognized arguments')])
