@@ -306,11 +306,14 @@ def gaussian_blur(img_size, p):
 
 
 class LUTTransform:
-    """Two views of one image with the same geometry (SRC by default, RRC with crop='rrc') and different
-    photometric augmentation: view 1 weak (geometry only; it is reconstructed), view 2 colour jitter (p 0.8)
-    followed by one of grayscale / solarize / blur (asymmetric, BYOL-like). Returns (view1, view2)."""
+    """Two views of one image, as the official LUT TwoGlobalViewAugmentation: each view draws its own geometry
+    (SRC by default: shorter side -> img_size, random crop with 4-px reflect padding, flip, so the views differ by
+    up to 4 px in each direction and by their flips; RRC with crop='rrc'). View 1 gets no colour augmentation (it
+    is reconstructed); view 2 colour jitter (p 0.8) followed by one of grayscale / solarize / blur (asymmetric,
+    BYOL-like). shared=True draws one geometry for both views (they then differ in colour only; not the
+    recipe). Returns (view1, view2)."""
 
-    def __init__(self, img_size, crop='src'):
+    def __init__(self, img_size, crop='src', shared=False):
         if crop == 'src':
             self.geometry = src_crop(img_size)
         elif crop == 'rrc':
@@ -322,10 +325,12 @@ class LUTTransform:
         self.strong = v2.Compose([color_jitter(), v2.RandomChoice([
             v2.Grayscale(3), v2.RandomSolarize(128, p=1.0), gaussian_blur(img_size, 1.0)])])
         self.finish = v2.Compose(_to_tensor()[1:])
+        self.shared = shared
 
     def __call__(self, img):
-        base = self.geometry(img)  # uint8 (3, S, S), one crop for both views
-        return self.finish(base), self.finish(self.strong(base))
+        g1 = self.geometry(img)  # uint8 (3, S, S)
+        g2 = g1 if self.shared else self.geometry(img)  # the official code crops each view on its own
+        return self.finish(g1), self.finish(self.strong(g2))
 
 
 class MultiCropTransform:

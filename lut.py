@@ -65,7 +65,8 @@ class Config:
     decoder_dim: int = 0       # 0 = 128 embedded, 512 folder
     decoder_depth: int = 0     # 0 = 2 embedded, 8 folder
     decoder_heads: int = 0     # 0 = 4 embedded, 16 folder
-    crop: str = 'src'          # geometry shared by the two views: src (simple resized crop, LUT recipe) or rrc
+    crop: str = 'src'          # geometry of each view: src (simple resized crop, LUT recipe) or rrc
+    shared_crop: bool = False  # one crop and flip for both views (colour differs only); recipe: one per view
     head_dim: int = 4096       # hidden width of the projection head and of the predictor (D -> head_dim -> D)
     momentum: float = 0.996    # EMA momentum of the target encoder + head at step 0; half cosine to 1 at the end
     w_mae: float = 1.0         # weight of the reconstruction loss L_MAE
@@ -73,7 +74,7 @@ class Config:
     epochs: int = 0            # 0 = 8 embedded, 1600 folder
     batch_size: int = 0        # per process; 0 = 64 embedded, 512 folder (4096 on 8 GPUs)
     accum_iter: int = 1        # gradient accumulation steps (effective batch = batch_size * accum_iter * world)
-    blr: float = 0.0           # base lr, lr = blr * effective_batch / 256; 0 = 1.5e-4 folder (recipe), 1.5e-3 embedded
+    blr: float = 0.0           # base lr, lr = blr * sqrt(effective_batch) / 4 (official main_lut.py); 0 = 1.5e-4
     lr: float = 0.0            # absolute lr; overrides blr when > 0
     min_lr: float = 0.0        # end of the cosine schedule
     warmup_epochs: float = -1  # linear warm-up; -1 = 1 embedded, 40 folder
@@ -91,7 +92,7 @@ class Config:
 
 
 EMBEDDED = dict(model='tiny', img_size=64, patch_size=8, decoder_dim=128, decoder_depth=2, decoder_heads=4,
-                epochs=8, batch_size=64, blr=1.5e-3, warmup_epochs=1, num_workers=2)
+                epochs=8, batch_size=64, blr=1.5e-4, warmup_epochs=1, num_workers=2)  # lr 3e-4 at batch 64
 RECIPE = dict(model='base', img_size=224, patch_size=0, decoder_dim=512, decoder_depth=8, decoder_heads=16,
               epochs=1600, batch_size=512, blr=1.5e-4, warmup_epochs=40, num_workers=10)
 ARCH_KEYS = ('model', 'img_size', 'patch_size', 'decoder_dim', 'decoder_depth', 'decoder_heads', 'head_dim')
@@ -431,7 +432,8 @@ def main(argv=None):
     except (FileNotFoundError, ValueError) as e:
         sys.exit(f'error: {e}')
     num_patches = (cfg.img_size // cfg.patch_size) ** 2
-    dataset = data.Seeded(base, data.WithNoise(data.LUTTransform(cfg.img_size, cfg.crop), num_patches))
+    views = data.LUTTransform(cfg.img_size, cfg.crop, shared=cfg.shared_crop)
+    dataset = data.Seeded(base, data.WithNoise(views, num_patches))
     try:
         loader, sampler = data.make_loader(dataset, cfg.batch_size, world, rank, cfg.seed, cfg.num_workers)
     except ValueError as e:
@@ -440,7 +442,7 @@ def main(argv=None):
     total_steps = cfg.epochs * steps_per_epoch
     end_step = min(total_steps, cfg.max_steps) if cfg.max_steps > 0 else total_steps
     eff_batch = cfg.batch_size * cfg.accum_iter * world
-    base_lr = cfg.lr if cfg.lr > 0 else cfg.blr * eff_batch / 256
+    base_lr = cfg.lr if cfg.lr > 0 else cfg.blr * math.sqrt(eff_batch) / 4  # square-root rule, official main_lut.py
     warmup_steps = int(cfg.warmup_epochs * steps_per_epoch)
 
     # model, optimizer; the momentum branch starts as a copy of the online encoder + head

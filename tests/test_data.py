@@ -79,16 +79,52 @@ def test_transform_shapes_dtypes_and_determinism(name):
         assert not all(torch.equal(a, b) for a, b in zip(views, other))
 
 
-def test_lut_views_share_geometry():
-    # on a flat-colour image with a bright square, photometric changes keep the square where it is
-    img = torch.zeros(3, 32, 32, dtype=torch.uint8)
-    img[:, 4:12, 20:28] = 255
+def src_params(view, img):
+    """(dy, dx, flip) such that the normalised `view` is exactly `img` (uint8 (3, S, S)) reflect-padded by 4 px,
+    cropped at offset (4 + dy, 4 + dx) and flipped if `flip`; None if no such shift / flip exists."""
+    pixels = (data.denormalize(view[None])[0] * 255).round()  # back to the uint8 values, exactly
+    padded = torch.nn.functional.pad(img[None].float(), (4, 4, 4, 4), mode='reflect')[0]
+    S = img.shape[-1]
+    for flip in (False, True):
+        for dy in range(9):
+            for dx in range(9):
+                crop = padded[:, dy:dy + S, dx:dx + S]
+                if torch.equal(crop.flip(-1) if flip else crop, pixels):
+                    return dy - 4, dx - 4, flip
+    return None
+
+
+def test_lut_views_independent_shift_and_flip_view1_colour_untouched():
+    """Official TwoGlobalViewAugmentation: each view is its own simple resized crop (an S x S image: resize is a
+    no-op, then a random crop of the 4-px reflect-padded image and a flip), so each view is the image shifted by
+    at most 4 px and maybe flipped, the two drawn independently; view 1 has no colour change at all."""
+    img = torch.randint(0, 256, (3, 32, 32), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
     tf = data.LUTTransform(32)
-    torch.manual_seed(1)
-    v1, v2 = tf(img)
-    d1 = (v1 - v1.mean()).abs().sum(0)
-    d2 = (v2 - v2.mean()).abs().sum(0)
-    assert (d1 > d1.mean()).eq(d2 > d2.mean()).float().mean() > 0.9
+    geometry_only = data.LUTTransform(32)
+    geometry_only.strong = v2.Identity()  # view 2 without its colour augmentation: its geometry alone
+    same, colour_changed = 0, 0
+    for seed in range(20):
+        torch.manual_seed(seed)
+        v1, v2_ = geometry_only(img)
+        p1, p2 = src_params(v1, img), src_params(v2_, img)
+        assert p1 is not None and p2 is not None  # each view: a <= 4 px shift, maybe flipped, exact pixels
+        same += p1 == p2
+        torch.manual_seed(seed)
+        w1, w2 = tf(img)
+        assert torch.equal(w1, v1)  # view 1: the same crop and flip, colour untouched
+        colour_changed += src_params(w2, img) is None
+    assert same <= 2  # independent draws: 1 chance in 162 to coincide
+    assert colour_changed >= 15  # view 2: colour jitter (p 0.8), then always grayscale / solarize / blur
+
+
+def test_lut_shared_crop_option():
+    img = torch.randint(0, 256, (3, 32, 32), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    tf = data.LUTTransform(32, shared=True)
+    tf.strong = v2.Identity()
+    for seed in range(5):
+        torch.manual_seed(seed)
+        v1, v2_ = tf(img)
+        assert torch.equal(v1, v2_) and src_params(v1, img) is not None
 
 
 def test_random_masking_invariants():

@@ -118,6 +118,21 @@ def test_bad_input_one_clear_line(args, msg, capsys):
     assert msg in err and 'Traceback' not in err
 
 
+def test_printed_lr_follows_the_official_square_root_rule(tmp_path, capsys):
+    """Official main_lut.py: lr = blr * sqrt(effective batch) / 4 (the linear rule is commented out there). Effective
+    batch 4 x 2 micro-batches = 8: 1e-3 * sqrt(8) / 4 = 7.07e-4 (the linear rule would give 3.1e-5)."""
+    out = run(tmp_path / 'lr', '--batch_size', '4', '--accum_iter', '2', '--max_steps', '1', '--blr', '1e-3',
+              '--warmup_epochs', '0')
+    cfg = json.loads(next(l for l in capsys.readouterr().out.splitlines() if l.startswith('{')))
+    want = 1e-3 * math.sqrt(8) / 4
+    assert cfg['effective_batch'] == 8 and cfg['lr'] == pytest.approx(want, rel=1e-12)
+    log = [json.loads(l) for l in open(os.path.join(out, 'log.jsonl'))]
+    assert log[0]['lr'] == pytest.approx(want, rel=1e-12)  # no warm-up: step 0 runs at the peak lr
+    # the recipe's blr 1.5e-4 gives MAE's 2.4e-3 at batch 4096; the embedded default shares that blr (3e-4 at 64)
+    assert lut.get_config([]).blr == lut.get_config(['--data', '/some/imagenet']).blr == 1.5e-4
+    assert 1.5e-4 * math.sqrt(4096) / 4 == pytest.approx(1.5e-4 * 4096 / 256)
+
+
 def test_w_bc_default_by_model():
     assert lut.get_config([]).w_bc == 1.0  # embedded default: tiny
     assert lut.get_config(['--model', 'small']).w_bc == 1.0
