@@ -16,7 +16,6 @@ FLOP convention (nanoGPT / PaLM): one multiply-add = 2 FLOPs, matmuls only; a bl
 24*d^2*T + 4*T^2*d; a trained network costs 3x its forward (forward + backward), a frozen/EMA one 1x.
 """
 import argparse
-import copy
 import dataclasses
 import os
 import platform
@@ -198,9 +197,7 @@ def make_ibot_step(cfg, device, autocast):
     icfg = script_config(ibot, cfg, '--local_size', str(ls), '--local_crops_number', str(n),
                          recipe=('out_dim', 'head_hidden'))
     model = ibot.iBOT(icfg, drop_path=icfg.drop_path).to(device)
-    teacher = copy.deepcopy(model).requires_grad_(False)
-    for blk in teacher.backbone.blocks:
-        blk.drop_path = 0.0
+    teacher = ibot.build_teacher(model)
     opt = adamw(ibot.param_groups(model, icfg.weight_decay), cfg, device)
     fwd = torch.compile(model) if cfg.compile else model
     teacher_fwd = torch.compile(teacher) if cfg.compile else teacher
@@ -227,7 +224,8 @@ def make_ibot_step(cfg, device, autocast):
         opt.step()
         opt.zero_grad(set_to_none=True)
         ibot.ema_update(teacher, model, icfg.momentum_teacher)
-        centers[:] = ibot.update_centers(*centers, ibot.center_sums(t_cls, t_patch), B, icfg.center_momentum)
+        centers[:] = ibot.update_centers(*centers, ibot.center_sums(t_cls, t_patch), t_cls.shape[0],
+                                     icfg.center_momentum)  # 2B teacher rows
     return step, flops, vit.count_params(model)
 
 

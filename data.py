@@ -328,11 +328,14 @@ def gaussian_blur(img_size, p):
 
 
 class LUTTransform:
-    """Two views of one image with the same geometry (SRC by default, RRC with crop='rrc') and different
-    photometric augmentation: view 1 weak (geometry only; it is reconstructed), view 2 colour jitter (p 0.8)
-    followed by one of grayscale / solarize / blur (asymmetric, BYOL-like). Returns (view1, view2)."""
+    """Two views of one image, as the official LUT TwoGlobalViewAugmentation: each view draws its own geometry
+    (SRC by default: shorter side -> img_size, random crop with 4-px reflect padding, flip, so the views differ by
+    up to 4 px in each direction and by their flips; RRC with crop='rrc'). View 1 gets no colour augmentation (it
+    is reconstructed); view 2 colour jitter (p 0.8) followed by one of grayscale / solarize / blur (asymmetric,
+    BYOL-like). shared=True draws one geometry for both views (they then differ in colour only; not the
+    recipe). Returns (view1, view2)."""
 
-    def __init__(self, img_size, crop='src'):
+    def __init__(self, img_size, crop='src', shared=False):
         if crop == 'src':
             self.geometry = src_crop(img_size)
         elif crop == 'rrc':
@@ -344,10 +347,12 @@ class LUTTransform:
         self.strong = v2.Compose([color_jitter(), v2.RandomChoice([
             v2.Grayscale(3), v2.RandomSolarize(128, p=1.0), gaussian_blur(img_size, 1.0)])])
         self.finish = v2.Compose(_to_tensor()[1:])
+        self.shared = shared
 
     def __call__(self, img):
-        base = self.geometry(img)  # uint8 (3, S, S), one crop for both views
-        return self.finish(base), self.finish(self.strong(base))
+        g1 = self.geometry(img)  # uint8 (3, S, S)
+        g2 = g1 if self.shared else self.geometry(img)  # the official code crops each view on its own
+        return self.finish(g1), self.finish(self.strong(g2))
 
 
 class MultiCropTransform:
@@ -563,24 +568,28 @@ class WithNoise:
 
 
 def block_mask(h, w, num_masking, rng, min_patches=16, max_patches=None, min_aspect=0.3):
-    """BEiT-style blockwise mask on an h x w grid: place random rectangles (area >= min_patches, log-uniform
-    aspect in (min_aspect, 1/min_aspect)) until about `num_masking` cells are masked; never more.
-    Returns a bool array (h, w). rng: numpy Generator."""
+    """BEiT-style blockwise mask on an h x w grid: place random rectangles (log-uniform aspect in
+    (min_aspect, 1/min_aspect)) until about `num_masking` cells are masked; never more.
+    Returns a bool array (h, w). rng: numpy Generator.
+    As the official generator (BEiT masking_generator.py, iBOT loader.py, DTM), a block's area is drawn as
+    uniform(min_patches, cap) with cap = min(remaining, max_patches) cells, also when cap < min_patches: Python's
+    random.uniform(a, b) = a + (b - a) U then returns a value between the two, so the last blocks of a mask
+    shrink below min_patches to fill what remains (and the block stage falls short less often)."""
     mask = np.zeros((h, w), dtype=bool)
     max_patches = num_masking if max_patches is None else max_patches
     log_aspect = (math.log(min_aspect), math.log(1 / min_aspect))
     count = 0
     while count < num_masking:
-        remaining = num_masking - count
+        cap = min(num_masking - count, max_patches)  # most cells the next block may add
         added = 0
         for _ in range(10):  # up to 10 attempts per block, as in BEiT / iBOT
-            target_area = rng.uniform(min_patches, max(min_patches, min(remaining, max_patches)))
+            target_area = min_patches + (cap - min_patches) * rng.random()  # random.uniform(min_patches, cap)
             aspect = math.exp(rng.uniform(*log_aspect))
             bh, bw = int(round(math.sqrt(target_area * aspect))), int(round(math.sqrt(target_area / aspect)))
             if bw < w and bh < h:
                 top, left = int(rng.integers(0, h - bh + 1)), int(rng.integers(0, w - bw + 1))
                 new = bh * bw - mask[top:top + bh, left:left + bw].sum()
-                if 0 < new <= remaining:
+                if 0 < new <= cap:
                     mask[top:top + bh, left:left + bw] = True
                     added = int(new)
                     break

@@ -197,7 +197,7 @@ class iBOT(nn.Module):
         super().__init__()
         self.backbone = vit.vit(cfg.model, img_size=cfg.img_size, patch_size=cfg.patch_size, num_classes=0,
                                 pos_embed='learned', mask_token=True, weight_init='trunc_normal',
-                                drop_path_rate=drop_path)
+                                drop_path_rate=drop_path, dino_interp=True)  # local crops: official +0.1 form
         self.head = iBOTHead(self.backbone.embed_dim, cfg.out_dim, cfg.head_hidden, shared=cfg.shared_head,
                              norm_last_layer=cfg.norm_last_layer)
 
@@ -210,6 +210,19 @@ class iBOT(nn.Module):
             cls_local = self.head.forward_cls(self.backbone.forward_features(locals_)[:, 0])  # (n*B, K), unmasked
             cls = torch.cat([cls, cls_local])
         return cls, patch
+
+
+def build_teacher(model):
+    """The EMA teacher: a copy of the student (same start) without stochastic depth or gradients, never DDP.
+    Its head's last layer is always shared by [CLS] and patches (official shared_head_teacher, default true), also
+    under --shared_head false; the student's separate last_layer2 then has no teacher counterpart. The shared layer
+    starts from the student's last_layer2 (official load_state_dict(student, strict=False) loads last_layer, then
+    last_layer2, into the same module) and follows the EMA of the student's [CLS] last_layer (ema_update)."""
+    teacher = copy.deepcopy(model).requires_grad_(False)
+    for blk in teacher.backbone.blocks:
+        blk.drop_path = 0.0
+    teacher.head.last_layer = teacher.head.last_layer2  # a no-op when the student's head is shared
+    return teacher
 
 
 class MultiCropMasks:
@@ -284,15 +297,17 @@ def ibot_loss(s_cls, s_patch, t_cls, t_patch, mask, center, center_patch, temps,
 
 
 def center_sums(t_cls, t_patch):
-    """Sums over the batch of the raw teacher outputs: t_cls (N, K), t_patch (N, L, K) -> (2, K): [CLS] sum and
-    the sum of per-image means over *all* patches (masked or not)."""
+    """Sums over the N teacher rows (both global crops of every image) of the raw teacher outputs: t_cls (N, K),
+    t_patch (N, L, K) -> (2, K): [CLS] sum and the sum of per-row means over *all* patches (masked or not)."""
     return torch.stack([t_cls.float().sum(0), t_patch.float().mean(1).sum(0)])
 
 
 @torch.no_grad()
 def update_centers(center, center_patch, sums, n, momentum):
-    """c <- m c + (1 - m) batch mean, the mean over the n images of this process and of all ranks (all-reduced).
-    center (1, K), center_patch (1, 1, K), sums (2, K) from center_sums -> new (center, center_patch)."""
+    """c <- m c + (1 - m) batch mean, the mean over the n teacher rows of this process (2 global crops per image:
+    n = 2 B accum_iter) and of all ranks (all-reduced; official iBOTLoss.update_center divides by
+    len(teacher_cls) * world_size). center (1, K), center_patch (1, 1, K), sums (2, K) from center_sums over the
+    same n rows -> new (center, center_patch)."""
     sums = sums.clone()
     world = 1
     if dist.is_available() and dist.is_initialized():
@@ -362,8 +377,11 @@ def clip_per_tensor_(params, max_norm):
 
 @torch.no_grad()
 def ema_update(teacher, student, momentum):
-    """theta_t <- m theta_t + (1 - m) theta_s over all parameters (same architecture, same order)."""
-    torch._foreach_lerp_(list(teacher.parameters()), list(student.parameters()), 1.0 - momentum)
+    """theta_t <- m theta_t + (1 - m) theta_s over the parameters both have by name (official names_common): all of
+    them, except the student's separate patch layer last_layer2 under --shared_head false (see build_teacher)."""
+    s = dict(student.named_parameters())
+    pairs = [(p, s[n]) for n, p in teacher.named_parameters() if n in s]
+    torch._foreach_lerp_([t for t, _ in pairs], [q for _, q in pairs], 1.0 - momentum)
 
 # -----------------------------------------------------------------------------
 # checkpointing
@@ -449,9 +467,7 @@ def main(argv=None):
 
     # model, optimizer; the teacher is a plain module (never DDP), updated only by EMA
     model = iBOT(cfg, drop_path=cfg.drop_path).to(device)
-    teacher = copy.deepcopy(model).requires_grad_(False)  # same start as the student ...
-    for blk in teacher.backbone.blocks:
-        blk.drop_path = 0.0  # ... without stochastic depth
+    teacher = build_teacher(model)
     K = cfg.out_dim
     center = torch.zeros(1, K, device=device)
     center_patch = torch.zeros(1, 1, K, device=device)
@@ -510,6 +526,7 @@ def main(argv=None):
             g['lr'] = lr
         optimizer.param_groups[0]['weight_decay'] = wd
         sums.zero_()
+        rows = 0  # teacher rows of this step on this process (2 global crops per image), the centers' divisor
         for micro in range(cfg.accum_iter):
             _, ((crops, masks), _) = next(stream)
             # in-step randomness (drop path): a function of (seed, rank, step), seeded after the loader, whose new
@@ -531,6 +548,7 @@ def main(argv=None):
                                         cfg.student_temp, (cfg.lambda1, cfg.lambda2))  # fp32, outside autocast
                 scaler.scale(loss / cfg.accum_iter).backward()
             sums += center_sums(t_cls, t_patch)
+            rows += t_cls.shape[0]
             stats_sum += stats / cfg.accum_iter
             bad = torch.maximum(bad, (~torch.isfinite(loss.detach())).float())
         scaler.unscale_(optimizer)
@@ -542,8 +560,7 @@ def main(argv=None):
         optimizer.zero_grad(set_to_none=True)
         ema_update(teacher, model, momentum)
         # centers after the loss, from this step's teacher outputs over all micro-batches and ranks
-        center, center_patch = update_centers(center, center_patch, sums, cfg.batch_size * cfg.accum_iter,
-                                              cfg.center_momentum)
+        center, center_patch = update_centers(center, center_patch, sums, rows, cfg.center_momentum)
         step += 1
         log_now = step % cfg.log_every == 0 or step == end_step
         save_now = step % cfg.save_every == 0 or step == end_step

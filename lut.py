@@ -64,7 +64,8 @@ class Config:
     decoder_dim: int = 0       # decoder width
     decoder_depth: int = 0     # decoder blocks
     decoder_heads: int = 0     # decoder attention heads
-    crop: str = 'src'          # geometry shared by the two views: src (simple resized crop, LUT recipe) or rrc
+    crop: str = 'src'          # geometry of each view: src (simple resized crop, LUT recipe) or rrc
+    shared_crop: bool = False  # one crop and flip for both views (colour differs only); recipe: one per view
     head_dim: int = 4096       # hidden width of the projection head and of the predictor (D -> head_dim -> D)
     ema_momentum: float = 0.996  # EMA momentum of the momentum encoder + head at step 0; half cosine to 1 at the end
     w_mae: float = 1.0         # weight of the reconstruction loss L_MAE
@@ -72,11 +73,11 @@ class Config:
     epochs: int = 0            # pre-training epochs
     batch_size: int = 0        # per process (effective batch = batch_size * accum_iter * processes)
     accum_iter: int = 1        # gradient accumulation: micro-batches per optimizer step
-    blr: float = 0.0           # base learning rate: lr = blr * effective_batch / 256
+    blr: float = 0.0           # base learning rate: lr = blr * sqrt(effective_batch) / 4 (official main_lut.py)
     lr: float = 0.0            # absolute learning rate; overrides blr when > 0
     min_lr: float = 0.0        # end of the cosine schedule
     warmup_epochs: float = -1  # linear warm-up from 0, in epochs
-    weight_decay: float = 0.05  # AdamW; none on biases, norms, tokens, position embeddings
+    weight_decay: float = 0.05  # AdamW; none on biases and norms (1-D); [CLS] and mask tokens decayed (official)
     out_dir: str = 'out/lut'   # checkpoint.pt, log.jsonl, recon.png
     resume: str = ''           # '' fresh; 'auto' = out_dir/checkpoint.pt if present; or a checkpoint path
     save_every: int = 0        # optimizer steps between checkpoints; 0 = once per epoch (always at the end)
@@ -93,9 +94,9 @@ class Config:
 # Results protocol), an image folder (the paper's recipe: ViT-B/16, 1600 epochs, effective batch 4096 on 8 GPUs)
 REGIMES = {
     'embedded': dict(model='tiny', img_size=64, patch_size=8, decoder_dim=128, decoder_depth=2, decoder_heads=4,
-                     epochs=8, batch_size=64, blr=1.5e-3, warmup_epochs=1, num_workers=2),
+                     epochs=8, batch_size=64, blr=1.5e-4, warmup_epochs=1, num_workers=2),  # lr 3e-4 at batch 64
     'small': dict(model='mini', img_size=32, patch_size=4, decoder_dim=128, decoder_depth=2, decoder_heads=4,
-                  epochs=1, batch_size=128, blr=1.5e-3, warmup_epochs=0.1, num_workers=2),
+                  epochs=1, batch_size=128, blr=1.5e-4, warmup_epochs=0.1, num_workers=2),
     'folder': dict(model='base', img_size=224, patch_size=0, decoder_dim=512, decoder_depth=8, decoder_heads=16,
                    epochs=1600, batch_size=512, blr=1.5e-4, warmup_epochs=40, num_workers=10),
 }
@@ -249,12 +250,15 @@ class LUT(nn.Module):
         self.decoder_pred = nn.Linear(Dd, p * p * 3)
         self.head = mlp(D, cfg.head_dim)  # projection head: also in the momentum branch
         self.predictor = mlp(D, cfg.head_dim)  # online only
-        # MAE init (models_mae.py): xavier_uniform Linear, zero bias, LN (1, 0), tokens N(0, 0.02)
+        # MAE init (models_mae.py; official models_lut.py applies it to the head and predictor too): xavier_uniform
+        # on every Linear, zero bias, LN (1, 0), BN torch's default, tokens N(0, 0.02)
         nn.init.normal_(self.mask_token, std=0.02)
-        for m in [self.decoder_embed, self.decoder_pred, *self.decoder_blocks.modules()]:
+        for m in [self.decoder_embed, self.decoder_pred, *self.decoder_blocks.modules(), *self.head.modules(),
+                  *self.predictor.modules()]:
             if isinstance(m, nn.Linear):
                 nn.init.xavier_uniform_(m.weight)
-                nn.init.zeros_(m.bias)
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
 
     def forward_encoder(self, imgs, ids_keep):
         """imgs (B, 3, H, W), ids_keep (B, K) -> latent (B, 1+K, D); the encoder never sees mask tokens."""
@@ -357,13 +361,14 @@ def bc_loss(q1, q2, z1, z2):
 
 
 def param_groups(model, weight_decay):
-    """AdamW groups: no weight decay on biases, norms (1-D params), tokens and position embeddings."""
+    """AdamW groups as the official pre-training (timm add_weight_decay with no skip list): no weight decay on
+    biases and 1-D params (norms); cls_token and mask_token are decayed. Frozen parameters (the fixed sin-cos
+    position embeddings) are left out."""
     decay, no_decay = [], []
     for n, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        skip = p.ndim <= 1 or n.endswith(('cls_token', 'mask_token', 'pos_embed'))
-        (no_decay if skip else decay).append(p)
+        (no_decay if p.ndim <= 1 or n.endswith('.bias') else decay).append(p)
     return [{'params': decay, 'weight_decay': weight_decay}, {'params': no_decay, 'weight_decay': 0.0}]
 
 
@@ -574,7 +579,8 @@ def main(argv=None):
     except (FileNotFoundError, ValueError) as e:
         sys.exit(f'error: {e}')
     num_patches = (cfg.img_size // cfg.patch_size) ** 2
-    dataset = data.Seeded(base, data.WithNoise(data.LUTTransform(cfg.img_size, cfg.crop), num_patches))
+    views = data.LUTTransform(cfg.img_size, cfg.crop, shared=cfg.shared_crop)
+    dataset = data.Seeded(base, data.WithNoise(views, num_patches))
     try:
         loader, sampler = data.make_loader(dataset, cfg.batch_size, world, rank, cfg.seed, cfg.num_workers)
     except ValueError as e:
@@ -584,7 +590,7 @@ def main(argv=None):
     end_step = min(total_steps, cfg.max_steps) if cfg.max_steps > 0 else total_steps
     save_every = cfg.save_every or steps_per_epoch
     eff_batch = cfg.batch_size * cfg.accum_iter * world
-    base_lr = cfg.lr if cfg.lr > 0 else cfg.blr * eff_batch / 256
+    base_lr = cfg.lr if cfg.lr > 0 else cfg.blr * math.sqrt(eff_batch) / 4  # square-root rule, official main_lut.py
     warmup_steps = int(cfg.warmup_epochs * steps_per_epoch)
 
     # model, optimizer; the momentum branch starts as a copy of the online encoder + head (never DDP-wrapped)

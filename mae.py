@@ -55,7 +55,7 @@ class Config:
     lr: float = 0.0            # absolute learning rate; overrides blr when > 0
     min_lr: float = 0.0        # end of the cosine schedule
     warmup_epochs: float = -1  # linear warm-up from 0, in epochs
-    weight_decay: float = 0.05  # AdamW; none on biases and norms (1-D parameters), as timm's add_weight_decay
+    weight_decay: float = 0.05  # AdamW; none on biases and norms (1-D); [CLS] and mask tokens decayed (official)
     out_dir: str = 'out/mae'   # checkpoint.pt, log.jsonl, recon.png
     resume: str = ''           # '' fresh; 'auto' = out_dir/checkpoint.pt if present; or a checkpoint path
     save_every: int = 0        # optimizer steps between checkpoints; 0 = once per epoch (always at the end)
@@ -228,13 +228,14 @@ def mae_loss(pred, target, mask):
 
 
 def param_groups(model, weight_decay):
-    """AdamW groups: no weight decay on biases, norms (1-D params), tokens and position embeddings."""
+    """AdamW groups as the official pre-training (timm add_weight_decay with no skip list): no weight decay on
+    biases and 1-D params (norms); cls_token and mask_token are decayed. Frozen parameters (the fixed sin-cos
+    position embeddings) are left out."""
     decay, no_decay = [], []
     for n, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        skip = p.ndim <= 1 or n.endswith(('cls_token', 'mask_token', 'pos_embed'))
-        (no_decay if skip else decay).append(p)
+        (no_decay if p.ndim <= 1 or n.endswith('.bias') else decay).append(p)
     return [{'params': decay, 'weight_decay': weight_decay}, {'params': no_decay, 'weight_decay': 0.0}]
 
 

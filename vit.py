@@ -82,9 +82,12 @@ def sincos_pos_embed(dim, grid_h, grid_w=None, cls_token=True):
     return torch.from_numpy(emb).float()
 
 
-def interpolate_pos_embed(pos_embed, grid_hw, num_extra=1):
+def interpolate_pos_embed(pos_embed, grid_hw, num_extra=1, dino_scale=False):
     """Resize the patch part of a position embedding (1, num_extra + g*g, D) to grid (h, w), bicubic; extra
-    token rows ([CLS]) are kept. Returns the input unchanged when the grid already matches."""
+    token rows ([CLS]) are kept. Returns the input unchanged when the grid already matches.
+    dino_scale: the DINO / iBOT form (their vision_transformer.interpolate_pos_encoding),
+    interpolate(scale_factor=((h + 0.1) / g, (w + 0.1) / g)): the same output grid, but the source positions
+    follow that scale factor rather than the size ratio g / h, so the values differ (iBOT's local crops)."""
     n = pos_embed.shape[1] - num_extra
     g = int(round(math.sqrt(n)))
     assert g * g == n, f'position embedding with {n} patch rows is not a square grid'
@@ -94,7 +97,12 @@ def interpolate_pos_embed(pos_embed, grid_hw, num_extra=1):
     extra, grid = pos_embed[:, :num_extra], pos_embed[:, num_extra:]
     D = grid.shape[-1]
     grid = grid.reshape(1, g, g, D).permute(0, 3, 1, 2)  # (1, D, g, g)
-    grid = F.interpolate(grid.float(), size=(h, w), mode='bicubic', align_corners=False).to(pos_embed.dtype)
+    if dino_scale:  # +0.1 avoids the floor of g * (h / g) landing one short (DINO issue 8)
+        grid = F.interpolate(grid.float(), scale_factor=((h + 0.1) / g, (w + 0.1) / g), mode='bicubic')
+        assert grid.shape[-2:] == (h, w)
+    else:
+        grid = F.interpolate(grid.float(), size=(h, w), mode='bicubic', align_corners=False)
+    grid = grid.to(pos_embed.dtype)
     grid = grid.permute(0, 2, 3, 1).reshape(1, h * w, D)
     return torch.cat([extra, grid], dim=1)
 
@@ -198,11 +206,12 @@ class VisionTransformer(nn.Module):
     pos_embed: 'sincos' (fixed, MAE/LUT) or 'learned' (iBOT/DTM); mask_token: add a (1, D) mask embedding for
     the masked-token path; global_pool: 'token' ([CLS] -> norm -> head) or 'avg' (mean of patch tokens ->
     fc_norm -> head, MAE fine-tuning; the final `norm` is then Identity, as in timm); weight_init: 'mae'
-    (xavier_uniform) or 'trunc_normal' (std 0.02, DINO/iBOT/BEiT)."""
+    (xavier_uniform) or 'trunc_normal' (std 0.02, DINO/iBOT/BEiT); dino_interp: resize the position embedding for
+    other grids with DINO / iBOT's scale-factor form (interpolate_pos_embed(dino_scale=True); iBOT's local crops)."""
 
     def __init__(self, img_size=224, patch_size=16, in_chans=3, embed_dim=768, depth=12, num_heads=12,
                  mlp_ratio=4.0, qkv_bias=True, num_classes=1000, global_pool='token', drop_path_rate=0.0,
-                 layer_scale=None, pos_embed='sincos', mask_token=False, weight_init='mae'):
+                 layer_scale=None, pos_embed='sincos', mask_token=False, weight_init='mae', dino_interp=False):
         super().__init__()
         if img_size % patch_size:
             raise ValueError(f'image size {img_size} is not divisible by the patch size {patch_size}')
@@ -210,6 +219,7 @@ class VisionTransformer(nn.Module):
         self.img_size, self.patch_size, self.embed_dim, self.depth = img_size, patch_size, embed_dim, depth
         self.num_heads, self.global_pool, self.num_classes = num_heads, global_pool, num_classes
         self.grid = img_size // patch_size
+        self.dino_interp = dino_interp
         self.num_patches = self.grid ** 2
         self.patch_embed = PatchEmbed(patch_size, in_chans, embed_dim)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
@@ -252,7 +262,7 @@ class VisionTransformer(nn.Module):
 
     def patch_pos_embed(self, h, w):
         """Position embedding for the patch tokens of an h x w grid: (1, h*w, D), interpolated if needed."""
-        return interpolate_pos_embed(self.pos_embed, (h, w))[:, 1:]
+        return interpolate_pos_embed(self.pos_embed, (h, w), dino_scale=self.dino_interp)[:, 1:]
 
     def embed(self, x, mask=None):
         """Pixels -> patch tokens with position embedding: (B, L, D). mask (B, L) bool: masked positions are

@@ -71,6 +71,40 @@ def test_dataset_item_crops_and_masks_are_deterministic():
     assert torch.equal(masks, masks2) and all(torch.equal(a, b) for a, b in zip(crops, crops2))
 
 
+def dino_interpolate_pos_encoding(pos_embed, patch_size, w, h):
+    """The official iBOT / DINO VisionTransformer.interpolate_pos_encoding(x, w, h), written out for pos_embed
+    (1, 1+N, D) and an input of w x h pixels (w the first spatial dimension, as `B, nc, w, h = x.shape` there)."""
+    N = pos_embed.shape[1] - 1
+    dim = pos_embed.shape[-1]
+    w0, h0 = w // patch_size + 0.1, h // patch_size + 0.1
+    patch_pos_embed = torch.nn.functional.interpolate(
+        pos_embed[:, 1:].reshape(1, int(math.sqrt(N)), int(math.sqrt(N)), dim).permute(0, 3, 1, 2),
+        scale_factor=(w0 / math.sqrt(N), h0 / math.sqrt(N)), mode='bicubic')
+    assert int(w0) == patch_pos_embed.shape[-2] and int(h0) == patch_pos_embed.shape[-1]
+    patch_pos_embed = patch_pos_embed.permute(0, 2, 3, 1).view(1, -1, dim)
+    return torch.cat((pos_embed[:, :1], patch_pos_embed), dim=1)
+
+
+def test_local_crop_position_embedding_is_the_official_scale_factor_form():
+    torch.manual_seed(0)
+    pe = torch.randn(1, 1 + 196, 24) * 0.02  # a 14 x 14 grid, as ViT-B/16 at 224 px; local crops 96 px -> 6 x 6
+    want = dino_interpolate_pos_encoding(pe, 16, 96, 96)
+    got = vit.interpolate_pos_embed(pe, (6, 6), dino_scale=True)
+    assert got.shape == (1, 37, 24) and torch.allclose(got, want, atol=1e-7)
+    size_form = vit.interpolate_pos_embed(pe, (6, 6))  # the size= form (fine-tuning) gives other values
+    assert (size_form - want)[:, 1:].pow(2).mean().sqrt() > 1e-3
+    assert torch.equal(vit.interpolate_pos_embed(pe, (14, 14), dino_scale=True), pe)  # global crops: unchanged
+    # iBOT's backbone uses it for its local crops: embed = patch embedding + the official embedding (4 x 4 -> 2 x 2)
+    model = ibot.iBOT(tiny_cfg())
+    bb = model.backbone
+    with torch.no_grad():
+        bb.pos_embed.normal_(std=0.02)
+        x = torch.randn(3, 3, 16, 16)
+        want = bb.patch_embed(x) + dino_interpolate_pos_encoding(bb.pos_embed, 8, 16, 16)[:, 1:]
+        assert torch.allclose(bb.embed(x), want, atol=1e-6)
+    assert not vit.vit('tiny', img_size=32, patch_size=8).dino_interp  # fine-tuning / evaluation: the size= form
+
+
 # ----------------------------------------------------------------------------- losses
 
 
@@ -188,6 +222,34 @@ def test_center_update_across_two_gloo_ranks_equals_concatenated_batch(tmp_path)
     for r in range(2):
         got = torch.load(f'{out}.{r}')
         assert torch.allclose(got[0], want[0], atol=1e-6) and torch.allclose(got[1], want[1], atol=1e-6)
+
+
+def test_main_centers_are_the_mean_over_teacher_rows(tmp_path, monkeypatch):
+    """Two real steps of main() (2 images x 2 micro-batches each): the centers after them equal
+    c2 = m c1 + (1 - m) mean2 with c1 = (1 - m) mean1 (c0 = 0), each mean taken over *all* teacher rows of the
+    step, 2 global crops x 2 images x 2 micro-batches = 8 rows (official iBOTLoss.update_center), for [CLS] and
+    for the patches (mean over every patch of those rows). Dividing by the number of images instead gives 2x."""
+    seen = []
+    loss_fn = ibot.ibot_loss
+
+    def recording_loss(s_cls, s_patch, t_cls, t_patch, *rest):
+        seen.append((t_cls.detach().clone(), t_patch.detach().clone()))
+        return loss_fn(s_cls, s_patch, t_cls, t_patch, *rest)
+
+    monkeypatch.setattr(ibot, 'ibot_loss', recording_loss)
+    m = 0.8
+    ck = load_ckpt(run(tmp_path, 'centers', '--batch_size', '2', '--accum_iter', '2', '--max_steps', '2',
+                       '--center_momentum', str(m), '--lr', '1e-3', '--warmup_epochs', '0'))
+    assert len(seen) == 4 and all(t.shape == (4, 64) for t, _ in seen)  # 4 micro-batches of 2 crops x 2 images
+    c, cp = torch.zeros(64), torch.zeros(64)
+    for step in (seen[:2], seen[2:]):
+        t_cls = torch.cat([t for t, _ in step])  # (8, K): every teacher row of the step
+        t_patch = torch.cat([t for _, t in step])  # (8, L, K)
+        c = m * c + (1 - m) * t_cls.mean(0)
+        cp = m * cp + (1 - m) * t_patch.mean((0, 1))
+    assert torch.allclose(ck['center'].view(-1), c, atol=1e-5)
+    assert torch.allclose(ck['center_patch'].view(-1), cp, atol=1e-5)
+    assert not torch.allclose(c, 2 * c, atol=1e-3)  # the test tells the two divisors apart
 
 
 # ----------------------------------------------------------------------------- schedules, clipping, EMA
@@ -316,6 +378,25 @@ def test_two_ranks_with_accumulation_equal_one_process(tmp_path):
             # summation order; all but a few agree to 1e-5
             d = (a - b).abs()
             assert d.max() <= 2 * 1e-3 and (d > 1e-5).float().mean() < 0.01, (part, k)
+
+
+def test_separate_student_patch_head_teacher_still_shares(tmp_path):
+    """--shared_head false: the student has its own patch layer (last_layer2), the teacher's head stays shared
+    (official shared_head_teacher), starting from the student's last_layer2 and following the EMA of the student's
+    [CLS] last_layer. One real step of main(); in epoch 0 (--freeze_last_layer 1) the student's last layers do not
+    move, so the teacher's layer is m * last_layer2 + (1 - m) * last_layer of the saved student, m = 0.996."""
+    ck = load_ckpt(run(tmp_path, 'sep', '--shared_head', 'false', '--batch_size', '4', '--max_steps', '1',
+                       '--lr', '1e-3', '--warmup_epochs', '0'))
+    s, t = ck['model'], ck['teacher']
+    assert not torch.equal(s['head.last_layer.weight_v'], s['head.last_layer2.weight_v'])  # the student: separate
+    assert torch.equal(t['head.last_layer.weight_v'], t['head.last_layer2.weight_v'])  # the teacher: one layer
+    want = 0.996 * s['head.last_layer2.weight_v'] + 0.004 * s['head.last_layer.weight_v']
+    assert torch.allclose(t['head.last_layer.weight_v'], want, atol=1e-7)
+    model = ibot.iBOT(tiny_cfg(shared_head=False))
+    teacher = ibot.build_teacher(model)
+    assert teacher.head.last_layer is teacher.head.last_layer2 and model.head.last_layer is not model.head.last_layer2
+    assert all(b.drop_path == 0.0 for b in teacher.backbone.blocks) and not any(p.requires_grad
+                                                                                for p in teacher.parameters())
 
 
 def test_explicit_zero_is_not_replaced_by_the_embedded_default():

@@ -68,6 +68,34 @@ def test_mask_ratio_below_half_rejected(capsys):
     assert lut.get_config(['--mask_ratio', '0.5']).mask_ratio == 0.5
 
 
+def test_param_groups_decay_tokens_not_biases_or_norms():
+    """Official pre-training (timm add_weight_decay, no skip list): only biases and 1-D params (LN, BN) are exempt;
+    [CLS] and mask tokens are decayed; the fixed sin-cos position embeddings are not trained at all."""
+    m = tiny_model()
+    decay, no_decay = lut.param_groups(m, 0.05)
+    names = {id(p): n for n, p in m.named_parameters()}
+    nd = {names[id(p)] for p in no_decay['params']}
+    d = {names[id(p)] for p in decay['params']}
+    assert {'mask_token', 'encoder.cls_token', 'head.0.weight', 'predictor.3.weight'} <= d
+    assert {'encoder.blocks.0.norm1.weight', 'decoder_embed.bias', 'head.1.weight', 'head.1.bias'} <= nd  # head.1: BN
+    assert not {'encoder.pos_embed', 'decoder_pos_embed'} & (d | nd)
+    assert all(p.ndim <= 1 for p in no_decay['params']) and all(p.ndim >= 2 for p in decay['params'])
+    assert decay['weight_decay'] == 0.05 and no_decay['weight_decay'] == 0.0
+
+
+def test_head_and_predictor_xavier_init():
+    """Every Linear of the head and predictor is xavier-uniform (official models_lut.py): U(-a, a) with
+    a = sqrt(6 / (fan_in + fan_out)), std a / sqrt(3). torch's default (a = 1 / sqrt(fan_in)) gives std 0.042 for
+    the D -> Dh layer and 0.072 for Dh -> D here (D 192, Dh 64), xavier 0.088 for both."""
+    torch.manual_seed(0)
+    m = tiny_model()
+    for name in ('head.0', 'head.3', 'predictor.0', 'predictor.3'):
+        w = m.get_submodule(name).weight.detach()
+        a = math.sqrt(6 / sum(w.shape))
+        assert w.abs().max() <= a and abs(w.std().item() / (a / math.sqrt(3)) - 1) < 0.05, name
+        assert m.get_submodule(name).bias is None
+
+
 @pytest.mark.parametrize('args,msg', [(['--crop', 'zoom'], '--crop must be src or rrc'),
                                       (['--w_bc', '-0.5'], '--w_bc'),
                                       (['--no_such_flag', '1'], 'unrecognized arguments')])
@@ -76,6 +104,21 @@ def test_bad_input_one_clear_line(args, msg, capsys):
         lut.get_config(args)
     err = capsys.readouterr().err
     assert msg in err and 'Traceback' not in err
+
+
+def test_printed_lr_follows_the_official_square_root_rule(tmp_path, capsys):
+    """Official main_lut.py: lr = blr * sqrt(effective batch) / 4 (the linear rule is commented out there). Effective
+    batch 4 x 2 micro-batches = 8: 1e-3 * sqrt(8) / 4 = 7.07e-4 (the linear rule would give 3.1e-5)."""
+    out = run(tmp_path / 'lr', '--batch_size', '4', '--accum_iter', '2', '--max_steps', '1', '--blr', '1e-3',
+              '--warmup_epochs', '0')
+    cfg = json.loads(next(l for l in capsys.readouterr().out.splitlines() if l.startswith('{')))
+    want = 1e-3 * math.sqrt(8) / 4
+    assert cfg['effective_batch'] == 8 and cfg['lr'] == pytest.approx(want, rel=1e-12)
+    log = [json.loads(l) for l in open(os.path.join(out, 'log.jsonl'))]
+    assert log[0]['lr'] == pytest.approx(want, rel=1e-12)  # no warm-up: step 0 runs at the peak lr
+    # the recipe's blr 1.5e-4 gives MAE's 2.4e-3 at batch 4096; the embedded default shares that blr (3e-4 at 64)
+    assert lut.get_config([]).blr == lut.get_config(['--data', '/some/imagenet']).blr == 1.5e-4
+    assert 1.5e-4 * math.sqrt(4096) / 4 == pytest.approx(1.5e-4 * 4096 / 256)
 
 
 def test_w_bc_default_by_model():

@@ -79,15 +79,21 @@ def test_lr_schedule():
     assert abs(mae.lr_at(110, 1.0, 0.1, 10, 110) - 0.1) < 1e-9
 
 
-def test_param_groups_no_decay_on_bias_norm_tokens():
+def test_param_groups_no_decay_on_bias_and_norms_only():
+    """Official MAE pre-training (timm add_weight_decay, no skip list): only biases and 1-D params are exempt; the
+    [CLS] and mask tokens are decayed; the fixed sin-cos position embeddings are not trained at all."""
     cfg = SimpleNamespace(model='tiny', img_size=32, patch_size=8, decoder_dim=32, decoder_depth=1, decoder_heads=2)
     m = mae.MAE(cfg)
     decay, no_decay = mae.param_groups(m, 0.05)
     names = {id(p): n for n, p in m.named_parameters()}
     nd = {names[id(p)] for p in no_decay['params']}
-    assert 'mask_token' in nd and 'encoder.cls_token' in nd and 'encoder.blocks.0.norm1.weight' in nd
-    assert 'encoder.blocks.0.attn.qkv.bias' in nd and 'encoder.pos_embed' not in nd  # fixed: not trained at all
-    assert all(p.ndim == 2 or p.ndim == 4 for p in decay['params']) and no_decay['weight_decay'] == 0.0
+    d = {names[id(p)] for p in decay['params']}
+    assert {'mask_token', 'encoder.cls_token', 'encoder.patch_embed.proj.weight', 'decoder_pred.weight'} <= d
+    assert {'encoder.blocks.0.norm1.weight', 'encoder.blocks.0.attn.qkv.bias', 'decoder_norm.bias'} <= nd
+    assert not {'encoder.pos_embed', 'decoder_pos_embed'} & (d | nd)  # fixed: not trained at all
+    assert all(p.ndim <= 1 for p in no_decay['params']) and all(p.ndim >= 2 for p in decay['params'])
+    assert d | nd == {n for n, p in m.named_parameters() if p.requires_grad}
+    assert decay['weight_decay'] == 0.05 and no_decay['weight_decay'] == 0.0
 
 
 def test_short_run_lowers_loss_and_writes_outputs(tmp_path):
