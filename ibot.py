@@ -21,10 +21,10 @@ D encoder width, K prototypes (out_dim).
 import argparse
 import copy
 import dataclasses
+import inspect
 import json
 import math
 import os
-import random
 import sys
 import time
 from contextlib import nullcontext
@@ -43,107 +43,149 @@ import vit
 METHOD = 'ibot'
 
 # -----------------------------------------------------------------------------
-# config: typed defaults, one comment each; 0 / '' = pick by data (embedded CPU default or the paper recipe)
+# config: typed defaults, one comment each (the comment is the flag's --help); 0 / '' / -1 = picked by --data
 
 
 @dataclass
 class Config:
-    data: str = ''             # image folder (ImageNet layout: DIR/train/<class>/*.jpg) or '' for the embedded shapes
-    model: str = ''            # mini|tiny|small|base|large|huge; '' = tiny on embedded data, base on a folder
-    img_size: int = 0          # global crop resolution; 0 = 64 embedded, 224 folder
-    local_size: int = 0        # local crop resolution; 0 = 32 embedded, 96 folder
-    patch_size: int = 0        # 0 = 8 embedded, the model's own (16, 14 for huge) on a folder
-    local_crops_number: int = -1  # local crops per image; -1 = 2 embedded, 10 folder (recipe)
+    data: str = ''             # '' = embedded shapes; fashion-mnist | mnist | idx:DIR; or an image folder
+    model: str = ''            # ViT size: mini|tiny|small|base|large|huge
+    img_size: int = 0          # global crop resolution in pixels
+    local_size: int = 0        # local crop resolution in pixels
+    patch_size: int = 0        # patch side in pixels; 0 on a folder = the model's own (16, 14 for huge)
+    local_crops_number: int = -1  # local crops per image
     global_scale_min: float = 0.25  # global crops: RandomResizedCrop scale (this, 1)
     local_scale_min: float = 0.05   # local crops: scale (this, global_scale_min)
     pred_ratio: float = 0.3    # mean fraction of masked patches of a masked global crop
     pred_ratio_var: float = 0.2  # the fraction is drawn from U(pred_ratio - var, pred_ratio + var)
     no_mask_prob: float = 0.5  # each global crop is left unmasked with this probability (recipe: --pred_ratio 0 0.3)
     pred_start_epoch: int = 0  # no masking (and patch temperature held at its start) before this epoch
-    out_dim: int = 0           # K prototypes of the head; 0 = 1024 embedded, 8192 folder
-    head_hidden: int = 0       # width of the head's 3-layer MLP; 0 = 512 embedded, 2048 folder
+    out_dim: int = 0           # K prototypes of the head
+    head_hidden: int = 0       # width of the head's 3-layer MLP
     shared_head: bool = True   # [CLS] and patch tokens share the head's last layer (recipe: true)
     norm_last_layer: bool = True  # freeze the weight-norm gain g = 1 (recipe: true ViT-B, false ViT-S)
     freeze_last_layer: int = 1  # epochs during which the last layer gets no update
     drop_path: float = 0.1     # stochastic depth of the student (the teacher has none)
-    momentum_teacher: float = 0.996  # EMA momentum at step 0, cosine to 1 at the end
+    ema_momentum: float = 0.996  # EMA momentum of the teacher at step 0, half cosine to 1 at the end
     center_momentum: float = 0.9  # EMA momentum of the [CLS] and patch centers
     student_temp: float = 0.1  # student softmax temperature
     warmup_teacher_temp: float = 0.04  # teacher [CLS] temperature at epoch 0 ...
     teacher_temp: float = 0.07  # ... rising linearly to this (recipe 0.07; above 0.07 is unstable)
     warmup_teacher_patch_temp: float = 0.04  # teacher patch temperature at epoch 0 ...
     teacher_patch_temp: float = 0.07  # ... rising linearly to this
-    warmup_teacher_temp_epochs: int = -1  # epochs of both temperature warm-ups; -1 = 2 embedded, 30 folder
+    warmup_teacher_temp_epochs: int = -1  # epochs of both temperature warm-ups
     lambda1: float = 1.0       # weight of L_CLS
     lambda2: float = 1.0       # weight of L_MIM
-    epochs: int = 0            # 0 = 2 embedded, 400 folder
-    batch_size: int = 0        # per process; 0 = 32 embedded, 128 folder (1024 on 8 GPUs)
-    accum_iter: int = 1        # gradient accumulation steps (effective batch = batch_size * accum_iter * world)
-    blr: float = 0.0           # base lr, lr = blr * effective_batch / 256; 0 = 5e-4 folder (recipe), 2e-3 embedded
-    lr: float = 0.0            # absolute lr; overrides blr when > 0
+    epochs: int = 0            # pre-training epochs
+    batch_size: int = 0        # per process (effective batch = batch_size * accum_iter * processes)
+    accum_iter: int = 1        # gradient accumulation: micro-batches per optimizer step
+    blr: float = 0.0           # base learning rate: lr = blr * effective_batch / 256
+    lr: float = 0.0            # absolute learning rate; overrides blr when > 0
     min_lr: float = 1e-6       # end of the cosine schedule
-    warmup_epochs: float = -1  # linear lr warm-up; -1 = 0.5 embedded, 10 folder
+    warmup_epochs: float = -1  # linear warm-up from 0, in epochs
     weight_decay: float = 0.04  # AdamW weight decay at step 0 (none on biases and 1-D params) ...
     weight_decay_end: float = 0.4  # ... cosine to this at the end
     clip_grad: float = 3.0     # max L2 norm of each parameter's gradient (per tensor, as the recipe); 0 = off
     out_dir: str = 'out/ibot'  # checkpoint.pt, log.jsonl
-    resume: str = ''           # '' fresh, 'auto' = out_dir/checkpoint.pt if present, or a path
-    save_every: int = 500      # steps between checkpoints (always saved at the end)
+    resume: str = ''           # '' fresh; 'auto' = out_dir/checkpoint.pt if present; or a checkpoint path
+    save_every: int = 0        # optimizer steps between checkpoints; 0 = once per epoch (always at the end)
     dtype: str = ''            # bf16|fp16|fp32; '' = bf16 on CUDA, fp32 on CPU
-    compile: bool = False      # torch.compile student and teacher
-    seed: int = 0              # data order, augmentation and masks are pure functions of (seed, epoch, index)
-    num_workers: int = -1      # loader workers per process; -1 = 2 embedded, 10 folder
-    log_every: int = 20        # steps between log lines (the only host syncs)
-    max_steps: int = 0         # stop after this many optimizer steps (0 = run all epochs); schedule unchanged
-    device: str = ''           # cuda|cpu|cuda:N; '' = cuda if available
+    compile: bool = False      # torch.compile student and teacher (eager is what the tests run)
+    seed: int = 0              # data order, augmentation, masks and drop path are pure functions of (seed, step)
+    num_workers: int = -1      # loader workers per process, capped at the CPUs this process may use
+    log_every: int = 20        # optimizer steps between log lines (the only host syncs)
+    max_steps: int = 0         # stop after this many optimizer steps (0 = all epochs); the schedule is unchanged
+    device: str = ''           # cuda|cuda:N|cpu; '' = cuda if available
 
 
-EMBEDDED = dict(model='tiny', img_size=64, local_size=32, patch_size=8, local_crops_number=2, out_dim=1024,
-                head_hidden=512, warmup_teacher_temp_epochs=2, epochs=2, batch_size=32, blr=2e-3, warmup_epochs=0.5,
-                num_workers=2)
-RECIPE = dict(model='base', img_size=224, local_size=96, patch_size=0, local_crops_number=10, out_dim=8192,
-              head_hidden=2048, warmup_teacher_temp_epochs=30, epochs=400, batch_size=128, blr=5e-4, warmup_epochs=10,
-              num_workers=10)
+# what 0 / '' / -1 resolve to: the embedded shapes (CPU, minutes), the small idx datasets (the README's CPU-scale
+# Results protocol), an image folder (the paper's recipe: ViT-B/16, 400 epochs, batch 1024, 2 + 10 crops)
+REGIMES = {
+    'embedded': dict(model='tiny', img_size=64, local_size=32, patch_size=8, local_crops_number=2, out_dim=1024,
+                     head_hidden=512, warmup_teacher_temp_epochs=2, epochs=2, batch_size=32, blr=2e-3,
+                     warmup_epochs=0.5, num_workers=2),
+    'small': dict(model='mini', img_size=32, local_size=16, patch_size=4, local_crops_number=2, out_dim=1024,
+                  head_hidden=512, warmup_teacher_temp_epochs=1, epochs=1, batch_size=128, blr=2e-3,
+                  warmup_epochs=0.1, num_workers=2),
+    'folder': dict(model='base', img_size=224, local_size=96, patch_size=0, local_crops_number=10, out_dim=8192,
+                   head_hidden=2048, warmup_teacher_temp_epochs=30, epochs=400, batch_size=128, blr=5e-4,
+                   warmup_epochs=10, num_workers=10),
+}
 ARCH_KEYS = ('model', 'img_size', 'patch_size', 'out_dim', 'head_hidden', 'shared_head')  # must match on resume
 
 
+def field_help(cls):
+    """{field name: its '# comment'} from the dataclass source (a comment may go on over '#' lines below it), so the
+    comment is the one place a knob is described."""
+    try:
+        lines = inspect.getsource(cls).splitlines()
+    except (OSError, TypeError):  # no source at hand (frozen app): flags keep their defaults as help
+        return {}
+    out, name = {}, None
+    for line in lines:
+        code, sep, comment = line.partition('# ')
+        if sep and not code.strip() and name:  # a continuation line of the previous field's comment
+            out[name] += ' ' + comment.strip()
+            continue
+        name = code.split(':')[0].strip() if sep and ':' in code and '=' in code else None
+        if name:
+            out[name] = comment.strip()
+    return out
+
+
 def get_config(argv=None):
-    """argparse from the dataclass (unknown flags rejected), then fill the data-dependent defaults."""
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    """argparse from Config (the field comments are the help; unknown flags are rejected), then the defaults left
+    at 0 / '' / -1 are filled from the regime of --data (REGIMES) and check_config validates the result."""
+    def boolean(s):
+        if s.lower() not in ('1', 'true', 'yes', 'on', '0', 'false', 'no', 'off'):
+            raise argparse.ArgumentTypeError(f'expected true or false, got {s!r}')
+        return s.lower() in ('1', 'true', 'yes', 'on')
+    helps = field_help(Config)
+    p = argparse.ArgumentParser(description=__doc__, epilog=data.REGIME_HELP,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     for f in dataclasses.fields(Config):
-        if f.type is bool:
-            p.add_argument(f'--{f.name}', type=lambda s: s.lower() in ('1', 'true', 'yes', 'on'), default=f.default,
-                           metavar='BOOL', help=f'(default {f.default})')
-        else:
-            p.add_argument(f'--{f.name}', type=f.type, default=f.default, help=f'(default {f.default!r})')
+        picked = '; '.join(f'{r} {v[f.name]!r}' for r, v in REGIMES.items() if f.name in v)
+        default = f'default {f.default!r}' + (f' = picked by --data: {picked}' if picked else '')
+        p.add_argument(f'--{f.name}', type=boolean if f.type is bool else f.type, default=f.default,
+                       metavar='BOOL' if f.type is bool else f.name.upper(),
+                       help=f'{helps.get(f.name, "")} ({default})'.replace('%', '%%'))
     cfg = Config(**vars(p.parse_args(argv)))
-    for k, v in (EMBEDDED if cfg.data in ('', 'shapes') else RECIPE).items():
+    for k, v in REGIMES[data.regime(cfg.data)].items():
         if getattr(cfg, k) == Config.__dataclass_fields__[k].default:  # left at its 'pick by data' default
             setattr(cfg, k, v)
-    if cfg.patch_size == 0:
-        cfg.patch_size = vit.SIZES[cfg.model][3] if cfg.model in vit.SIZES else 16
     if cfg.model not in vit.SIZES:
-        p.error(f'--model must be one of {", ".join(vit.SIZES)}')
-    for name in ('img_size', 'local_size'):
-        if getattr(cfg, name) % cfg.patch_size:
-            p.error(f'--{name} {getattr(cfg, name)} is not divisible by --patch_size {cfg.patch_size}')
+        p.error(f'--model must be one of {", ".join(vit.SIZES)}, got {cfg.model!r}')
+    if cfg.patch_size == 0:
+        cfg.patch_size = vit.SIZES[cfg.model][3]
+    if cfg.img_size % cfg.patch_size:
+        p.error(f'--img_size {cfg.img_size} is not divisible by --patch_size {cfg.patch_size}')
+    if cfg.dtype not in ('', 'bf16', 'fp16', 'fp32'):
+        p.error(f'--dtype must be bf16, fp16 or fp32, got {cfg.dtype!r}')
+    if min(cfg.epochs, cfg.batch_size, cfg.accum_iter, cfg.log_every) < 1 or cfg.save_every < 0:
+        p.error('--epochs, --batch_size, --accum_iter and --log_every must be >= 1, --save_every >= 0')
+    cfg.num_workers = data.default_workers(cfg.num_workers)
+    check_config(cfg, p.error)
+    return cfg
+
+
+def check_config(cfg, error):
+    """iBOT's own checks, after the defaults are filled; error(msg) exits with the usage line."""
+    if cfg.local_size % cfg.patch_size:
+        error(f'--local_size {cfg.local_size} is not divisible by --patch_size {cfg.patch_size}')
     if cfg.local_crops_number < 0:
-        p.error(f'--local_crops_number must be >= 0, got {cfg.local_crops_number}')
+        error(f'--local_crops_number must be >= 0, got {cfg.local_crops_number}')
     if not 0.0 < cfg.local_scale_min < cfg.global_scale_min < 1.0:
-        p.error('need 0 < --local_scale_min < --global_scale_min < 1')
+        error('need 0 < --local_scale_min < --global_scale_min < 1')
     if not 0.0 <= cfg.pred_ratio - cfg.pred_ratio_var <= cfg.pred_ratio + cfg.pred_ratio_var < 1.0:
-        p.error(f'--pred_ratio +- --pred_ratio_var must lie in [0, 1), got {cfg.pred_ratio} +- {cfg.pred_ratio_var}')
+        error(f'--pred_ratio +- --pred_ratio_var must lie in [0, 1), got {cfg.pred_ratio} +- {cfg.pred_ratio_var}')
     if not 0.0 <= cfg.no_mask_prob <= 1.0:
-        p.error(f'--no_mask_prob must be in [0, 1], got {cfg.no_mask_prob}')
+        error(f'--no_mask_prob must be in [0, 1], got {cfg.no_mask_prob}')
     temps = (cfg.student_temp, cfg.teacher_temp, cfg.warmup_teacher_temp, cfg.teacher_patch_temp,
              cfg.warmup_teacher_patch_temp)
     if min(temps) <= 0:
-        p.error('temperatures must be > 0')
+        error('temperatures must be > 0')
     if cfg.out_dim < 1 or cfg.head_hidden < 1:
-        p.error('--out_dim and --head_hidden must be >= 1')
-    if cfg.dtype not in ('', 'bf16', 'fp16', 'fp32'):
-        p.error('--dtype must be bf16, fp16 or fp32')
-    return cfg
+        error('--out_dim and --head_hidden must be >= 1')
 
 # -----------------------------------------------------------------------------
 # model: ViT backbone with a mask token + iBOT head (paper sec. 3.2, official models/head.py)
@@ -296,6 +338,16 @@ def ibot_loss(s_cls, s_patch, t_cls, t_patch, mask, center, center_patch, temps,
     return lambdas[0] * l_cls + lambdas[1] * l_mim, stats
 
 
+class Centers(nn.Module):
+    """The teacher's [CLS] center (1, K) and patch center (1, 1, K) (official iBOTLoss buffers), set by
+    update_centers after each step; saved and restored with the checkpoint."""
+
+    def __init__(self, K):
+        super().__init__()
+        self.register_buffer('center', torch.zeros(1, K))
+        self.register_buffer('center_patch', torch.zeros(1, 1, K))
+
+
 def center_sums(t_cls, t_patch):
     """Sums over the N teacher rows (both global crops of every image) of the raw teacher outputs: t_cls (N, K),
     t_patch (N, L, K) -> (2, K): [CLS] sum and the sum of per-row means over *all* patches (masked or not)."""
@@ -375,21 +427,80 @@ def clip_per_tensor_(params, max_norm):
     return torch.linalg.vector_norm(torch.stack(norms))
 
 
+def momentum_at(step, base, total_steps):
+    """EMA momentum after optimizer step `step`: 1 - (1 - base) (1 + cos(pi step / T)) / 2, base at 0, 1 at T."""
+    return 1.0 - (1.0 - base) * 0.5 * (1.0 + math.cos(math.pi * min(step / max(1, total_steps), 1.0)))
+
+
 @torch.no_grad()
-def ema_update(teacher, student, momentum):
-    """theta_t <- m theta_t + (1 - m) theta_s over the parameters both have by name (official names_common): all of
-    them, except the student's separate patch layer last_layer2 under --shared_head false (see build_teacher)."""
-    s = dict(student.named_parameters())
-    pairs = [(p, s[n]) for n, p in teacher.named_parameters() if n in s]
-    torch._foreach_lerp_([t for t, _ in pairs], [q for _, q in pairs], 1.0 - momentum)
+def ema_update(teacher, student, m):
+    """teacher <- m teacher + (1 - m) student over the parameters and floating buffers (BN running statistics) the
+    two share by name (official names_common), one fused multi-tensor lerp; integer buffers (BN
+    num_batches_tracked) are copied. m = 0 copies, m = 1 keeps."""
+    s = {**dict(student.named_parameters()), **dict(student.named_buffers())}
+    pairs = [(t, s[n]) for n, t in [*teacher.named_parameters(), *teacher.named_buffers()] if n in s]
+    floats = [(t, o) for t, o in pairs if t.is_floating_point()]
+    torch._foreach_lerp_([t for t, _ in floats], [o for _, o in floats], 1.0 - m)
+    for t, o in pairs:
+        if not t.is_floating_point():
+            t.copy_(o)
+
+
+def schedules(step, cfg, base_lr, warmup_steps, total_steps, steps_per_epoch):
+    """Every scheduled value of optimizer step `step`: per step lr, weight decay and EMA momentum; per epoch the
+    two teacher temperatures, whether the loader's masks apply (--pred_start_epoch) and whether the head's last
+    layer is frozen (--freeze_last_layer)."""
+    epoch = step // steps_per_epoch
+    return {'lr': lr_at(step, base_lr, cfg.min_lr, warmup_steps, total_steps),
+            'wd': cosine_at(step, cfg.weight_decay, cfg.weight_decay_end, total_steps),
+            'momentum': momentum_at(step, cfg.ema_momentum, total_steps),
+            'temp': teacher_temp_at(epoch, cfg.warmup_teacher_temp, cfg.teacher_temp, cfg.warmup_teacher_temp_epochs),
+            'patch_temp': teacher_temp_at(epoch - cfg.pred_start_epoch, cfg.warmup_teacher_patch_temp,
+                                          cfg.teacher_patch_temp, cfg.warmup_teacher_temp_epochs),
+            'masking': int(epoch >= cfg.pred_start_epoch), 'freeze_last_layer': int(epoch < cfg.freeze_last_layer)}
 
 # -----------------------------------------------------------------------------
-# checkpointing
+# distributed, precision, checkpoints (the same block in every nanoMIM script)
 
 
-def rng_state():
-    return {'python': random.getstate(), 'numpy': np.random.get_state(), 'torch': torch.get_rng_state(),
-            'cuda': torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+def resolve_device(flag, local_rank, ddp, cuda_available):
+    """--device -> a device string with an index for CUDA ('cuda' -> 'cuda:LOCAL_RANK'; under torchrun every
+    process takes its own GPU), without touching CUDA."""
+    device = flag or ('cuda' if cuda_available else 'cpu')
+    if device.startswith('cuda') and (ddp or device == 'cuda'):
+        device = f'cuda:{local_rank}'
+    return device
+
+
+def setup_distributed(cfg):
+    """torchrun sets RANK / LOCAL_RANK / WORLD_SIZE; plain `python` runs one process.
+    Returns (ddp, rank, local_rank, world, device)."""
+    ddp = int(os.environ.get('RANK', -1)) != -1
+    rank, local_rank, world = (int(os.environ['RANK']), int(os.environ['LOCAL_RANK']),
+                               int(os.environ['WORLD_SIZE'])) if ddp else (0, 0, 1)
+    device = resolve_device(cfg.device, local_rank, ddp, torch.cuda.is_available())
+    if device.startswith('cuda'):
+        torch.cuda.set_device(device)
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    if ddp:
+        dist.init_process_group(backend='nccl' if device.startswith('cuda') else 'gloo')
+    torch.manual_seed(cfg.seed + rank)
+    return ddp, rank, local_rank, world, device
+
+
+def setup_precision(cfg, device_type):
+    """bf16 autocast by default on CUDA, fp16 autocast with a GradScaler, fp32 on CPU.
+    Returns (dtype name, autocast context, scaler)."""
+    dtype = cfg.dtype or ('bf16' if device_type == 'cuda' else 'fp32')
+    ptdtype = {'bf16': torch.bfloat16, 'fp16': torch.float16, 'fp32': torch.float32}[dtype]
+    autocast = nullcontext() if dtype == 'fp32' else torch.autocast(device_type, dtype=ptdtype)
+    return dtype, autocast, torch.amp.GradScaler(device_type, enabled=dtype == 'fp16')
+
+
+def step_seed(seed, rank, step):
+    """The seed of torch's RNG inside optimizer step `step` (drop path, in-step draws): a function of (seed, rank,
+    step), set after the batch is fetched, so resume == uninterrupted and DDP ranks draw differently."""
+    return seed + 1_000_003 * rank + 7919 * step
 
 
 def save_checkpoint(path, state):
@@ -412,13 +523,90 @@ def load_checkpoint(path, cfg):
         ckpt = torch.load(path, map_location='cpu', weights_only=False)
     except Exception as e:
         sys.exit(f'error: cannot read checkpoint {path} ({type(e).__name__}: {e})')
-    if ckpt.get('method') != METHOD:
-        sys.exit(f'error: {path} is a {ckpt.get("method", "non-nanoMIM")} checkpoint, not {METHOD}')
+    if not isinstance(ckpt, dict) or ckpt.get('method') != METHOD:
+        kind = ckpt.get('method', 'non-nanoMIM') if isinstance(ckpt, dict) else 'non-nanoMIM'
+        sys.exit(f'error: {path} is a {kind} checkpoint, not {METHOD}')
     old = ckpt['config']
     diff = [f'{k}={old.get(k)} (now {getattr(cfg, k)})' for k in ARCH_KEYS if old.get(k) != getattr(cfg, k)]
     if diff:
         sys.exit(f'error: {path} was trained with ' + ', '.join(diff))
     return ckpt
+
+
+def restore(ckpt, stateful):
+    """Load every object of `stateful` ({name: object with load_state_dict}) from ckpt[name]. A GradScaler saved
+    disabled (a bf16 / fp32 run) holds nothing and is skipped, so a run may resume with another --dtype."""
+    for name, obj in stateful.items():
+        if isinstance(obj, torch.amp.GradScaler) and not ckpt[name]:
+            continue
+        obj.load_state_dict(ckpt[name])
+
+
+def log_stats(stats_sum, names, rec, ddp, master, out_dir):
+    """Average the device-side sums of the last steps over processes (the only host sync), stop on a non-finite
+    value before anything is saved, print one line and append it to log.jsonl. rec: step, epoch, n (steps summed),
+    schedules, img/s, eta. Returns the record."""
+    if ddp:
+        dist.all_reduce(stats_sum, op=dist.ReduceOp.AVG)
+    vals = (stats_sum / rec.pop('n')).tolist()
+    rec = {k: v for k, v in rec.items() if isinstance(v, (int, float))}  # scalars only (DTM's morph lists stay out)
+    if not all(math.isfinite(v) for v in vals):
+        print(f'error: non-finite loss by step {rec["step"]} ({dict(zip(names, vals))}); nothing saved',
+              file=sys.stderr)
+        sys.exit(2)
+    rec = {**rec, **dict(zip(names, vals))}
+    if master:
+        keys = list(names) + [k for k in rec if k not in (*names, 'step', 'end_step', 'epoch', 'img_per_s', 'eta_min')]
+        print(f"step {rec['step']}/{rec['end_step']} ep {rec['epoch']:.2f} " +
+              ' '.join(f'{k} {rec[k]:.4g}' for k in keys) +
+              f" {rec['img_per_s']:.0f} img/s eta {rec['eta_min']:.1f} min", flush=True)
+        with open(os.path.join(out_dir, 'log.jsonl'), 'a') as f:
+            f.write(json.dumps(rec) + '\n')
+    return rec
+
+# -----------------------------------------------------------------------------
+# one training step (what main() runs and bench.py times)
+
+STATS = ('loss', 'cls', 'mim', 't_entropy', 'kl', 'grad_norm')  # what train_step returns, summed between log lines
+
+
+def train_step(fwd, model, teacher, centers, optimizer, scaler, autocast, batches, sched, cfg):
+    """One optimizer step: on each micro-batch the teacher on the unmasked global crops, the student on the masked
+    global crops and the local crops, L = lambda1 L_CLS + lambda2 L_MIM (fp32, outside autocast), backward
+    (gradients accumulate; under DDP all-reduced on the last micro-batch only); then the frozen last layer, the
+    per-tensor clip, the optimizer step, the scaler update, the teacher's EMA and the centers, from this step's
+    teacher rows over all micro-batches and ranks. batches: accum_iter x (globals_ (G*B, 3, H, W) view-major,
+    locals_ (n*B, 3, h, w) or None, mask (G*B, L) bool) on the device. Returns STATS (on the device, no sync)."""
+    for g in optimizer.param_groups:
+        g['lr'] = sched['lr']
+    optimizer.param_groups[0]['weight_decay'] = sched['wd']
+    stats_sum, sums, rows = 0.0, 0.0, 0  # rows: teacher rows of this step here (2 global crops per image)
+    for i, (globals_, locals_, mask) in enumerate(batches):
+        mask = mask if sched['masking'] else torch.zeros_like(mask)  # before --pred_start_epoch: no masking
+        sync = fwd.no_sync() if isinstance(fwd, DDP) and i < len(batches) - 1 else nullcontext()
+        with sync:
+            with autocast:
+                with torch.no_grad():
+                    t_cls, t_patch = teacher(globals_)  # (G*B, K), (G*B, L, K): unmasked globals only
+                s_cls, s_patch = fwd(globals_, locals_, mask)  # (V*B, K), (G*B, L, K)
+            loss, stats = ibot_loss(s_cls, s_patch, t_cls, t_patch, mask, centers.center, centers.center_patch,
+                                    (sched['temp'], sched['patch_temp']), cfg.student_temp, (cfg.lambda1, cfg.lambda2))
+            scaler.scale(loss / len(batches)).backward()
+        sums = sums + center_sums(t_cls, t_patch)  # (2, K)
+        rows += t_cls.shape[0]
+        stats_sum = stats_sum + torch.cat([loss.detach()[None], stats]) / len(batches)
+    scaler.unscale_(optimizer)
+    if sched['freeze_last_layer']:
+        cancel_last_layer_grads(model)
+    grad_norm = clip_per_tensor_(model.parameters(), cfg.clip_grad)
+    scaler.step(optimizer)
+    scaler.update()
+    optimizer.zero_grad(set_to_none=True)
+    ema_update(teacher, model, sched['momentum'])
+    centers.center, centers.center_patch = update_centers(centers.center, centers.center_patch, sums, rows,
+                                                          cfg.center_momentum)
+    return torch.cat([stats_sum, grad_norm.float()[None]])
+
 
 # -----------------------------------------------------------------------------
 # training
@@ -426,27 +614,10 @@ def load_checkpoint(path, cfg):
 
 def main(argv=None):
     cfg = get_config(argv)
-
-    # distributed: torchrun sets RANK/LOCAL_RANK/WORLD_SIZE; plain `python` runs one process
-    ddp = int(os.environ.get('RANK', -1)) != -1
-    rank, local_rank, world = (int(os.environ['RANK']), int(os.environ['LOCAL_RANK']),
-                               int(os.environ['WORLD_SIZE'])) if ddp else (0, 0, 1)
-    device = cfg.device or ('cuda' if torch.cuda.is_available() else 'cpu')
-    if device.startswith('cuda'):
-        device = f'cuda:{local_rank}' if ddp else device
-        torch.cuda.set_device(device)
-    if ddp:
-        dist.init_process_group(backend='nccl' if device.startswith('cuda') else 'gloo')
+    ddp, rank, local_rank, world, device = setup_distributed(cfg)
     master = rank == 0
     device_type = 'cuda' if device.startswith('cuda') else 'cpu'
-    torch.manual_seed(cfg.seed + rank)
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
-
-    # precision: bf16 autocast by default on CUDA, fp16 with a GradScaler, fp32 on CPU
-    dtype = cfg.dtype or ('bf16' if device_type == 'cuda' else 'fp32')
-    ptdtype = {'bf16': torch.bfloat16, 'fp16': torch.float16, 'fp32': torch.float32}[dtype]
-    autocast = nullcontext() if dtype == 'fp32' else torch.autocast(device_type, dtype=ptdtype)
-    scaler = torch.amp.GradScaler(device_type, enabled=dtype == 'fp16')
+    dtype, autocast, scaler = setup_precision(cfg, device_type)
 
     # data
     try:
@@ -461,139 +632,82 @@ def main(argv=None):
     steps_per_epoch = sampler.batches_per_epoch() // cfg.accum_iter
     total_steps = cfg.epochs * steps_per_epoch
     end_step = min(total_steps, cfg.max_steps) if cfg.max_steps > 0 else total_steps
+    save_every = cfg.save_every or steps_per_epoch
     eff_batch = cfg.batch_size * cfg.accum_iter * world
     base_lr = cfg.lr if cfg.lr > 0 else cfg.blr * eff_batch / 256
     warmup_steps = int(cfg.warmup_epochs * steps_per_epoch)
 
-    # model, optimizer; the teacher is a plain module (never DDP), updated only by EMA
+    # model, teacher (a plain module, never DDP-wrapped, updated only by EMA), centers, optimizer
     model = iBOT(cfg, drop_path=cfg.drop_path).to(device)
     teacher = build_teacher(model)
-    K = cfg.out_dim
-    center = torch.zeros(1, K, device=device)
-    center_patch = torch.zeros(1, 1, K, device=device)
+    centers = Centers(cfg.out_dim).to(device)
     optimizer = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=base_lr, fused=device_type == 'cuda',
                                   foreach=device_type != 'cuda')
+    stateful = {'model': model, 'teacher': teacher, 'centers': centers, 'optimizer': optimizer,
+                'scaler': scaler}  # what a checkpoint restores
     step = 0
     resume = os.path.join(cfg.out_dir, 'checkpoint.pt') if cfg.resume == 'auto' else cfg.resume
     if resume and not (cfg.resume == 'auto' and not os.path.exists(resume)):
         ckpt = load_checkpoint(resume, cfg)
-        model.load_state_dict(ckpt['model'])
-        teacher.load_state_dict(ckpt['teacher'])
-        center, center_patch = ckpt['center'].to(device), ckpt['center_patch'].to(device)
-        optimizer.load_state_dict(ckpt['optimizer'])
-        scaler.load_state_dict(ckpt['scaler'])
+        restore(ckpt, stateful)
         step = ckpt['step']  # every schedule is a function of the step
         if master:
             print(f'resumed from {resume} at step {step}')
         del ckpt
     if master:
         os.makedirs(cfg.out_dir, exist_ok=True)
-        print(json.dumps({'method': METHOD, **dataclasses.asdict(cfg), 'world': world, 'device': device,
-                          'dtype': dtype, 'effective_batch': eff_batch, 'lr': base_lr, 'steps': total_steps}))
+        print(json.dumps({'method': METHOD, 'regime': data.regime(cfg.data), **dataclasses.asdict(cfg),
+                          'world': world, 'device': device, 'dtype': dtype, 'effective_batch': eff_batch,
+                          'lr': base_lr, 'steps': total_steps}))
         print(f'backbone {vit.count_params(model.backbone) / 1e6:.2f}M params, total {vit.count_params(model) / 1e6:.2f}M, '
               f'{len(base)} images, {steps_per_epoch} steps/epoch')
-    fwd = torch.compile(model) if cfg.compile else model
+    # DDP first, then compile: dynamo splits the graph at DDP's buckets so the all-reduce overlaps backward
+    fwd = DDP(model, device_ids=[local_rank] if device_type == 'cuda' else None) if ddp else model
+    fwd = torch.compile(fwd) if cfg.compile else fwd
     teacher_fwd = torch.compile(teacher) if cfg.compile else teacher
     if ddp:
-        fwd = DDP(fwd, device_ids=[local_rank] if device_type == 'cuda' else None)
         for t in teacher.state_dict().values():  # DDP synced the student from rank 0; the teacher copy must match
             dist.broadcast(t, 0)
 
     def checkpoint():
-        state = {'method': METHOD, 'model': model.state_dict(), 'teacher': teacher.state_dict(),
-                 'center': center, 'center_patch': center_patch, 'optimizer': optimizer.state_dict(),
-                 'scaler': scaler.state_dict(), 'step': step, 'epoch': step / max(1, steps_per_epoch),
-                 'config': dataclasses.asdict(cfg), 'rng': rng_state(),
+        state = {'method': METHOD, **{k: v.state_dict() for k, v in stateful.items()}, 'step': step,
+                 'epoch': step / steps_per_epoch, 'config': dataclasses.asdict(cfg),
                  'encoder': vit.backbone_state_dict(teacher.backbone)}  # iBOT evaluates the teacher
         save_checkpoint(os.path.join(cfg.out_dir, 'checkpoint.pt'), state)
 
     # the loop: one optimizer step = accum_iter micro-batches
     model.train()
     stream = data.batches(loader, sampler, step * cfg.accum_iter)
-    stats_sum = torch.zeros(4, device=device)  # L_CLS, L_MIM, teacher entropy, KL; read only on log steps
-    bad = torch.zeros((), device=device)  # any non-finite loss since the last check
-    sums = torch.zeros(2, K, device=device)  # teacher output sums of this step, for the centers
+    stats_sum = torch.zeros(len(STATS), device=device)  # summed on the device, read only on log steps
     t0, t_start, step_start = time.time(), time.time(), step
     while step < end_step:
-        epoch = step // steps_per_epoch
-        lr = lr_at(step, base_lr, cfg.min_lr, warmup_steps, total_steps)
-        wd = cosine_at(step, cfg.weight_decay, cfg.weight_decay_end, total_steps)
-        momentum = cosine_at(step, cfg.momentum_teacher, 1.0, total_steps)
-        temps = (teacher_temp_at(epoch, cfg.warmup_teacher_temp, cfg.teacher_temp, cfg.warmup_teacher_temp_epochs),
-                 teacher_temp_at(epoch - cfg.pred_start_epoch, cfg.warmup_teacher_patch_temp, cfg.teacher_patch_temp,
-                                 cfg.warmup_teacher_temp_epochs))
-        for g in optimizer.param_groups:
-            g['lr'] = lr
-        optimizer.param_groups[0]['weight_decay'] = wd
-        sums.zero_()
-        rows = 0  # teacher rows of this step on this process (2 global crops per image), the centers' divisor
-        for micro in range(cfg.accum_iter):
+        batches = []
+        for _ in range(cfg.accum_iter):
             _, ((crops, masks), _) = next(stream)
-            # in-step randomness (drop path): a function of (seed, rank, step), seeded after the loader, whose new
-            # iterators draw from the global RNG (a resumed run creates its first one at another step)
-            torch.manual_seed(cfg.seed + 1_000_003 * rank + 7919 * (step * cfg.accum_iter + micro))
             crops = [c.to(device, non_blocking=True) for c in crops]
             globals_ = torch.cat(crops[:2])  # (G*B, 3, H, W), view-major
             locals_ = torch.cat(crops[2:]) if len(crops) > 2 else None  # (n*B, 3, h, w)
             mask = masks.to(device, non_blocking=True).transpose(0, 1).flatten(2).flatten(0, 1)  # (G*B, L) bool
-            if epoch < cfg.pred_start_epoch:  # masks come from the loader; the epoch gate is applied here
-                mask = torch.zeros_like(mask)
-            sync = nullcontext() if (not ddp or micro == cfg.accum_iter - 1) else fwd.no_sync()
-            with sync:
-                with autocast:
-                    with torch.no_grad():
-                        t_cls, t_patch = teacher_fwd(globals_)  # (G*B, K), (G*B, L, K): unmasked globals only
-                    s_cls, s_patch = fwd(globals_, locals_, mask)  # (V*B, K), (G*B, L, K)
-                loss, stats = ibot_loss(s_cls, s_patch, t_cls, t_patch, mask, center, center_patch, temps,
-                                        cfg.student_temp, (cfg.lambda1, cfg.lambda2))  # fp32, outside autocast
-                scaler.scale(loss / cfg.accum_iter).backward()
-            sums += center_sums(t_cls, t_patch)
-            rows += t_cls.shape[0]
-            stats_sum += stats / cfg.accum_iter
-            bad = torch.maximum(bad, (~torch.isfinite(loss.detach())).float())
-        scaler.unscale_(optimizer)
-        if epoch < cfg.freeze_last_layer:
-            cancel_last_layer_grads(model)
-        grad_norm = clip_per_tensor_(model.parameters(), cfg.clip_grad)
-        scaler.step(optimizer)
-        scaler.update()
-        optimizer.zero_grad(set_to_none=True)
-        ema_update(teacher, model, momentum)
-        # centers after the loss, from this step's teacher outputs over all micro-batches and ranks
-        center, center_patch = update_centers(center, center_patch, sums, rows, cfg.center_momentum)
+            batches.append((globals_, locals_, mask))
+        torch.manual_seed(step_seed(cfg.seed, rank, step))
+        sched = schedules(step, cfg, base_lr, warmup_steps, total_steps, steps_per_epoch)
+        stats_sum += train_step(fwd, model, teacher_fwd, centers, optimizer, scaler, autocast, batches, sched, cfg)
         step += 1
-        log_now = step % cfg.log_every == 0 or step == end_step
-        save_now = step % cfg.save_every == 0 or step == end_step
-        if log_now or save_now:
-            if ddp:
-                dist.all_reduce(bad, op=dist.ReduceOp.MAX)
-            if bad.item():  # the only place a non-finite loss is looked for: never saved
-                print(f'error: non-finite loss by step {step} (loss {loss.item():.4g}); nothing saved', file=sys.stderr)
-                sys.exit(2)
-        if log_now:
-            n = step - step_start
-            if ddp:
-                dist.all_reduce(stats_sum, op=dist.ReduceOp.AVG)
+        save_now = step % save_every == 0 or step == end_step
+        if step % cfg.log_every == 0 or save_now:  # a non-finite loss is looked for here: never saved
             dt = time.time() - t0
-            ips = n * eff_batch / dt
-            eta = (end_step - step) * dt / n
-            l_cls, l_mim, ent, kl = (stats_sum / n).tolist()
-            rec = {'step': step, 'epoch': round(step / steps_per_epoch, 3),
-                   'loss': cfg.lambda1 * l_cls + cfg.lambda2 * l_mim, 'cls': l_cls, 'mim': l_mim, 't_entropy': ent,
-                   'kl': kl, 'lr': lr, 'wd': wd, 'momentum': momentum, 'temp': temps[0], 'patch_temp': temps[1],
-                   'grad_norm': grad_norm.item(), 'img_per_s': ips, 'eta_min': eta / 60}
-            if master:
-                print(f"step {step}/{end_step} ep {rec['epoch']:.2f} loss {rec['loss']:.4f} cls {l_cls:.4f} "
-                      f"mim {l_mim:.4f} H(t) {ent:.3f} KL {kl:.4f} lr {lr:.2e} gnorm {rec['grad_norm']:.3f} "
-                      f"{ips:.0f} img/s eta {eta / 60:.1f} min", flush=True)
-                with open(os.path.join(cfg.out_dir, 'log.jsonl'), 'a') as f:
-                    f.write(json.dumps(rec) + '\n')
+            log_stats(stats_sum, STATS, {'step': step, 'end_step': end_step, 'epoch': step / steps_per_epoch,
+                                         'n': step - step_start, **sched, 'img_per_s': (step - step_start) * eff_batch / dt,
+                                         'eta_min': (end_step - step) * dt / (step - step_start) / 60},
+                      ddp, master, cfg.out_dir)
             stats_sum.zero_()
             t0, step_start = time.time(), step
         if save_now and master:
             checkpoint()
     if master:
-        print(f'done: {step} steps in {(time.time() - t_start) / 60:.1f} min; checkpoint in {cfg.out_dir}')
+        print(f'done: {step} steps in {(time.time() - t_start) / 60:.1f} min; wrote {cfg.out_dir}/checkpoint.pt, '
+              f'log.jsonl\nnext: python finetune.py --mode knn --checkpoint {cfg.out_dir}/checkpoint.pt'
+              f'{" --data " + cfg.data if cfg.data else ""}')
     if ddp:
         dist.destroy_process_group()
 

@@ -386,14 +386,14 @@ def momentum_at(step, base, total_steps):
 
 
 @torch.no_grad()
-def ema_update(target, online, m):
-    """target <- m target + (1 - m) online over parameters and floating buffers (BN running statistics), one
-    fused multi-tensor lerp each; integer buffers (BN num_batches_tracked) are copied. m = 0 copies, m = 1 keeps."""
-    torch._foreach_lerp_(list(target.parameters()), list(online.parameters()), 1.0 - m)
-    pairs = list(zip(target.buffers(), online.buffers()))
+def ema_update(teacher, student, m):
+    """teacher <- m teacher + (1 - m) student over the parameters and floating buffers (BN running statistics) the
+    two share by name (official names_common), one fused multi-tensor lerp; integer buffers (BN
+    num_batches_tracked) are copied. m = 0 copies, m = 1 keeps."""
+    s = {**dict(student.named_parameters()), **dict(student.named_buffers())}
+    pairs = [(t, s[n]) for n, t in [*teacher.named_parameters(), *teacher.named_buffers()] if n in s]
     floats = [(t, o) for t, o in pairs if t.is_floating_point()]
-    if floats:
-        torch._foreach_lerp_([t for t, _ in floats], [o for _, o in floats], 1.0 - m)
+    torch._foreach_lerp_([t for t, _ in floats], [o for _, o in floats], 1.0 - m)
     for t, o in pairs:
         if not t.is_floating_point():
             t.copy_(o)

@@ -48,7 +48,7 @@ step() {
     mae)     pretrain mae mae.py $DEC --blr 1.5e-3 && evaluate mae "$OUT/mae/pretrain/checkpoint.pt" ;;
     lut)     pretrain lut lut.py $DEC --blr 1.5e-3 && evaluate lut "$OUT/lut/pretrain/checkpoint.pt" ;;
     ibot)    pretrain ibot ibot.py --blr 2e-3 --local_size 16 --local_crops_number 2 --out_dim 1024 --head_hidden 512 \
-               --momentum_teacher 0.99 --warmup_teacher_temp_epochs "$EPOCHS" &&
+               --ema_momentum 0.99 --warmup_teacher_temp_epochs "$EPOCHS" &&
              evaluate ibot "$OUT/ibot/pretrain/checkpoint.pt" ;;
     dtm_ema) pretrain dtm_ema dtm.py --blr 5e-3 --ema_momentum 0.99 && evaluate dtm_ema "$OUT/dtm_ema/pretrain/checkpoint.pt" ;;
     dtm_mae) [ -f "$OUT/mae/pretrain/done" ] || step mae

@@ -247,8 +247,8 @@ def test_main_centers_are_the_mean_over_teacher_rows(tmp_path, monkeypatch):
         t_patch = torch.cat([t for _, t in step])  # (8, L, K)
         c = m * c + (1 - m) * t_cls.mean(0)
         cp = m * cp + (1 - m) * t_patch.mean((0, 1))
-    assert torch.allclose(ck['center'].view(-1), c, atol=1e-5)
-    assert torch.allclose(ck['center_patch'].view(-1), cp, atol=1e-5)
+    assert torch.allclose(ck['centers']['center'].view(-1), c, atol=1e-5)
+    assert torch.allclose(ck['centers']['center_patch'].view(-1), cp, atol=1e-5)
     assert not torch.allclose(c, 2 * c, atol=1e-3)  # the test tells the two divisors apart
 
 
@@ -340,8 +340,8 @@ def test_resume_equals_uninterrupted_and_checkpoint_contract(tmp_path):
     for part in ('model', 'teacher'):
         for k in pa[part]:
             assert torch.equal(pa[part][k], pb[part][k]), (part, k)
-    assert torch.equal(pa['center'], pb['center']) and torch.equal(pa['center_patch'], pb['center_patch'])
-    assert pa['center'].abs().sum() > 0 and pa['center_patch'].shape == (1, 1, 64)
+    assert torch.equal(pa['centers']['center'], pb['centers']['center']) and torch.equal(pa['centers']['center_patch'], pb['centers']['center_patch'])
+    assert pa['centers']['center'].abs().sum() > 0 and pa['centers']['center_patch'].shape == (1, 1, 64)
     assert torch.equal(pa['optimizer']['state'][0]['exp_avg'], pb['optimizer']['state'][0]['exp_avg'])
     # epoch 0 < --freeze_last_layer 1: the student's last layer never moved, so the teacher's EMA of it is the same
     s, t = pa['model'], pa['teacher']
@@ -366,8 +366,8 @@ def test_two_ranks_with_accumulation_equal_one_process(tmp_path):
     for a, b in zip(*[[json.loads(l) for l in open(tmp_path / d / 'log.jsonl')] for d in ('single', 'ddp')]):
         for key in ('cls', 'mim', 't_entropy'):  # step 2 runs on the weights of step 1's update
             assert abs(a[key] - b[key]) < 1e-5 * abs(a[key]) + 1e-7, (a['step'], key)
-    assert torch.allclose(single['center'], ddp['center'], atol=1e-6)
-    assert torch.allclose(single['center_patch'], ddp['center_patch'], atol=1e-6)
+    assert torch.allclose(single['centers']['center'], ddp['centers']['center'], atol=1e-6)
+    assert torch.allclose(single['centers']['center_patch'], ddp['centers']['center_patch'], atol=1e-6)
     for part in ('model', 'teacher'):
         for k in single[part]:
             a, b = single[part][k], ddp[part][k]
