@@ -46,7 +46,7 @@ evaluate() {  # NAME CHECKPOINT: kNN + linear probe on cached [CLS] features, th
 step() {
   case $1 in
     mae)     pretrain mae mae.py $DEC --blr 1.5e-3 && evaluate mae "$OUT/mae/pretrain/checkpoint.pt" ;;
-    lut)     pretrain lut lut.py $DEC --blr 1.5e-3 && evaluate lut "$OUT/lut/pretrain/checkpoint.pt" ;;
+    lut)     pretrain lut lut.py $DEC --blr 1.5e-4 && evaluate lut "$OUT/lut/pretrain/checkpoint.pt" ;;
     ibot)    pretrain ibot ibot.py --blr 2e-3 --local_size 16 --local_crops_number 2 --out_dim 1024 --head_hidden 512 \
                --ema_momentum 0.99 --warmup_teacher_temp_epochs "$EPOCHS" &&
              evaluate ibot "$OUT/ibot/pretrain/checkpoint.pt" ;;
