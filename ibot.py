@@ -391,10 +391,11 @@ def cosine_at(step, start, end, total_steps):
 
 
 def lr_at(step, base_lr, min_lr, warmup_steps, total_steps):
-    """Per-step linear warm-up from 0, then half-cycle cosine to min_lr."""
+    """Per-step linear warm-up from 0, then half-cycle cosine to min_lr (MAE util/lr_sched.py)."""
     if step < warmup_steps:
         return base_lr * step / warmup_steps
-    return cosine_at(step - warmup_steps, base_lr, min_lr, total_steps - warmup_steps)
+    t = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+    return min_lr + (base_lr - min_lr) * 0.5 * (1.0 + math.cos(math.pi * min(t, 1.0)))
 
 
 def teacher_temp_at(epoch, warmup_temp, temp, warmup_epochs):
