@@ -7,6 +7,12 @@ crops with blockwise-masked patches replaced by a mask token, plus small local c
 of every view predicts the teacher's [CLS] of the *other* global views (DINO). L_MIM: the student's patch
 tokens predict the teacher's patch distributions of the *same* view at the masked positions.
 
+As the official code (main_ibot.py, models/head.py, models/vision_transformer.py, loader.py): the centers are EMAs
+of the mean over all teacher rows (both global crops of every image, all ranks); the local crops' position
+embedding is resized with DINO's interpolate(scale_factor=(g' + 0.1) / g, bicubic); the teacher's head is always
+shared by [CLS] and patches (shared_head_teacher), also under --shared_head false, where the student's separate
+patch layer then has no teacher counterpart (the EMA pairs parameters by name); BEiT's blockwise mask generator.
+
   python ibot.py                                                # embedded data, CPU: tiny ViT, 312 steps
   torchrun --nproc_per_node=8 ibot.py --data /path/to/imagenet  # recipe: ViT-B/16, 400 ep, batch 1024, 2+10 crops
   python ibot.py --help                                         # every knob, with its default
@@ -62,7 +68,7 @@ class Config:
     pred_start_epoch: int = 0  # no masking (and patch temperature held at its start) before this epoch
     out_dim: int = 0           # K prototypes of the head
     head_hidden: int = 0       # width of the head's 3-layer MLP
-    shared_head: bool = True   # [CLS] and patch tokens share the head's last layer (recipe: true)
+    shared_head: bool = True   # student: [CLS] and patches share the head's last layer (recipe: true; teacher: always)
     norm_last_layer: bool = True  # freeze the weight-norm gain g = 1 (recipe: true ViT-B, false ViT-S)
     freeze_last_layer: int = 1  # epochs during which the last layer gets no update
     drop_path: float = 0.1     # stochastic depth of the student (the teacher has none)

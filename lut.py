@@ -4,18 +4,25 @@ Learners"), one file: MAE plus a broader-contextualization loss on the unmasked 
 
 MAE's loss only touches masked tokens. LUT also pulls the pooled *unmasked* tokens of a masked view towards a
 momentum encoder's pooled view of the *whole* image (the other view), so visible tokens carry global context.
-Per image: two views with one geometry (simple resized crop) and different colour augmentation; one noise draw
-keeps patches ids_shuffle[:K] of view 1 and the disjoint ids_shuffle[K:2K] of view 2. The online encoder runs on
-both masked views; the MAE decoder and pixel loss on view 1 only; q_v = predictor(head(mean of kept patch
-tokens)); a momentum (EMA) copy of encoder + head sees both full views, z_v = head(mean of all patch tokens);
-L_BC = (d(q1, z2) + d(q2, z1)) / 2 with d(a, b) = 2 - 2 cos(a, b); total = w_mae L_MAE + w_bc L_BC.
+Per image: two views, each its own simple resized crop and flip, so they differ by up to 4 px and by their flips;
+view 1 has no colour augmentation, view 2 colour jitter and one of grayscale / solarize / blur (official
+TwoGlobalViewAugmentation; --shared_crop true draws one crop for both). One noise draw keeps patches
+ids_shuffle[:K] of view 1 and the disjoint ids_shuffle[K:2K] of view 2: disjoint patch indices, each on its own
+view's grid, as in the official code (the crops are not aligned, so the content is not exactly disjoint). The
+online encoder runs on both masked views; the MAE decoder and pixel loss on view 1 only; q_v = predictor(head(mean
+of kept patch tokens)); a momentum (EMA) copy of encoder + head sees both full views, z_v = head(mean of all patch
+tokens); L_BC = (d(q1, z2) + d(q2, z1)) / 2 with d(a, b) = 2 - 2 cos(a, b); total = w_mae L_MAE + w_bc L_BC.
+As the official main_lut.py / models_lut.py: lr = blr * sqrt(effective batch) / 4 (equal to MAE's linear rule at
+batch 4096), xavier-uniform on every Linear (head and predictor included), weight decay on everything but biases
+and 1-D params (the [CLS] and mask tokens are decayed).
 
   python lut.py                                               # embedded data, CPU: both losses fall
   torchrun --nproc_per_node=8 lut.py --epochs 400 --data /path/to/imagenet  # ViT-B/16, eff. batch 4096
   python lut.py --help                                        # every knob, with its default
 
-Measured (2-core shared CPU under load ~16, OMP_NUM_THREADS=1, torch 2.15, fp32): `python lut.py --max_steps 40`
-(tiny, 64 px, batch 64) logs L_MAE 1.76 -> 0.97 and L_BC 1.62 -> 0.46 (means over steps 1-10 and 31-40), 8 img/s.
+Measured (2-core shared CPU under load ~4, OMP_NUM_THREADS=1, torch 2.14, fp32): `python lut.py --max_steps 40`
+(tiny, 64 px, batch 64, lr 3e-4 after its 78-step warm-up) logs L_MAE 1.78 -> 1.03 and L_BC 1.84 -> 0.46 (means
+over steps 1-10 and 31-40), 8-17 img/s.
 
 BatchNorm in the online head and predictor uses the statistics of the whole global batch under DDP
 (GlobalBatchNorm1d: an all-reduce, differentiable, on NCCL and gloo alike, as the official SyncBatchNorm does), so
