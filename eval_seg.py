@@ -59,16 +59,19 @@ class Config:
     model: str = ''            # mini|tiny|small|base|large|huge; '' = tiny on embedded data, base on a folder
     img_size: int = 0          # training crop and sliding window; 0 = 64 embedded, 512 folder
     patch_size: int = 0        # 0 = 8 embedded, the model's own (16, 14 for huge) on a folder
-    head: str = 'upernet'      # upernet (fine-tune everything) | linear (frozen backbone, BN + 1x1 conv probe)
+    head: str = 'upernet'      # upernet (fine-tune everything) | linear (iBOT's probe: frozen backbone, 1x1 conv on the
+    #                            4 tapped blocks' normed patch tokens concatenated)
     layers: str = ''           # 1-based blocks feeding the pyramid, e.g. 4,6,8,12; '' = 4,6,8,12 scaled to the depth
-    channels: int = 0          # UperNet width; 0 = 64 embedded, 512 folder (the auxiliary FCN head gets half)
+    channels: int = 0          # UperNet width; 0 = 64 embedded, 768 folder (iBOT, MAE); the auxiliary head min(256, half)
     aux_weight: float = 0.4    # weight of the auxiliary FCN head's loss on the stride-p level; 0 = no auxiliary head
-    out_norm: bool = False     # apply the backbone's final LayerNorm to each tapped block (iBOT); MAE/BEiT use raw outputs
+    out_norm: int = -1         # 1 = the backbone's final LayerNorm on each tapped block (iBOT's out_with_norm), 0 = raw
+    #                            outputs (MAE / BEiT); -1 = 1 for an iBOT / DINO checkpoint, else 0; the linear head: 1
     drop_path: float = 0.1     # stochastic depth of the backbone while fine-tuning (0 for the linear probe)
     iters: int = 0             # optimizer steps; 0 = 1500 embedded (about 5 epochs of shapes), 160000 folder
     batch_size: int = 0        # per process; 0 = 16 embedded, 2 folder (16 on 8 GPUs)
     accum_iter: int = 1        # gradient accumulation steps (effective batch = batch_size * accum_iter * world)
-    lr: float = 0.0            # peak lr of the head (backbone layers get lr * layer_decay^k); 0 = 1e-4 folder, 1e-3 embedded
+    lr: float = 0.0            # peak lr of the head (backbone layers get lr * layer_decay^k); 0 = 1e-3 embedded; folder:
+    #                            1e-4 (MAE), 8e-5 for an iBOT checkpoint, 8e-4 with --head linear (iBOT's README)
     min_lr: float = 0.0        # end of the poly schedule
     layer_decay: float = 0.65  # layer-wise lr decay: block i of a depth-N ViT gets decay^(N + 1 - i), the head 1
     warmup_iters: int = -1     # linear warm-up; -1 = 30 embedded, 1500 folder
@@ -92,7 +95,7 @@ class Config:
 
 EMBEDDED = dict(model='tiny', img_size=64, patch_size=8, channels=64, iters=1500, batch_size=16, lr=1e-3,
                 warmup_iters=30, num_workers=2)
-RECIPE = dict(model='base', img_size=512, patch_size=0, channels=512, iters=160_000, batch_size=2, lr=1e-4,
+RECIPE = dict(model='base', img_size=512, patch_size=0, channels=768, iters=160_000, batch_size=2, lr=0.0,
               warmup_iters=1500, num_workers=8)
 ARCH_KEYS = ('model', 'img_size', 'patch_size', 'head', 'layers', 'channels', 'aux_weight', 'out_norm')  # must match on resume
 
@@ -121,6 +124,8 @@ def get_config(argv=None):
         p.error('--checkpoint is required: a pre-trained checkpoint, or none for a random-init backbone')
     if cfg.head not in ('upernet', 'linear') or cfg.eval_mode not in ('slide', 'whole'):
         p.error('--head must be upernet or linear, --eval_mode slide or whole')
+    if cfg.out_norm not in (-1, 0, 1):
+        p.error('--out_norm must be -1 (by checkpoint), 0 or 1')
     if cfg.head == 'upernet' and cfg.batch_size < 2:
         p.error('--batch_size must be >= 2: the UperNet pooling pyramid has BatchNorm on 1x1 maps')
     try:
@@ -277,29 +282,68 @@ def build_seg_dataset(spec, split, img_size):
     return voc(root, split) if kind == 'voc' else ade20k(root, split)
 
 
-def photometric_distortion():
-    """mmseg PhotoMetricDistortion, each with probability 0.5: brightness +-32/255, contrast and saturation
-    x[0.5, 1.5], hue +-18 (OpenCV units: 0.1 of a turn). Acts on the image only."""
-    return v2.Compose([v2.RandomApply([v2.ColorJitter(brightness=32 / 255)]), v2.RandomApply([v2.ColorJitter(contrast=0.5)]),
-                       v2.RandomApply([v2.ColorJitter(saturation=0.5)]), v2.RandomApply([v2.ColorJitter(hue=0.1)])])
+class PhotoMetricDistortion:
+    """mmseg PhotoMetricDistortion on a uint8 image (3, H, W), each step with probability 0.5: brightness + U(-32, 32)
+    (additive), contrast x U(0.5, 1.5) (a plain product, not a blend with the mean), saturation x U(0.5, 1.5), hue
+    + U{-18..18} OpenCV units (1/180 of a turn); contrast first or last at random. Brightness and contrast truncate
+    to uint8 as mmseg's convert(); saturation and hue are torchvision's (a blend with the grey image, an HSV hue
+    shift) where mmseg scales S in OpenCV's HSV."""
+
+    def __call__(self, img):
+        coin = lambda: torch.rand(()).item() < 0.5
+        convert = lambda x, alpha=1.0, beta=0.0: (x.float() * alpha + beta).clamp(0, 255).to(torch.uint8)
+        if coin():
+            img = convert(img, beta=torch.empty(()).uniform_(-32, 32).item())
+        contrast_first = coin()  # mmseg mode 1: contrast before saturation and hue; mode 0: after them
+        if contrast_first and coin():
+            img = convert(img, alpha=torch.empty(()).uniform_(0.5, 1.5).item())
+        if coin():
+            img = v2.functional.adjust_saturation(img, torch.empty(()).uniform_(0.5, 1.5).item())
+        if coin():
+            img = v2.functional.adjust_hue(img, int(torch.randint(-18, 19, ())) / 180)
+        if not contrast_first and coin():
+            img = convert(img, alpha=torch.empty(()).uniform_(0.5, 1.5).item())
+        return img
 
 
 class SegTrainTransform:
-    """(Image, Mask) -> (normalized float image (3, S, S), mask (S, S)): random resize of the shorter side to
-    [0.5, 2] x S, random S x S crop (mask padded with the ignore label), flip -- one geometry for both -- then
-    photometric distortion of the image."""
+    """mmseg's ADE20K training pipeline on (Image, Mask) -> (normalized float image (3, S, S), mask (S, S)):
+    resize of the shorter side to U[0.5, 2] x S; a random crop of at most S x S, drawn again (up to 10 draws) while
+    one class covers 75% or more of its labelled pixels (RandomCrop cat_max_ratio 0.75); flip; one geometry for
+    both. Then photometric distortion and normalization of the image, and padding at the bottom / right to S x S
+    with 0 after normalization (the mean colour) and the ignore label in the mask (mmseg Pad after Normalize)."""
 
-    def __init__(self, img_size, ratio=(0.5, 2.0)):
-        self.geometry = v2.Compose([
-            v2.RandomResize(int(ratio[0] * img_size), int(ratio[1] * img_size) + 1, antialias=True),  # mask: nearest
-            v2.RandomCrop(img_size, pad_if_needed=True, fill={tv_tensors.Image: 0, tv_tensors.Mask: IGNORE}),
-            v2.RandomHorizontalFlip()])
-        self.photometric = photometric_distortion()
+    def __init__(self, img_size, ratio=(0.5, 2.0), cat_max_ratio=0.75):
+        self.size, self.cat_max_ratio = img_size, cat_max_ratio
+        self.resize = v2.RandomResize(int(ratio[0] * img_size), int(ratio[1] * img_size) + 1, antialias=True)
+        self.flip = v2.RandomHorizontalFlip()
+        self.photometric = PhotoMetricDistortion()
         self.finish = v2.Compose(data._to_tensor()[1:])
+
+    def crop_box(self, mask):
+        """(top, left, h, w) of the crop: up to 10 draws until no class holds cat_max_ratio of the labelled pixels."""
+        H, W = mask.shape[-2:]
+        h, w = min(self.size, H), min(self.size, W)
+        for _ in range(10):
+            top, left = int(torch.randint(H - h + 1, ())), int(torch.randint(W - w + 1, ()))
+            labels, counts = mask[top:top + h, left:left + w].unique(return_counts=True)
+            counts = counts[labels != IGNORE]
+            if self.cat_max_ratio >= 1 or (len(counts) > 1 and counts.max() < self.cat_max_ratio * counts.sum()):
+                break
+        return top, left, h, w
+
+    def geometry(self, pair):
+        """(Image, Mask) -> the resized, cropped, flipped pair, at most S x S (uint8 image, int64 mask)."""
+        img, mask = self.resize(pair)
+        top, left, h, w = self.crop_box(mask)
+        crop = (tv_tensors.Image(img[..., top:top + h, left:left + w]), tv_tensors.Mask(mask[top:top + h, left:left + w]))
+        return self.flip(crop)
 
     def __call__(self, pair):
         img, mask = self.geometry(pair)
-        return self.finish(self.photometric(img)), mask
+        x = self.finish(tv_tensors.Image(self.photometric(img)))
+        pad = (0, self.size - x.shape[-1], 0, self.size - x.shape[-2])
+        return F.pad(x, pad, value=0.0), tv_tensors.Mask(F.pad(mask, pad, value=IGNORE))
 
 
 class SegEvalTransform:
@@ -382,21 +426,25 @@ def fcn_head(dim, channels, num_classes):
 
 
 class Segmenter(nn.Module):
-    def __init__(self, cfg, num_classes):
+    """ViT backbone (built from cfg, or the pre-trained one vit.load_vit built from its checkpoint) + heads."""
+
+    def __init__(self, cfg, num_classes, backbone=None):
         super().__init__()
         linear = cfg.head == 'linear'
-        self.backbone = vit.vit(cfg.model, img_size=cfg.img_size, patch_size=cfg.patch_size, num_classes=0,
-                                drop_path_rate=0.0 if linear else cfg.drop_path)
+        self.backbone = backbone if backbone is not None else vit.vit(
+            cfg.model, img_size=cfg.img_size, patch_size=cfg.patch_size, num_classes=0,
+            drop_path_rate=0.0 if linear else cfg.drop_path)
         D, self.patch_size, self.head = self.backbone.embed_dim, cfg.patch_size, cfg.head
-        self.layers, self.out_norm = [int(s) for s in cfg.layers.split(',')], cfg.out_norm
-        if linear:  # iBOT's linear segmentation probe: frozen backbone, BN + 1x1 conv on the last tapped block
-            self.layers, self.out_norm = self.layers[-1:], True
-            self.bn, self.cls = nn.BatchNorm2d(D), nn.Conv2d(D, num_classes, 1)
+        self.layers, self.out_norm = [int(s) for s in cfg.layers.split(',')], cfg.out_norm == 1
+        if linear:  # iBOT configs/linear: frozen backbone; FCNHead num_convs 0, resize_concat of the 4 normed taps,
+            self.out_norm = True  # dropout 0: one 1x1 conv on 4D channels, no BatchNorm
+            self.cls = nn.Conv2d(len(self.layers) * D, num_classes, 1)
             self.pyramid = self.decode = self.aux = None
         else:
             self.pyramid = FeaturePyramid(D)
             self.decode = UperHead(D, cfg.channels, num_classes)
-            self.aux = fcn_head(D, cfg.channels // 2, num_classes) if cfg.aux_weight > 0 else None
+            aux_width = min(256, cfg.channels // 2)  # mmseg's FCNHead: 256 channels in the ADE20K UperNet configs
+            self.aux = fcn_head(D, aux_width, num_classes) if cfg.aux_weight > 0 else None
         for m in self.modules():  # mmseg init: kaiming convs, classifiers N(0, 0.01)
             if isinstance(m, nn.Conv2d) and m is not self.backbone.patch_embed.proj:
                 nn.init.kaiming_normal_(m.weight, mode='fan_out', nonlinearity='relu')
@@ -432,8 +480,8 @@ class Segmenter(nn.Module):
         size = x.shape[-2:]
         if self.head == 'linear':
             with torch.no_grad():
-                f = self.features(x)[0]  # (B, D, h, w)
-            logits = self.cls(self.bn(f))  # (B, C, h, w)
+                f = torch.cat(self.features(x), dim=1)  # (B, 4D, h, w)
+            logits = self.cls(f)  # (B, C, h, w)
             return F.interpolate(logits, size=size, mode='bilinear', align_corners=False), None
         levels = self.pyramid(self.features(x))  # strides p/4, p/2, p, 2p
         logits = F.interpolate(self.decode(levels), size=size, mode='bilinear', align_corners=False)
@@ -447,9 +495,10 @@ class Segmenter(nn.Module):
 
 
 def seg_loss(logits, target, aux=None, aux_weight=0.4):
-    """Pixel cross-entropy (fp32) averaged over non-ignored pixels (0, not NaN, when all are ignored), plus the
-    weighted auxiliary term. logits (B, C, H, W), target (B, H, W) with 255 = ignore."""
-    n = (target != IGNORE).sum().clamp(min=1)
+    """Pixel cross-entropy (fp32) summed over the labelled pixels and divided by all pixels, ignored ones included
+    (mmseg's CrossEntropyLoss default, avg_non_ignore=False, behind the published ADE20K numbers), plus the weighted
+    auxiliary term. logits (B, C, H, W), target (B, H, W) with 255 = ignore."""
+    n = target.numel()
     loss = F.cross_entropy(logits.float(), target, ignore_index=IGNORE, reduction='sum') / n
     if aux is not None:
         loss = loss + aux_weight * F.cross_entropy(aux.float(), target, ignore_index=IGNORE, reduction='sum') / n
@@ -526,6 +575,8 @@ def evaluate(model, loader, num_classes, cfg, device, autocast):
     was_training = model.training
     model.eval()
     cm = torch.zeros(num_classes, num_classes, dtype=torch.long, device=device)
+    prog = data.Progress(f'eval ({cfg.eval_mode})', len(loader.sampler),
+                         enabled=not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0)
     for (imgs, masks), _ in loader:
         same = len({(i.shape, m.shape) for i, m in zip(imgs, masks)}) == 1
         groups = [(torch.stack(imgs), torch.stack(masks))] if same else [(i[None], m[None]) for i, m in zip(imgs, masks)]
@@ -534,6 +585,8 @@ def evaluate(model, loader, num_classes, cfg, device, autocast):
             with autocast:
                 logits = predict(model, x, num_classes, cfg)
             cm += confusion_matrix(label_logits(logits, y.shape[-2:]).argmax(1), y, num_classes)
+        prog.update(len(imgs))
+    prog.close()
     model.train(was_training)
     return seg_metrics(reduce_confusion(cm)), cm
 
@@ -554,13 +607,15 @@ def layer_id(name, depth):
 
 
 def param_groups(model, weight_decay, layer_decay, depth):
-    """AdamW groups by (layer, decay): lr scale layer_decay^(depth + 1 - layer); no weight decay on biases, norms
-    (1-D params), tokens and position embeddings."""
+    """AdamW groups by (layer, decay): lr scale layer_decay^(depth + 1 - layer); no weight decay on biases and norms
+    (1-D params). [CLS] and the position embedding are decayed, as in the BEiT / MAE / iBOT segmentation code: its
+    LayerDecayOptimizerConstructor exempts names equal to 'pos_embed' / 'cls_token', which never match the
+    'backbone.'-prefixed names."""
     groups = {}
     for n, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        skip = p.ndim <= 1 or n.endswith(('cls_token', 'mask_token', 'pos_embed'))
+        skip = p.ndim <= 1
         i = layer_id(n, depth)
         g = groups.setdefault((i, skip), {'params': [], 'weight_decay': 0.0 if skip else weight_decay,
                                           'lr_scale': layer_decay ** (depth + 1 - i)})
@@ -608,6 +663,36 @@ def load_checkpoint(path, cfg, num_classes):
     if diff:
         sys.exit(f'error: {path} was trained with ' + ', '.join(diff))
     return ckpt
+
+
+def pretrained_backbone(cfg, verbose=True):
+    """The backbone to start from, built as its checkpoint holds it (vit.load_vit: width, depth, heads, patch, layer
+    scale; --model / --patch_size must match): --checkpoint's, or for a run that only resumes, the `encoder` of the
+    checkpoint to resume; None = a random init (--checkpoint none). Then fills the knobs left to the recipe that follow
+    the pre-training method: out_norm -1 -> 1 for an iBOT / DINO checkpoint (iBOT's segmentation configs need
+    out_with_norm=true), else 0 (or the resumed run's value); lr 0 (folder) -> 8e-4 with the linear head, 8e-5 for an
+    iBOT checkpoint (both iBOT's README, ViT-B), else 1e-4 (MAE)."""
+    resume = os.path.join(cfg.out_dir, 'checkpoint.pt') if cfg.resume == 'auto' else cfg.resume
+    own = cfg.checkpoint.lower() not in ('', 'none')
+    backbone, method, old = None, None, {}
+    kw = dict(img_size=cfg.img_size, model=cfg.model, patch_size=cfg.patch_size, num_classes=0,
+              drop_path_rate=0.0 if cfg.head == 'linear' else cfg.drop_path)
+    try:
+        if own:
+            backbone, arch = vit.load_vit(cfg.checkpoint, verbose=verbose, **kw)
+            method = arch['method']
+        elif resume and os.path.isfile(resume):  # unreadable or foreign files: load_checkpoint says why
+            ckpt = vit.read_checkpoint(resume)
+            if isinstance(ckpt, dict) and ckpt.get('method') == METHOD and 'encoder' in ckpt:
+                backbone, _ = vit.load_vit(ckpt, verbose=False, **kw)
+                old = ckpt.get('config') or {}
+    except (FileNotFoundError, ValueError) as e:
+        sys.exit(f'error: {e}')
+    if cfg.out_norm == -1:
+        cfg.out_norm = old.get('out_norm', 1 if method == 'ibot' else 0)
+    if cfg.lr == 0:
+        cfg.lr = old.get('lr') or (8e-4 if cfg.head == 'linear' else 8e-5 if method == 'ibot' else 1e-4)
+    return backbone
 
 
 def palette():
@@ -664,6 +749,9 @@ def main(argv=None):
     autocast = nullcontext() if dtype == 'fp32' else torch.autocast(device_type, dtype=ptdtype)
     scaler = torch.amp.GradScaler(device_type, enabled=dtype == 'fp16')
 
+    # the pre-trained backbone, built as its checkpoint holds it; the recipe knobs that follow its method
+    backbone = pretrained_backbone(cfg, master)
+
     # data
     try:
         base = build_seg_dataset(cfg.data, 'train', cfg.img_size)
@@ -689,7 +777,7 @@ def main(argv=None):
     warmup_steps = cfg.warmup_iters
 
     # model, optimizer
-    model = Segmenter(cfg, num_classes).to(device)
+    model = Segmenter(cfg, num_classes, backbone).to(device)
     depth = len(model.backbone.blocks)
     optimizer = torch.optim.AdamW(param_groups(model, cfg.weight_decay, cfg.layer_decay, depth), lr=base_lr,
                                   betas=(0.9, 0.999), fused=device_type == 'cuda', foreach=device_type != 'cuda')
@@ -707,12 +795,7 @@ def main(argv=None):
     elif cfg.checkpoint.lower() == 'none':
         if master:
             print('backbone: random initialisation (--checkpoint none)')
-    elif cfg.checkpoint:
-        try:
-            vit.load_backbone(cfg.checkpoint, model.backbone, verbose=master)
-        except (FileNotFoundError, ValueError) as e:
-            sys.exit(f'error: {e}')
-    else:
+    elif not cfg.checkpoint:
         sys.exit(f'error: no checkpoint to resume in {cfg.out_dir}; give --checkpoint PATH or --checkpoint none')
     if master:
         os.makedirs(cfg.out_dir, exist_ok=True)

@@ -34,6 +34,7 @@ import sys
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass
+from types import SimpleNamespace
 
 import numpy as np
 import torch
@@ -67,10 +68,12 @@ class Config:
     mixup: float = 0.8         # finetune: mixup Beta alpha (0 = off)
     cutmix: float = 1.0        # finetune: cutmix Beta alpha (0 = off); with both on, each batch picks one (p 0.5)
     smoothing: float = 0.1     # finetune: label smoothing
-    rand_augment: int = 9      # finetune: RandAugment magnitude with 2 ops (0 = off)
-    reprob: float = 0.25       # finetune: random erasing probability
+    rand_augment: int = 9      # finetune: RandAugment magnitude, 2 ops (timm rand-m9-mstd0.5-inc1: each op p 0.5; 0 = off)
+    reprob: float = 0.25       # finetune: random erasing probability (timm mode 'pixel': the box gets N(0, 1) noise)
     ema: float = 0.0           # finetune: EMA decay of the weights, evaluated beside the model (0 = off)
     cache: int = -1            # linprobe: 1 = train the head on center-crop features extracted once; -1 = 1 embedded, 0 folder
+    protocol: str = 'mae'      # linprobe: mae (MAE main_linprobe) | ibot (iBOT eval_linear: normed [CLS] of the last 4
+    #                            blocks, or [CLS] + mean patch token for base and larger; linear head, SGD, 100 epochs)
     knn_k: int = 20            # knn: neighbours
     knn_t: float = 0.07        # knn: temperature of the vote weights exp(sim / t)
     train_samples: int = 0     # use this many training images (a fixed random subset; 0 = all)
@@ -107,6 +110,10 @@ MODES = {
     'knn': (dict(batch_size=256), dict(batch_size=256)),
 }
 BIG = {'finetune': dict(epochs=50, blr=1e-3), 'linprobe': dict(epochs=50), 'knn': {}}  # the ViT-L / H recipes
+# --protocol ibot (embedded, recipe): iBOT / DINO eval_linear.py, SGD lr = blr * batch / 256 (DINO's default blr 1e-3;
+# iBOT reports the best of a sweep over 45 lrs), cosine to 0, no warm-up, no weight decay, 128 per GPU x 8
+IBOT_PROBE = (dict(epochs=90, batch_size=256, blr=2.0, min_lr=0.0, warmup_epochs=0, weight_decay=0.0),
+              dict(epochs=100, batch_size=128, blr=1e-3, min_lr=0.0, warmup_epochs=0, weight_decay=0.0))
 ARCH_KEYS = ('mode', 'model', 'img_size', 'patch_size', 'pool', 'cache')  # must match on resume
 
 
@@ -133,6 +140,8 @@ def get_config(argv=None):
     defaults.update(layer_decay=0.75 if model in ('large', 'huge') else 0.65,
                     drop_path={'large': 0.2, 'huge': 0.3}.get(model, 0.1), out_dir=f'out/{cfg.mode}',
                     pool='avg' if cfg.mode == 'finetune' else 'cls')
+    if cfg.mode == 'linprobe' and cfg.protocol == 'ibot':
+        defaults.update(IBOT_PROBE[0 if embedded else 1])
     for k, v in defaults.items():
         if getattr(cfg, k) == getattr(Config, k):  # left at its default: fill it
             setattr(cfg, k, v)
@@ -146,6 +155,8 @@ def get_config(argv=None):
         p.error('--pool must be avg or cls')
     if cfg.cache not in (0, 1):
         p.error('--cache must be 0 or 1')
+    if cfg.protocol not in ('mae', 'ibot'):
+        p.error('--protocol must be mae or ibot')
     if cfg.checkpoint == 'pixels' and not (cfg.mode == 'knn' or (cfg.mode == 'linprobe' and cfg.cache == 1)):
         p.error('--checkpoint pixels works with --mode knn and --mode linprobe --cache 1 (features extracted once)')
     if cfg.knn_k < 1 or cfg.knn_t <= 0:
@@ -160,22 +171,28 @@ def get_config(argv=None):
 # model: the pre-trained ViT with a classifier (finetune), a frozen ViT with a BN + linear head (linprobe)
 
 
-def read_backbone(path, key=''):
-    """Load a checkpoint file for vit.load_backbone, optionally one key of it (model_ema, student, ...).
-    Returns (checkpoint object, layer_scale): BEiT / DTM backbones carry layer scale, which the ViT must have."""
+def build_backbone(cfg, num_classes, verbose=True):
+    """The ViT to evaluate: the one the checkpoint holds (vit.load_vit: its width, depth, heads, patch and layer
+    scale, which must match --model / --patch_size), or a random init (none, pixels) from the current seed.
+    Fine-tuning gives it a classifier head, pooling (avg: MAE global_pool + fc_norm) and drop path."""
+    finetuning = cfg.mode == 'finetune'
+    kw = dict(img_size=cfg.img_size, num_classes=num_classes if finetuning else 0,
+              global_pool=('avg' if cfg.pool == 'avg' else 'token') if finetuning else 'token',
+              drop_path_rate=cfg.drop_path if finetuning else 0.0)
+    if cfg.checkpoint in ('none', 'pixels'):
+        if verbose:
+            print('raw pixels (--checkpoint pixels)' if cfg.checkpoint == 'pixels' else 'random init (--checkpoint none)')
+        return vit.vit(cfg.model, patch_size=cfg.patch_size, **kw)
     try:
-        ckpt = torch.load(path, map_location='cpu', weights_only=False)
-    except FileNotFoundError:
-        raise FileNotFoundError(f'checkpoint {path} does not exist') from None
-    except Exception as e:
-        raise ValueError(f'checkpoint {path} could not be read ({type(e).__name__}: {e})') from None
-    if key:
-        if not isinstance(ckpt, dict) or key not in ckpt:
-            keys = ', '.join(map(str, ckpt)) if isinstance(ckpt, dict) else type(ckpt).__name__
-            raise ValueError(f'checkpoint {path} has no key {key!r} (it has: {keys})')
-        ckpt = ckpt[key]
-    sd, _ = vit.extract_backbone(ckpt)
-    return ckpt, (1.0 if any(k.endswith('ls1.gamma') for k in sd) else None)
+        return vit.load_vit(cfg.checkpoint, cfg.checkpoint_key, model=cfg.model, patch_size=cfg.patch_size,
+                            verbose=verbose, **kw)[0]
+    except (FileNotFoundError, ValueError) as e:
+        sys.exit(f'error: {e}')
+
+
+def rank0():
+    """True in the process that prints (rank 0, or the only process)."""
+    return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
 
 
 def pool_tokens(t, pool):
@@ -183,21 +200,44 @@ def pool_tokens(t, pool):
     return t[:, 0] if pool == 'cls' else t[:, 1:].mean(dim=1)
 
 
-class Probe(nn.Module):
-    """Linear probe (MAE main_linprobe): frozen backbone -> pooled feature (B, D) -> BatchNorm1d(affine=False,
-    eps 1e-6) -> Linear(D, C), init trunc normal std 0.01. backbone=None: the input is the cached feature."""
+def probe_features(backbone, x, pool, protocol='mae'):
+    """Frozen features (B, F). mae (MAE main_linprobe, DINO eval_knn): the pooled tokens after the final norm, F = D.
+    ibot (iBOT / DINO eval_linear.py as iBOT's run.sh sets it): the final norm applied to each of the last 4 blocks'
+    outputs and their [CLS] concatenated (n_last_blocks 4, avgpool 0: ViT-S and smaller, F = 4D), or [CLS] and the
+    mean patch token of the last block (n_last_blocks 1, avgpool 2: ViT-B and larger, F = 2D)."""
+    if protocol == 'mae':
+        return pool_tokens(backbone.forward_features(x), pool)
+    depth, n = len(backbone.blocks), 1 if backbone.embed_dim >= 768 else 4
+    outs = [backbone.norm(t) for t in backbone.forward_intermediates(x, range(depth - n + 1, depth + 1))]
+    return torch.cat([t[:, 0] for t in outs] + ([outs[-1][:, 1:].mean(dim=1)] if n == 1 else []), dim=-1)
 
-    def __init__(self, backbone, dim, num_classes, pool):
+
+def probe_dim(backbone, protocol):
+    D = backbone.embed_dim
+    return D if protocol == 'mae' else 2 * D if D >= 768 else 4 * D
+
+
+class Probe(nn.Module):
+    """Linear probe on a frozen backbone. mae (MAE main_linprobe): pooled feature (B, D) -> BatchNorm1d(affine=False,
+    eps 1e-6) -> Linear(D, C), init trunc normal std 0.01. ibot (DINO / iBOT LinearClassifier): probe_features (B, F)
+    -> Linear(F, C), init normal std 0.01, no BatchNorm. backbone=None: the input is the cached feature."""
+
+    def __init__(self, backbone, dim, num_classes, pool, protocol='mae'):
         super().__init__()
-        self.backbone, self.pool = backbone, pool
-        self.head = nn.Sequential(nn.BatchNorm1d(dim, affine=False, eps=1e-6), nn.Linear(dim, num_classes))
-        nn.init.trunc_normal_(self.head[1].weight, std=0.01)
-        nn.init.zeros_(self.head[1].bias)
+        self.backbone, self.pool, self.protocol = backbone, pool, protocol
+        linear = nn.Linear(dim, num_classes)
+        if protocol == 'mae':
+            self.head = nn.Sequential(nn.BatchNorm1d(dim, affine=False, eps=1e-6), linear)
+            nn.init.trunc_normal_(linear.weight, std=0.01)
+        else:
+            self.head = nn.Sequential(linear)
+            nn.init.normal_(linear.weight, std=0.01)
+        nn.init.zeros_(linear.bias)
 
     def forward(self, x):
         if self.backbone is not None:
             with torch.no_grad():
-                x = pool_tokens(self.backbone.forward_features(x), self.pool)  # (B, D)
+                x = probe_features(self.backbone, x, self.pool, self.protocol)  # (B, F)
         return self.head(x.float())  # (B, C)
 
 
@@ -224,20 +264,24 @@ def subset(ds, n):
 
 
 @torch.no_grad()
-def extract_features(backbone, loader, pool, device, autocast, dim):
-    """Pooled features of this rank's share of the loader, in sampler order: (n_r, dim) float32, labels (n_r,).
-    backbone None: the normalised image itself, flattened (dim = 3 S S), for the raw-pixel reference rows."""
+def extract_features(backbone, loader, pool, device, autocast, dim, protocol='mae', desc='features'):
+    """Frozen features (probe_features) of this rank's share of the loader, in sampler order: (n_r, dim) float32,
+    labels (n_r,). backbone None: the normalised image itself, flattened (dim = 3 S S), for the raw-pixel rows.
+    Rank 0 prints a progress line at most every 10 s."""
     if backbone is not None:
         backbone.eval()
     feats, labels = [], []
+    prog = data.Progress(desc, len(loader.sampler), enabled=rank0())
     for x, y in loader:
         x = x.to(device, non_blocking=True)
         if backbone is None:
             feats.append(x.flatten(1).float())  # (B, 3*S*S)
         else:
             with autocast:
-                feats.append(pool_tokens(backbone.forward_features(x), pool).float())
+                feats.append(probe_features(backbone, x, pool, protocol).float())
         labels.append(y.to(device))
+        prog.update(len(y))
+    prog.close()
     return (torch.cat(feats) if feats else torch.zeros(0, dim, device=device),
             torch.cat(labels) if labels else torch.zeros(0, dtype=torch.long, device=device))
 
@@ -317,11 +361,14 @@ def evaluate(model, loader, device, autocast, ddp):
     was_training = model.training
     model.eval()
     counts = torch.zeros(3, device=device)  # top-1 hits, top-5 hits, images
+    prog = data.Progress('eval', len(loader.sampler), enabled=rank0())
     for x, y in loader:
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
         with autocast:
             logits = model(x)  # (B, C)
         counts += count_correct(logits.float(), y)
+        prog.update(len(y))
+    prog.close()
     if ddp:
         dist.all_reduce(counts)
     model.train(was_training)
@@ -435,110 +482,105 @@ def load_checkpoint(path, cfg):
     return ckpt
 
 # -----------------------------------------------------------------------------
-# training
+# the three modes and the training loop they share (finetune, linprobe)
 
 
-def main(argv=None):
-    cfg = get_config(argv)
+def eval_transform(img_size):
+    """Resize + center crop (MAE build_transform): crop ratio 224/256 up to 224 px, 1.0 above."""
+    return data.eval_transform(img_size, 0.875 if img_size <= 224 else 1.0)
 
-    # distributed: torchrun sets RANK/LOCAL_RANK/WORLD_SIZE; plain `python` runs one process
-    ddp = int(os.environ.get('RANK', -1)) != -1
-    rank, local_rank, world = (int(os.environ['RANK']), int(os.environ['LOCAL_RANK']),
-                               int(os.environ['WORLD_SIZE'])) if ddp else (0, 0, 1)
-    device = cfg.device or ('cuda' if torch.cuda.is_available() else 'cpu')
-    if device.startswith('cuda'):
-        device = f'cuda:{local_rank}' if ddp else device
-        torch.cuda.set_device(device)
-    if ddp:
-        dist.init_process_group(backend='nccl' if device.startswith('cuda') else 'gloo')
-    master = rank == 0
-    device_type = 'cuda' if device.startswith('cuda') else 'cpu'
-    torch.manual_seed(cfg.seed + rank)
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
 
-    # precision: bf16 autocast by default on CUDA, fp16 with a GradScaler, fp32 on CPU
-    dtype = cfg.dtype or ('bf16' if device_type == 'cuda' else 'fp32')
-    ptdtype = {'bf16': torch.bfloat16, 'fp16': torch.float16, 'fp32': torch.float32}[dtype]
-    autocast = nullcontext() if dtype == 'fp32' else torch.autocast(device_type, dtype=ptdtype)
-    scaler = torch.amp.GradScaler(device_type, enabled=dtype == 'fp16')
-
-    # data: fine-tuning augmentation, RRC + flip (linprobe), or center crops (knn, cached features, evaluation)
-    try:
-        base = data.build_dataset(cfg.data, 'train', cfg.img_size)
-        val_base = data.build_dataset(cfg.data, 'val', cfg.img_size)
-    except (FileNotFoundError, ValueError) as e:
-        sys.exit(f'error: {e}')
-    num_classes = len(base.classes)
-    base, val_base = subset(base, cfg.train_samples), subset(val_base, cfg.eval_samples)
-    cached = cfg.mode == 'knn' or (cfg.mode == 'linprobe' and cfg.cache == 1)
-    if cfg.mode == 'finetune':
-        train_tf = data.finetune_transform(cfg.img_size, (2, cfg.rand_augment) if cfg.rand_augment else None, cfg.reprob)
-    elif not cached:
-        train_tf = data.mae_transform(cfg.img_size, scale=(0.08, 1.0))  # MAE linprobe: RandomResizedCrop + flip
-    else:
-        train_tf = data.eval_transform(cfg.img_size)
-    dataset = data.Seeded(base, train_tf)
-    val_set = data.Seeded(val_base, data.eval_transform(cfg.img_size))
-
-    # the pre-trained backbone (same initial weights on every rank: the frozen ones are never broadcast)
-    torch.manual_seed(cfg.seed)
-    layer_scale, ckpt = None, None
+def cached_features(cfg, env, backbone, dataset, val_set):
+    """Frozen features of center crops, extracted once, each rank its share: all train rows (N, F) and labels on
+    every rank, this rank's val rows (M_r, F) and labels."""
     pixels = cfg.checkpoint == 'pixels'  # raw-pixel features instead of a backbone: the reference rows
-    if cfg.checkpoint not in ('none', 'pixels'):
-        try:
-            ckpt, layer_scale = read_backbone(cfg.checkpoint, cfg.checkpoint_key)
-        except (FileNotFoundError, ValueError) as e:
-            sys.exit(f'error: {e}')
-    finetuning = cfg.mode == 'finetune'
-    backbone = vit.vit(cfg.model, img_size=cfg.img_size, patch_size=cfg.patch_size,
-                       num_classes=num_classes if finetuning else 0, layer_scale=layer_scale,
-                       global_pool=('avg' if cfg.pool == 'avg' else 'token') if finetuning else 'token',
-                       drop_path_rate=cfg.drop_path if finetuning else 0.0)
-    if ckpt is not None:
-        try:
-            vit.load_backbone(ckpt, backbone, verbose=master)
-        except ValueError as e:
-            sys.exit(f'error: {e}')
-        del ckpt
-    elif master:
-        print('raw pixels (--checkpoint pixels)' if pixels else 'random init (--checkpoint none)')
-    backbone.to(device)
-    feat_dim = 3 * cfg.img_size ** 2 if pixels else backbone.embed_dim
+    dim = 3 * cfg.img_size ** 2 if pixels else probe_dim(backbone, cfg.protocol)
 
-    # knn / cached features: frozen features of center crops, extracted once, each rank its share
-    if cached:
-        def features(ds):
-            loader, _ = data.make_loader(ds, cfg.batch_size, world, rank, cfg.seed, cfg.num_workers, train=False)
-            return extract_features(None if pixels else backbone, loader, cfg.pool, device, autocast, feat_dim)
-        t_feat = time.time()
-        train_f, train_y = (gather_rows(t, len(dataset), world) for t in features(dataset))  # (N, D), (N,)
-        val_f, val_y = features(val_set)  # (M_r, D), (M_r,) this rank's share
-        if master:
-            print(f'features: {len(dataset)} train, {len(val_set)} val images, dim {train_f.shape[1]}, '
-                  f'{time.time() - t_feat:.1f} s')
-        # kNN on the frozen features: the result of --mode knn, and free beside a cached linear probe
-        counts = knn_counts(train_f, train_y, val_f, val_y, num_classes, cfg.knn_k, cfg.knn_t)
-        if ddp:
-            dist.all_reduce(counts)
-        c1, c5, n = counts.tolist()
-        knn = {'k': cfg.knn_k, 't': cfg.knn_t, 'knn_acc1': 100 * c1 / max(n, 1), 'knn_acc5': 100 * c5 / max(n, 1),
-               'n': int(n), 'n_train': len(dataset)}
-        if master:
-            print(f"knn k={cfg.knn_k} t={cfg.knn_t} {cfg.pool}: top-1 {knn['knn_acc1']:.2f} top-5 {knn['knn_acc5']:.2f} "
-                  f"({knn['n']} val images, {len(dataset)} train)")
-    if cfg.mode == 'knn':
-        if master:
-            os.makedirs(cfg.out_dir, exist_ok=True)
-            with open(os.path.join(cfg.out_dir, 'results.json'), 'w') as f:
-                json.dump({'mode': 'knn', 'checkpoint': cfg.checkpoint, 'pool': cfg.pool, 'acc1': knn['knn_acc1'],
-                           'acc5': knn['knn_acc5'], **knn}, f)
-        if ddp:
-            dist.destroy_process_group()
-        return
-    if cached:
-        dataset, val_set = Features(train_f.cpu(), train_y.cpu()), Features(gather_rows(val_f, len(val_set), world).cpu(),
-                                                                            gather_rows(val_y, len(val_set), world).cpu())
-    workers = 0 if cached else cfg.num_workers
+    def features(ds, desc):
+        loader, _ = data.make_loader(ds, cfg.batch_size, env.world, env.rank, cfg.seed, cfg.num_workers, train=False)
+        return extract_features(None if pixels else backbone, loader, cfg.pool, env.device, env.autocast, dim,
+                                cfg.protocol, desc)
+    t_feat = time.time()
+    train_f, train_y = (gather_rows(t, len(dataset), env.world) for t in features(dataset, 'train features'))
+    val_f, val_y = features(val_set, 'val features')
+    if env.master:
+        print(f'features: {len(dataset)} train, {len(val_set)} val images, dim {train_f.shape[1]}, '
+              f'{time.time() - t_feat:.1f} s')
+    return train_f, train_y, val_f, val_y
+
+
+def knn_eval(cfg, env, train_f, train_y, val_f, val_y, num_classes):
+    """kNN top-1 / top-5 of this rank's val rows against all train rows, summed over ranks; rank 0 prints."""
+    counts = knn_counts(train_f, train_y, val_f, val_y, num_classes, cfg.knn_k, cfg.knn_t)
+    if env.ddp:
+        dist.all_reduce(counts)
+    c1, c5, n = counts.tolist()
+    knn = {'k': cfg.knn_k, 't': cfg.knn_t, 'knn_acc1': 100 * c1 / max(n, 1), 'knn_acc5': 100 * c5 / max(n, 1),
+           'n': int(n), 'n_train': len(train_y)}
+    if env.master:
+        print(f"knn k={cfg.knn_k} t={cfg.knn_t} {cfg.pool}: top-1 {knn['knn_acc1']:.2f} top-5 {knn['knn_acc5']:.2f} "
+              f"({knn['n']} val images, {len(train_y)} train)")
+    return knn
+
+
+def run_knn(cfg, env, backbone, base, val_set, num_classes):
+    """--mode knn (DINO eval_knn): L2-normalised frozen features of center crops, weighted k-NN vote."""
+    dataset = data.Seeded(base, eval_transform(cfg.img_size))
+    knn = knn_eval(cfg, env, *cached_features(cfg, env, backbone, dataset, val_set), num_classes)
+    if env.master:
+        os.makedirs(cfg.out_dir, exist_ok=True)
+        with open(os.path.join(cfg.out_dir, 'results.json'), 'w') as f:
+            json.dump({'mode': 'knn', 'checkpoint': cfg.checkpoint, 'pool': cfg.pool, 'acc1': knn['knn_acc1'],
+                       'acc5': knn['knn_acc5'], **knn}, f)
+
+
+def run_linprobe(cfg, env, backbone, base, val_set, num_classes):
+    """--mode linprobe: a linear head on the frozen backbone. mae: MAE main_linprobe (BatchNorm + linear, LARS, RRC +
+    flip); ibot: DINO / iBOT eval_linear (linear on probe_features, SGD momentum 0.9). With --cache 1 the features
+    of center crops are extracted once and the head trains on them (the kNN accuracy of the same features, mae
+    protocol, comes for free)."""
+    backbone.requires_grad_(False)
+    knn = None
+    if cfg.cache:
+        dataset = data.Seeded(base, eval_transform(cfg.img_size))
+        train_f, train_y, val_f, val_y = cached_features(cfg, env, backbone, dataset, val_set)
+        if cfg.protocol == 'mae':
+            knn = knn_eval(cfg, env, train_f, train_y, val_f, val_y, num_classes)
+        n_val = len(val_set)
+        dataset = Features(train_f.cpu(), train_y.cpu())
+        val_set = Features(gather_rows(val_f, n_val, env.world).cpu(), gather_rows(val_y, n_val, env.world).cpu())
+        model = Probe(None, train_f.shape[1], num_classes, cfg.pool, cfg.protocol).to(env.device)
+    else:
+        dataset = data.Seeded(base, data.mae_transform(cfg.img_size, scale=(0.08, 1.0)))  # RandomResizedCrop + flip
+        model = Probe(backbone, probe_dim(backbone, cfg.protocol), num_classes, cfg.pool, cfg.protocol).to(env.device)
+    if cfg.protocol == 'mae':
+        optimizer = LARS(param_groups(model, cfg.weight_decay))
+    else:
+        optimizer = torch.optim.SGD(param_groups(model, cfg.weight_decay), lr=0.0, momentum=0.9)
+    train(cfg, env, model, optimizer, backbone, dataset, val_set, num_classes, knn=knn)
+
+
+def run_finetune(cfg, env, backbone, base, val_set, num_classes):
+    """--mode finetune (MAE main_finetune): the whole ViT with a fresh head, layer-wise lr decay, AdamW, RandAugment,
+    random erasing, mixup / cutmix, label smoothing."""
+    ra = (2, cfg.rand_augment) if cfg.rand_augment else None
+    dataset = data.Seeded(base, data.finetune_transform(cfg.img_size, ra, cfg.reprob))
+    model = backbone
+    model.pos_embed.requires_grad_(True)  # trainable from the pre-trained values, as in timm / MAE fine-tuning
+    nn.init.trunc_normal_(model.head.weight, std=2e-5)
+    nn.init.zeros_(model.head.bias)
+    optimizer = torch.optim.AdamW(param_groups(model, cfg.weight_decay, cfg.layer_decay), betas=(0.9, 0.999),
+                                  fused=env.device_type == 'cuda', foreach=env.device_type != 'cuda')
+    train(cfg, env, model, optimizer, backbone, dataset, val_set, num_classes,
+          mixer=batch_mixer(cfg.mixup, cfg.cutmix, num_classes), smoothing=cfg.smoothing)
+
+
+def train(cfg, env, model, optimizer, backbone, dataset, val_set, num_classes, mixer=None, smoothing=0.0, knn=None):
+    """The training loop of finetune and linprobe: per-step lr (warm-up + cosine, times each group's lr_scale),
+    evaluation at every epoch end and at the last step, checkpoints, resume, results.json."""
+    ddp, rank, local_rank, world, master = env.ddp, env.rank, env.local_rank, env.world, env.master
+    device, device_type, dtype, autocast, scaler = env.device, env.device_type, env.dtype, env.autocast, env.scaler
+    workers = 0 if isinstance(dataset, Features) else cfg.num_workers
     try:
         loader, sampler = data.make_loader(dataset, cfg.batch_size, world, rank, cfg.seed, workers)
     except ValueError as e:
@@ -553,21 +595,6 @@ def main(argv=None):
     eff_batch = cfg.batch_size * cfg.accum_iter * world
     base_lr = cfg.lr if cfg.lr > 0 else cfg.blr * eff_batch / 256
     warmup_steps = int(cfg.warmup_epochs * steps_per_epoch)
-
-    # model, optimizer: finetune = whole ViT with lr decay + AdamW; linprobe = frozen ViT + BN/linear head + LARS
-    if finetuning:
-        model = backbone
-        model.pos_embed.requires_grad_(True)  # trainable from the pre-trained values, as in timm / MAE fine-tuning
-        nn.init.trunc_normal_(model.head.weight, std=2e-5)
-        nn.init.zeros_(model.head.bias)
-        optimizer = torch.optim.AdamW(param_groups(model, cfg.weight_decay, cfg.layer_decay), lr=base_lr,
-                                      betas=(0.9, 0.999), fused=device_type == 'cuda', foreach=device_type != 'cuda')
-    else:
-        backbone.requires_grad_(False)
-        model = Probe(None if cached else backbone, feat_dim, num_classes, cfg.pool).to(device)
-        optimizer = LARS(param_groups(model, cfg.weight_decay), lr=base_lr)
-    mixer = batch_mixer(cfg.mixup, cfg.cutmix, num_classes) if finetuning else None
-    smoothing = cfg.smoothing if finetuning else 0.0
     ema = copy.deepcopy(model).eval().requires_grad_(False) if cfg.ema > 0 else None
     step, best = 0, {'acc1': 0.0, 'ema_acc1': 0.0}
     resume = os.path.join(cfg.out_dir, 'checkpoint.pt') if cfg.resume == 'auto' else cfg.resume
@@ -686,12 +713,60 @@ def main(argv=None):
                'last_acc5': last['acc5'], 'best_acc1': best['acc1'], 'n': last['n'], 'steps': step}
         if ema is not None:
             res.update(last_ema_acc1=last['ema_acc1'], best_ema_acc1=best['ema_acc1'])
-        if cached:
+        if knn is not None:
             res.update(knn_acc1=knn['knn_acc1'], knn_acc5=knn['knn_acc5'])
         with open(os.path.join(cfg.out_dir, 'results.json'), 'w') as f:
             json.dump(res, f)
         print(f"done: {step} steps in {(time.time() - t_start) / 60:.1f} min; top-1 last {last['acc1']:.2f} "
               f"best {best['acc1']:.2f} ({last['n']} val images); checkpoint in {cfg.out_dir}")
+
+
+def main(argv=None):
+    cfg = get_config(argv)
+
+    # distributed: torchrun sets RANK/LOCAL_RANK/WORLD_SIZE; plain `python` runs one process
+    ddp = int(os.environ.get('RANK', -1)) != -1
+    rank, local_rank, world = (int(os.environ['RANK']), int(os.environ['LOCAL_RANK']),
+                               int(os.environ['WORLD_SIZE'])) if ddp else (0, 0, 1)
+    device = cfg.device or ('cuda' if torch.cuda.is_available() else 'cpu')
+    if device.startswith('cuda'):
+        device = f'cuda:{local_rank}' if ddp else device
+        torch.cuda.set_device(device)
+    if ddp:
+        dist.init_process_group(backend='nccl' if device.startswith('cuda') else 'gloo')
+    master = rank == 0
+    device_type = 'cuda' if device.startswith('cuda') else 'cpu'
+    torch.manual_seed(cfg.seed + rank)
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+
+    # precision: bf16 autocast by default on CUDA, fp16 with a GradScaler, fp32 on CPU
+    dtype = cfg.dtype or ('bf16' if device_type == 'cuda' else 'fp32')
+    ptdtype = {'bf16': torch.bfloat16, 'fp16': torch.float16, 'fp32': torch.float32}[dtype]
+    autocast = nullcontext() if dtype == 'fp32' else torch.autocast(device_type, dtype=ptdtype)
+    scaler = torch.amp.GradScaler(device_type, enabled=dtype == 'fp16')
+
+    env = SimpleNamespace(ddp=ddp, rank=rank, local_rank=local_rank, world=world, master=master, device=device,
+                          device_type=device_type, dtype=dtype, autocast=autocast, scaler=scaler)
+
+    # data: the train / val images; each mode picks its training transform
+    try:
+        base = data.build_dataset(cfg.data, 'train', cfg.img_size)
+        val_base = data.build_dataset(cfg.data, 'val', cfg.img_size)
+    except (FileNotFoundError, ValueError) as e:
+        sys.exit(f'error: {e}')
+    num_classes = len(base.classes)
+    base, val_base = subset(base, cfg.train_samples), subset(val_base, cfg.eval_samples)
+    val_set = data.Seeded(val_base, eval_transform(cfg.img_size))
+
+    # the pre-trained backbone (same initial weights on every rank: the frozen ones are never broadcast)
+    torch.manual_seed(cfg.seed)
+    backbone = build_backbone(cfg, num_classes, master).to(device)
+    if cfg.mode == 'knn':
+        run_knn(cfg, env, backbone, base, val_set, num_classes)
+    elif cfg.mode == 'linprobe':
+        run_linprobe(cfg, env, backbone, base, val_set, num_classes)
+    else:
+        run_finetune(cfg, env, backbone, base, val_set, num_classes)
     if ddp:
         dist.destroy_process_group()
 

@@ -51,12 +51,15 @@ def test_absent_classes_excluded_but_false_positives_count():
 def test_seg_loss_ignores_pixels_and_weights_aux():
     C = 5
     target = torch.tensor([[[0, 1], [255, 4]]])
-    zeros = torch.zeros(1, C, 2, 2)  # uniform prediction: log C per labelled pixel
-    assert es.seg_loss(zeros, target).item() == pytest.approx(math.log(C))
-    assert es.seg_loss(zeros, target, zeros, 0.4).item() == pytest.approx(1.4 * math.log(C))
+    zeros = torch.zeros(1, C, 2, 2)  # uniform prediction: log C per labelled pixel, 3 labelled of 4
+    # mmseg CrossEntropyLoss (avg_non_ignore=False): the ignored pixel counts as 0 in a mean over all 4 pixels
+    assert es.seg_loss(zeros, target).item() == pytest.approx(3 / 4 * math.log(C))
+    assert es.seg_loss(zeros, target, zeros, 0.4).item() == pytest.approx(1.4 * 3 / 4 * math.log(C))
     logits = zeros.clone()
     logits[0, 3, 1, 0] = 100.0  # a confident prediction on the ignored pixel changes nothing
-    assert es.seg_loss(logits, target).item() == pytest.approx(math.log(C))
+    assert es.seg_loss(logits, target).item() == pytest.approx(3 / 4 * math.log(C))
+    ref = nn.functional.cross_entropy(logits, target, ignore_index=255, reduction='none').mean()
+    assert es.seg_loss(logits, target).item() == pytest.approx(ref.item())  # mmseg's reduction, as written there
     assert es.seg_loss(zeros, torch.full((1, 2, 2), 255)).item() == 0.0  # all ignored: 0, not NaN
 
 
@@ -93,27 +96,63 @@ def interior(mask, k=5):
 
 
 def test_train_transform_keeps_image_and_mask_aligned():
-    t = es.SegTrainTransform(64)
-    seen_pad, seen_flip = False, False
+    t = es.SegTrainTransform(64, cat_max_ratio=1.0)
+    seen_small, seen_flip = False, False
     for seed in range(12):
         torch.manual_seed(seed)
         img, mask = t.geometry(blocky_pair(seed=seed))
-        assert img.shape == (3, 64, 64) and mask.shape == (64, 64) and mask.dtype == torch.int64
-        pad = mask == 255
-        seen_pad |= bool(pad.any())
-        assert (img[:, pad] == 0).all()  # padding: image fill 0 exactly where the mask is ignore
-        inner = interior(mask) & ~pad
-        assert inner.sum() > 0.3 * (~pad).sum()
+        assert img.shape[-2:] == mask.shape and max(mask.shape) <= 64 and mask.dtype == torch.int64
+        seen_small |= min(mask.shape) < 64
+        inner = interior(mask)
+        assert inner.sum() > 0.3 * mask.numel()
         derived = ((img[0].float() - 30) / 20).round().long()  # the class read back from the image
         assert torch.equal(derived[inner], mask[inner]), seed
         seen_flip |= not torch.equal(derived.flip(-1)[inner], mask[inner])
-    assert seen_pad and seen_flip  # some draws shrank the image below the crop; a flip would have been noticed
-    # the full transform: a normalized float image and the mask untouched by photometric distortion
+    assert seen_small and seen_flip  # some draws shrank the image below the crop; a flip would have been noticed
+    # the full transform: normalized image padded at the bottom / right with 0 (the mean colour after
+    # normalization, mmseg Pad after Normalize) where the mask is padded with ignore; the mask untouched otherwise
+    for seed in range(12):
+        torch.manual_seed(seed)
+        x, y = t(blocky_pair(seed=seed))
+        torch.manual_seed(seed)
+        _, y2 = t.geometry(blocky_pair(seed=seed))
+        h, w = y2.shape
+        assert x.dtype == torch.float32 and x.shape == (3, 64, 64) and y.shape == (64, 64)
+        assert torch.equal(y[:h, :w], y2) and (y[h:] == 255).all() and (y[:, w:] == 255).all()
+        assert (x[:, h:] == 0).all() and (x[:, :, w:] == 0).all()
+
+
+def test_crop_avoids_one_class_crops():
+    # mmseg RandomCrop(cat_max_ratio=0.75): a crop where one class holds >= 75% of the labelled pixels is drawn
+    # again (up to 10 times). A 64 px mask of class 1 with a 16 x 64 band of class 2 at the top: 32 px crops
+    # keep the band in 17 of 33 row offsets; only those with >= 9 band rows pass (class 1 < 75%)
+    mask = torch.ones(64, 64, dtype=torch.long)
+    mask[:16] = 2
+    t, t1 = es.SegTrainTransform(32), es.SegTrainTransform(32, cat_max_ratio=1.0)
+    ok = lambda top: 16 - top >= 9  # rows of the band in the crop starting at `top`
     torch.manual_seed(0)
-    x, y = t(blocky_pair())
+    hits = sum(ok(t.crop_box(mask)[0]) for _ in range(300))
+    hits1 = sum(ok(t1.crop_box(mask)[0]) for _ in range(300))
+    assert hits1 / 300 == pytest.approx(8 / 33, abs=0.07) and hits / 300 > 0.9
+
+
+def test_photometric_distortion_is_mmsegs_brightness_and_contrast(monkeypatch):
+    # brightness adds U(-32, 32), contrast multiplies by U(0.5, 1.5) (no blend with the mean); uint8 truncation
+    img = torch.tensor([[[10, 100, 250]]], dtype=torch.uint8).expand(3, 1, 3).clone()
+    draws = iter([0.1, 0.9, 0.9, 0.9, 0.9])  # brightness on; contrast last; saturation, hue, contrast off
+    monkeypatch.setattr(torch, 'rand', lambda *a, **k: torch.tensor(next(draws)))
     torch.manual_seed(0)
-    _, y2 = t.geometry(blocky_pair())
-    assert x.dtype == torch.float32 and x.shape == (3, 64, 64) and torch.equal(y, y2)
+    beta = torch.empty(()).uniform_(-32, 32).item()
+    torch.manual_seed(0)
+    out = es.PhotoMetricDistortion()(img)
+    want = (img.float() + beta).clamp(0, 255).to(torch.uint8)
+    assert torch.equal(out, want)
+    draws = iter([0.9, 0.1, 0.1, 0.9, 0.9])  # brightness off; contrast first, on; saturation, hue off
+    torch.manual_seed(0)
+    alpha = torch.empty(()).uniform_(0.5, 1.5).item()
+    torch.manual_seed(0)
+    out = es.PhotoMetricDistortion()(img)
+    assert torch.equal(out, (img.float() * alpha).clamp(0, 255).to(torch.uint8))
 
 
 def test_a_misaligned_pair_would_be_caught():
@@ -181,12 +220,23 @@ def test_features_are_the_tapped_blocks():
     assert not any(n.startswith(('backbone.blocks.5.', 'backbone.blocks.11.', 'backbone.norm.')) for n in trained)
 
 
-def test_linear_probe_freezes_the_backbone():
+def test_linear_probe_is_ibots():
+    # iBOT configs/linear: frozen backbone, the 4 tapped blocks' patch tokens after the final norm concatenated
+    # (4 x 192 channels), one 1x1 conv (FCNHead num_convs 0, no BatchNorm, dropout 0), upsampled bilinearly
     cfg = es.get_config(['--checkpoint', 'none', '--img_size', '32', '--patch_size', '8', '--head', 'linear'])
-    model = es.Segmenter(cfg, 4)
+    model = es.Segmenter(cfg, 4).eval()
     trained = {n for n, p in model.named_parameters() if p.requires_grad}
-    assert trained == {'bn.weight', 'bn.bias', 'cls.weight', 'cls.bias'}
-    assert model(torch.randn(2, 3, 32, 32))[0].shape == (2, 4, 32, 32)
+    assert trained == {'cls.weight', 'cls.bias'} and model.cls.weight.shape == (4, 4 * 192, 1, 1)
+    x = torch.randn(2, 3, 32, 32)
+    bb, t, taps = model.backbone, None, []
+    t = bb.with_cls(bb.embed(x))
+    for i, blk in enumerate(bb.blocks, start=1):
+        t = blk(t)
+        if i in (4, 6, 8, 12):
+            taps.append(es.tokens_to_map(bb.norm(t), 4, 4))
+    want = nn.functional.interpolate(model.cls(torch.cat(taps, 1)), size=(32, 32), mode='bilinear')
+    with torch.no_grad():
+        torch.testing.assert_close(model(x)[0], want)
 
 
 def test_parse_layers_scales_to_depth():
@@ -250,7 +300,10 @@ def test_layer_decay_groups():
     wd = {id(p): g['weight_decay'] for g in groups for p in g['params']}
     named = dict(model.named_parameters())
     assert scale[id(named['backbone.patch_embed.proj.weight'])] == 0.5 ** 13
-    assert scale[id(named['backbone.pos_embed'])] == 0.5 ** 13 and wd[id(named['backbone.pos_embed'])] == 0.0
+    # the BEiT / MAE / iBOT segmentation constructor decays [CLS] and the position embedding (its exemption list
+    # names 'pos_embed' / 'cls_token', never equal to the 'backbone.'-prefixed names)
+    assert scale[id(named['backbone.pos_embed'])] == 0.5 ** 13 and wd[id(named['backbone.pos_embed'])] == 0.05
+    assert wd[id(named['backbone.cls_token'])] == 0.05
     assert scale[id(named['backbone.blocks.0.mlp.fc1.weight'])] == 0.5 ** 12
     assert scale[id(named['backbone.blocks.11.attn.qkv.weight'])] == 0.5
     assert scale[id(named['decode.cls.weight'])] == 1.0 and wd[id(named['decode.cls.weight'])] == 0.05
@@ -438,3 +491,34 @@ def test_bad_input_is_one_line(tmp_path):
     for args in ([], ['--checkpoint', 'none', '--head', 'fcn'], ['--checkpoint', 'none', '--layers', '4,6,8']):
         with pytest.raises(SystemExit):
             es.get_config(args)  # argparse: usage line + one error line
+
+
+def test_dtm_checkpoint_features_equal_in_eval_seg_finetune_and_dtm(tmp_path):
+    # a DTM checkpoint carries layer scale (ls1.gamma / ls2.gamma): every evaluation script must build the backbone
+    # with it, so its tapped block outputs equal those of dtm.py's own encoder
+    import dtm
+    import finetune
+    pre = str(tmp_path / 'dtm')
+    args = ['--model', 'tiny', '--img_size', '32', '--patch_size', '8', '--batch_size', '8', '--num_workers', '0']
+    dtm.main(args + ['--max_steps', '1', '--out_dir', pre])
+    path = os.path.join(pre, 'checkpoint.pt')
+    ck = load_ckpt(pre)
+    assert 'blocks.0.ls1.gamma' in ck['encoder']
+    own = dtm.DTM(dtm.get_config(args))
+    own.load_state_dict(ck['model'])
+    own = own.encoder.eval()
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        want = [es.tokens_to_map(t, 4, 4) for t in own.forward_intermediates(x, [4, 6, 8, 12])]
+        cfg = es.get_config(args + ['--checkpoint', path, '--channels', '16'])
+        seg = es.Segmenter(cfg, 3, es.pretrained_backbone(cfg, verbose=False)).eval()
+        assert cfg.out_norm == 0  # a DTM checkpoint: raw block outputs, as MAE / BEiT
+        for got, w in zip(seg.features(x), want):
+            torch.testing.assert_close(got, w)
+        ft = finetune.build_backbone(finetune.get_config(args + ['--mode', 'knn', '--checkpoint', path]), 10, False)
+        torch.testing.assert_close(ft.eval().forward_features(x), own.forward_features(x))
+        # the bug this guards against: a ViT without layer scale takes the same file with the gammas left out
+        plain = vit.vit('tiny', img_size=32, patch_size=8, num_classes=0).eval()
+        vit.load_backbone(ck, plain, verbose=False)
+        err = (plain.forward_intermediates(x, [12])[0] - own.forward_intermediates(x, [12])[0]).norm()
+        assert err > 0.1 * own.forward_intermediates(x, [12])[0].norm()

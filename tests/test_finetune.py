@@ -164,20 +164,16 @@ def test_every_method_and_official_format_loads(tmp_path, one_thread):
     for name, obj in files.items():
         path = str(tmp_path / f'{name}.pt')
         torch.save(obj, path)
-        ckpt, layer_scale = finetune.read_backbone(path)
-        assert layer_scale is None
-        dst = small_vit(num_classes=0)
-        missing, unexpected = vit.load_backbone(ckpt, dst, verbose=False)
-        assert missing == [] and unexpected == [], name
+        dst, arch = vit.load_vit(path, num_heads=2, num_classes=0, verbose=False)  # width 16: heads not in SIZES
+        assert not arch['layer_scale'] and (arch['embed_dim'], arch['depth'], arch['patch_size']) == (16, 3, 8)
+        assert arch['missing'] == [] and arch['unexpected'] == [], name
         assert torch.allclose(dst.forward_features(x), ref, atol=1e-5), name
     # --checkpoint_key picks another sub-dict: LUT's EMA teacher, iBOT's student (DDP prefix stripped)
     for name, key in (('official_lut', 'model_ema'), ('official_ibot', 'student')):
-        ckpt, _ = finetune.read_backbone(str(tmp_path / f'{name}.pt'), key)
-        dst = small_vit(num_classes=0)
-        vit.load_backbone(ckpt, dst, verbose=False)
+        dst, _ = vit.load_vit(str(tmp_path / f'{name}.pt'), key, num_heads=2, num_classes=0, verbose=False)
         assert torch.equal(dst.blocks[0].mlp.fc1.weight, src.blocks[0].mlp.fc1.weight + 1), name
     with pytest.raises(ValueError, match="no key 'nope'"):
-        finetune.read_backbone(str(tmp_path / 'bare.pt'), 'nope')
+        vit.load_vit(str(tmp_path / 'bare.pt'), 'nope', num_heads=2)
 
 
 def test_beit_dtm_layout_with_layer_scale_and_relative_position(tmp_path, one_thread):
@@ -198,14 +194,12 @@ def test_beit_dtm_layout_with_layer_scale_and_relative_position(tmp_path, one_th
     beit['lm_head.weight'] = torch.zeros(512, 16)
     path = str(tmp_path / 'dtm.pt')
     torch.save({'model': beit}, path)
-    ckpt, layer_scale = finetune.read_backbone(path)
-    assert layer_scale is not None  # the model must be built with layer scale
-    dst = small_vit(num_classes=0, layer_scale=layer_scale)
-    missing, unexpected = vit.load_backbone(ckpt, dst, verbose=False)
-    assert missing == [] and unexpected == []
+    dst, arch = vit.load_vit(path, num_heads=2, num_classes=0, verbose=False)
+    assert arch['layer_scale'] and isinstance(dst.blocks[0].ls1, vit.LayerScale)  # built with layer scale
+    assert arch['missing'] == [] and arch['unexpected'] == []
     x = torch.randn(2, 3, 16, 16)
     assert torch.allclose(dst.forward_features(x), src.forward_features(x), atol=1e-5)
-    assert 'relative position bias dropped' in vit.extract_backbone(ckpt)[1]
+    assert 'relative position bias dropped' in arch['format']
 
 
 def test_position_embedding_interpolation():
@@ -345,3 +339,45 @@ def test_bad_input_is_one_clear_line(tmp_path, one_thread, capsys):
         with pytest.raises(SystemExit) as e:
             finetune.get_config(argv)
         assert e.value.code == 2 and msg in capsys.readouterr().err
+
+
+def test_knn_feature_extraction_prints_progress(tmp_path, one_thread, monkeypatch, capsys):
+    monkeypatch.setenv('NANOMIM_PROGRESS_EVERY', '0')  # a line at every batch instead of every 10 s
+    finetune.main(TINY + ['--mode', 'knn', '--checkpoint', 'none', '--train_samples', '24', '--eval_samples', '8',
+                          '--batch_size', '8', '--out_dir', str(tmp_path / 'knn')])
+    out = capsys.readouterr().out
+    assert 'train features: 8/24 img' in out and 'train features: 24/24 img' in out and 'val features: 8/8' in out
+    monkeypatch.setenv('NANOMIM_PROGRESS_EVERY', '1000')  # the default cadence: a run this short prints no line
+    finetune.main(TINY + ['--mode', 'knn', '--checkpoint', 'none', '--train_samples', '24', '--eval_samples', '8',
+                          '--batch_size', '8', '--out_dir', str(tmp_path / 'knn2')])
+    assert 'features: 8/24' not in capsys.readouterr().out
+
+
+def test_ibot_protocol_features_and_probe(tmp_path, one_thread):
+    # iBOT eval_linear: ViT-S and smaller concatenate the normed [CLS] of the last 4 blocks (n_last_blocks 4);
+    # ViT-B and larger take the normed [CLS] and the mean normed patch token of the last block (avgpool 2)
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 16, 16)
+    for width, heads, n in ((64, 2, 4), (768, 12, 1)):
+        m = vit.VisionTransformer(img_size=16, patch_size=8, embed_dim=width, depth=5, num_heads=heads,
+                                  num_classes=0).eval()
+        t, outs = m.with_cls(m.embed(x)), []
+        for blk in m.blocks:
+            t = blk(t)
+            outs.append(m.norm(t))
+        want = torch.cat([o[:, 0] for o in outs[-4:]], -1) if n == 4 else torch.cat([outs[-1][:, 0],
+                                                                                      outs[-1][:, 1:].mean(1)], -1)
+        with torch.no_grad():
+            got = finetune.probe_features(m, x, 'cls', 'ibot')
+        assert got.shape == (2, finetune.probe_dim(m, 'ibot')) and torch.allclose(got, want, atol=1e-5)
+        with torch.no_grad():
+            torch.testing.assert_close(finetune.probe_features(m, x, 'cls', 'mae'), outs[-1][:, 0])
+    cfg = finetune.get_config(['--mode', 'linprobe', '--protocol', 'ibot', '--checkpoint', 'none', '--data', 'x'])
+    assert (cfg.epochs, cfg.batch_size, cfg.blr, cfg.warmup_epochs, cfg.weight_decay, cfg.min_lr) == \
+        (100, 128, 1e-3, 0, 0.0, 0.0)  # DINO / iBOT eval_linear defaults
+    out = str(tmp_path / 'ibot')
+    finetune.main(TINY + ['--mode', 'linprobe', '--protocol', 'ibot', '--checkpoint', 'none', '--train_samples', '32',
+                          '--eval_samples', '8', '--batch_size', '16', '--epochs', '2', '--out_dir', out])
+    ck = load_ckpt(out)
+    assert sorted(ck['model']) == ['head.0.bias', 'head.0.weight'] and ck['model']['head.0.weight'].shape == (10, 4 * 192)
+    assert ck['optimizer']['param_groups'][0]['momentum'] == 0.9 and 'knn_acc1' not in results(out)

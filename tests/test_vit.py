@@ -175,3 +175,42 @@ def test_mini_size_parameter_count_by_hand():
     D = 128
     expect = 48 * D + D + D + 65 * D + 6 * (12 * D * D + 13 * D) + 2 * D
     assert vit.count_params(vit.vit('mini', img_size=32, patch_size=4, num_classes=0)) == expect == 1_204_608
+
+
+def test_load_vit_builds_what_the_checkpoint_holds(tmp_path):
+    # width, depth, heads (by size name), patch, MLP ratio, layer scale and resolution are read off the file
+    torch.manual_seed(0)
+    src = vit.vit('mini', img_size=32, patch_size=4, num_classes=0, layer_scale=0.1).eval()
+    with torch.no_grad():
+        for blk in src.blocks:
+            blk.ls1.gamma.uniform_(0.5, 1.5)
+            blk.ls2.gamma.uniform_(0.5, 1.5)
+    path = str(tmp_path / 'ls.pt')
+    torch.save({'method': 'dtm', 'encoder': vit.backbone_state_dict(src), 'config': {'img_size': 32}}, path)
+    m, arch = vit.load_vit(path, num_classes=0, verbose=False)
+    assert (arch['model'], arch['num_heads'], arch['patch_size'], arch['img_size'], arch['layer_scale']) == \
+        ('mini', 4, 4, 32, True) and arch['mlp_ratio'] == 4.0 and arch['missing'] == arch['unexpected'] == []
+    x = torch.randn(2, 3, 32, 32)
+    torch.testing.assert_close(m.eval().forward_features(x), src.forward_features(x))
+    m48, _ = vit.load_vit(path, img_size=48, num_classes=0, verbose=False)  # another resolution: interpolated
+    assert m48.pos_embed.shape == (1, 1 + 144, 128)
+    with pytest.raises(ValueError, match='width 128, depth 6, patch 4 \\(ViT-mini\\).*pick the matching'):
+        vit.load_vit(path, model='tiny', verbose=False)
+    with pytest.raises(ValueError, match='patch 8'):
+        vit.load_vit(path, patch_size=8, verbose=False)
+    # a width outside SIZES: heads = width / 64 when that divides, else they must be given
+    odd = vit.VisionTransformer(img_size=16, patch_size=8, embed_dim=128, depth=2, num_heads=2, num_classes=0)
+    assert vit.checkpoint_arch({'encoder': vit.backbone_state_dict(odd)})['num_heads'] == 2
+    odd = vit.VisionTransformer(img_size=16, patch_size=8, embed_dim=48, depth=2, num_heads=3, num_classes=0)
+    with pytest.raises(ValueError, match='head count'):
+        vit.checkpoint_arch(vit.backbone_state_dict(odd))
+    assert vit.checkpoint_arch(vit.backbone_state_dict(odd), num_heads=3)['img_size'] == 16  # from pos_embed
+    # no absolute position embedding in the file (BEiT relative position only): none in the model either
+    sd = {k: v for k, v in vit.backbone_state_dict(src).items() if k != 'pos_embed'}
+    m, arch = vit.load_vit(sd, img_size=32, verbose=False)
+    assert not arch['abs_pos_embed'] and torch.equal(m.pos_embed, torch.zeros_like(m.pos_embed))
+    with pytest.raises(ValueError, match='cannot read checkpoint'):
+        (tmp_path / 'junk.pt').write_bytes(b'not a checkpoint')
+        vit.load_vit(str(tmp_path / 'junk.pt'))
+    with pytest.raises(ValueError, match='no ViT backbone'):
+        vit.load_vit({'model': {'fc.weight': torch.zeros(2, 2)}})
