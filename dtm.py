@@ -726,7 +726,8 @@ def main(argv=None):
         print(json.dumps({'method': METHOD, 'regime': data.regime(cfg.data), **dataclasses.asdict(cfg),
                           'world': world, 'device': device, 'dtype': dtype, 'effective_batch': eff_batch,
                           'lr': base_lr, 'steps': total_steps}))
-        print(f'encoder {vit.count_params(model.encoder) / 1e6:.2f}M params, total {vit.count_params(model) / 1e6:.2f}M, '
+        print(f'encoder {vit.count_params(model.encoder) / 1e6:.2f}M params, '
+              f'total {vit.count_params(model) / 1e6:.2f}M, '
               f'teacher {cfg.teacher} {vit.count_params(teacher) / 1e6:.2f}M ({teacher.dim}-d targets), '
               f'{len(base)} images, {steps_per_epoch} steps/epoch')
     # DDP first, then compile: dynamo splits the graph at DDP's buckets so the all-reduce overlaps backward
@@ -758,11 +759,10 @@ def main(argv=None):
         step += 1
         save_now = step % save_every == 0 or step == end_step
         if step % cfg.log_every == 0 or save_now:  # a non-finite loss is looked for here: never saved
-            dt = time.time() - t0
-            log_stats(stats_sum, STATS, {'step': step, 'end_step': end_step, 'epoch': step / steps_per_epoch,
-                                         'n': step - step_start, **sched, 'img_per_s': (step - step_start) * eff_batch / dt,
-                                         'eta_min': (end_step - step) * dt / (step - step_start) / 60},
-                      ddp, master, cfg.out_dir)
+            n, dt = step - step_start, time.time() - t0
+            rec = {'step': step, 'end_step': end_step, 'epoch': step / steps_per_epoch, 'n': n, **sched,
+                   'img_per_s': n * eff_batch / dt, 'eta_min': (end_step - step) * dt / n / 60}
+            log_stats(stats_sum, STATS, rec, ddp, master, cfg.out_dir)
             stats_sum.zero_()
             t0, step_start = time.time(), step
         if save_now and master:
