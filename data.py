@@ -419,7 +419,8 @@ def ra_apply(img, name, level, fill=(124, 116, 104)):
                         center=[0, 0], interpolation=bicubic, fill=list(fill))
     if name in ('TranslateXRel', 'TranslateYRel'):
         t = [level * img.size[0], 0.0] if name == 'TranslateXRel' else [0.0, level * img.size[1]]
-        return F.affine(img, angle=0.0, translate=t, scale=1.0, shear=[0.0, 0.0], interpolation=bicubic, fill=list(fill))
+        return F.affine(img, angle=0.0, translate=t, scale=1.0, shear=[0.0, 0.0], interpolation=bicubic,
+                        fill=list(fill))
     if name == 'PosterizeIncreasing':
         if level <= 0:  # keep 0 bits (magnitude 10): black, what PIL gave before it refused bits=0
             return Image.new(img.mode, img.size)
@@ -742,4 +743,6 @@ class Progress:
 
     def close(self):
         if self.enabled and self.printed:
-            print(f'{self._line()} (done in {time.time() - self.t0:.0f} s)', flush=True)
+            dt = time.time() - self.t0
+            print(f'{self.desc}: done, {self.done} {self.unit} in {dt:.0f} s ({self.done / max(dt, 1e-9):.1f} '
+                  f'{self.unit}/s)', flush=True)

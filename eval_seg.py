@@ -4,8 +4,9 @@ eval_seg.py -- semantic segmentation with a pre-trained ViT (the MAE / BEiT / iB
 Four blocks of the pre-trained ViT (4, 6, 8, 12 of 12) become a 4-level feature pyramid (deconv 4x, deconv 2x,
 identity, max-pool: strides p/4, p/2, p, 2p for patch size p), read by an UperNet head (pooling pyramid + FPN)
 with an auxiliary FCN head; the whole network is fine-tuned with AdamW, layer-wise lr decay and a poly schedule,
-then scored by single-scale sliding-window mIoU. `--head linear` is the fast probe: frozen backbone, BatchNorm +
-1x1 conv on the last block's patch tokens, upsampled.
+then scored by single-scale sliding-window mIoU. `--head linear` is iBOT's linear protocol: frozen backbone, the
+4 tapped blocks' patch tokens after the final norm concatenated, one 1x1 conv (no BatchNorm), upsampled. The
+backbone is the one the checkpoint holds (vit.load_vit: width, depth, heads, patch, layer scale).
 
   python eval_seg.py --checkpoint out/mae/checkpoint.pt     # embedded shapes (11 classes), CPU, minutes
   python eval_seg.py --checkpoint none                      # same with a random-init backbone (the baseline)
@@ -17,6 +18,23 @@ then scored by single-scale sliding-window mIoU. `--head linear` is the fast pro
 Data: '' = the embedded shapes with their masks (0 background, 1..10 the shapes); a folder in the ADE20K layout
 (ADEChallengeData2016/{images,annotations}/{training,validation}, labels reduced by one, 0 -> ignore);
 'voc:DIR' = a VOC-style folder (JPEGImages/*.jpg, SegmentationClassPNG/*.png palette PNGs, 255 = ignore).
+
+As the published ADE20K numbers were made (MAE / BEiT / iBOT configs on mmseg): UperNet width 768 with a 256-wide
+auxiliary FCN head; cross-entropy averaged over all pixels, ignored ones counting 0 (mmseg avg_non_ignore=False);
+[CLS] and position embedding weight-decayed (the shared LayerDecayOptimizerConstructor never matches their
+'backbone.'-prefixed names); training crops retried while one class covers 75% (cat_max_ratio), padded with the
+mean colour / ignore after normalization; mmseg's additive brightness and multiplicative contrast; for an iBOT
+checkpoint, out_with_norm (--out_norm 1) and lr 8e-5, and lr 8e-4 for the linear head (iBOT's README, ViT-B).
+
+Deliberate differences from the official code (what and why):
+- Photometric saturation and hue are torchvision's (a blend with the grey image; a float HSV hue shift) where
+  mmseg scales S and shifts H in OpenCV's uint8 HSV: torchvision has no OpenCV HSV and the effect is the same kind.
+- Resize: the shorter side to U[0.5, 2] x S (train) and to S (test); mmseg rescales to fit (4S, S) x ratio, which
+  also caps the long side at 4x the short one: the same for every ADE20K image but panoramas beyond 4:1.
+- Linear warm-up from 0 (mmseg: from 1e-6 of the lr); iBOT's ViT-S lr (3e-5) is not picked automatically: pass --lr.
+- SyncBatchNorm in the heads only under CUDA DDP (gloo / CPU keeps plain BatchNorm, rank 0's statistics scored);
+  bf16 autocast where the configs use apex / mmcv fp16.
+- BEiT-style relative position bias is dropped when a checkpoint has one (this ViT has none; the loader says so).
 
 Letters in shape comments: B batch, L patches, D width, C classes, h x w patch grid, H x W pixels, c head width.
 """
@@ -62,7 +80,7 @@ class Config:
     head: str = 'upernet'      # upernet (fine-tune everything) | linear (iBOT's probe: frozen backbone, 1x1 conv on the
     #                            4 tapped blocks' normed patch tokens concatenated)
     layers: str = ''           # 1-based blocks feeding the pyramid, e.g. 4,6,8,12; '' = 4,6,8,12 scaled to the depth
-    channels: int = 0          # UperNet width; 0 = 64 embedded, 768 folder (iBOT, MAE); the auxiliary head min(256, half)
+    channels: int = 0          # UperNet width; 0 = 64 embedded, 768 folder (iBOT, MAE); auxiliary head min(256, half)
     aux_weight: float = 0.4    # weight of the auxiliary FCN head's loss on the stride-p level; 0 = no auxiliary head
     out_norm: int = -1         # 1 = the backbone's final LayerNorm on each tapped block (iBOT's out_with_norm), 0 = raw
     #                            outputs (MAE / BEiT); -1 = 1 for an iBOT / DINO checkpoint, else 0; the linear head: 1
@@ -70,8 +88,8 @@ class Config:
     iters: int = 0             # optimizer steps; 0 = 1500 embedded (about 5 epochs of shapes), 160000 folder
     batch_size: int = 0        # per process; 0 = 16 embedded, 2 folder (16 on 8 GPUs)
     accum_iter: int = 1        # gradient accumulation steps (effective batch = batch_size * accum_iter * world)
-    lr: float = 0.0            # peak lr of the head (backbone layers get lr * layer_decay^k); 0 = 1e-3 embedded; folder:
-    #                            1e-4 (MAE), 8e-5 for an iBOT checkpoint, 8e-4 with --head linear (iBOT's README)
+    lr: float = 0.0            # peak lr of the head (backbone layers get lr * layer_decay^k); 0 = 1e-3 embedded;
+    #                            folder: 1e-4 (MAE), 8e-5 for an iBOT checkpoint, 8e-4 with --head linear (iBOT)
     min_lr: float = 0.0        # end of the poly schedule
     layer_decay: float = 0.65  # layer-wise lr decay: block i of a depth-N ViT gets decay^(N + 1 - i), the head 1
     warmup_iters: int = -1     # linear warm-up; -1 = 30 embedded, 1500 folder
@@ -336,7 +354,8 @@ class SegTrainTransform:
         """(Image, Mask) -> the resized, cropped, flipped pair, at most S x S (uint8 image, int64 mask)."""
         img, mask = self.resize(pair)
         top, left, h, w = self.crop_box(mask)
-        crop = (tv_tensors.Image(img[..., top:top + h, left:left + w]), tv_tensors.Mask(mask[top:top + h, left:left + w]))
+        crop = (tv_tensors.Image(img[..., top:top + h, left:left + w]),
+                tv_tensors.Mask(mask[top:top + h, left:left + w]))
         return self.flip(crop)
 
     def __call__(self, pair):

@@ -1,15 +1,20 @@
 """
 finetune.py -- evaluation of a pre-trained ViT: end-to-end fine-tuning, linear probing and kNN, one file.
 
-  finetune  MAE protocol: layer-wise lr decay, AdamW, warm-up + cosine, drop path, mixup/cutmix, label smoothing,
-            RandAugment, random erasing; global-average-pool + fc_norm head (or [CLS]); top-1 every epoch
-  linprobe  MAE protocol: frozen backbone, [CLS] after the final norm -> BatchNorm1d(affine=False) -> Linear,
-            LARS; with --cache 1 the center-crop features are extracted once, only the head trains, and the
-            kNN accuracy of the same features comes for free
-  knn       DINO protocol: L2-normalised frozen features, k = 20 cosine neighbours voting with exp(sim / 0.07)
+  finetune  MAE protocol (main_finetune.py): layer-wise lr decay, AdamW, warm-up + cosine, drop path, mixup /
+            cutmix, label smoothing, RandAugment rand-m9-mstd0.5-inc1, random erasing (pixel mode); global-average-
+            pool + fc_norm head (or [CLS]); top-1 every epoch
+  linprobe  --protocol mae (main_linprobe.py): frozen backbone, [CLS] after the final norm -> BatchNorm1d(affine=
+            False) -> Linear, LARS. --protocol ibot (iBOT / DINO eval_linear.py): normed [CLS] of the last 4 blocks
+            (ViT-S and smaller) or [CLS] + mean patch token of the last block (ViT-B and larger) -> Linear, SGD.
+            With --cache 1 the center-crop features are extracted once, only the head trains, and (mae) the kNN
+            accuracy of the same features comes for free
+  knn       DINO protocol (eval_knn.py): L2-normalised frozen features, k = 20 cosine neighbours voting with
+            exp(sim / 0.07)
 
 --checkpoint takes a nanoMIM checkpoint (mae/lut/ibot/dtm/finetune.py), an official release (MAE/LUT/DTM
-'model', iBOT/DINO 'teacher'), a bare backbone state_dict, or 'none' (random init, the baseline).
+'model', iBOT/DINO 'teacher'), a bare backbone state_dict, or 'none' (random init, the baseline); vit.load_vit
+builds the ViT the file holds (layer scale included).
 
   python finetune.py --mode knn --checkpoint out/mae/checkpoint.pt       # embedded data, CPU, about a minute
   python finetune.py --mode linprobe --checkpoint out/mae/checkpoint.pt  # cached features, CPU, minutes
@@ -21,7 +26,24 @@ finetune.py -- evaluation of a pre-trained ViT: end-to-end fine-tuning, linear p
 Measured on the embedded shapes (ViT-tiny/8, 64 px, 5000 train / 1000 val, CPU fp32), [CLS] kNN / linear-probe
 top-1: random init 16.2 / 23.3; `python mae.py` (8 epochs) 17.9 / 27.9; `python lut.py --max_steps 200` 14.1 / 21.0.
 
-Letters in shape comments: B batch, L patches, D width, C classes, N train images, M test images.
+Deliberate differences from the official evaluation code (each small; what and why):
+- RandAugment: timm's 'rand-m9-mstd0.5-inc1' ops, ranges, noise and p 0.5 (data.RandAugment), called through
+  torchvision's functional ops on PIL images (the same PIL calls, no timm dependency); random numbers come from
+  torch's per-sample seeded RNG rather than Python's / NumPy's global ones; posterize to 0 bits (magnitude 10,
+  which PIL now refuses) gives the black image older PIL gave.
+- Random erasing: torchvision's RandomErasing(value='random') with timm's scale (0.02, 1/3) and aspect (0.3, 1/0.3):
+  the same per-pixel N(0, 1) fill, one box, up to 10 draws, as timm's mode 'pixel'.
+- Linear probe, mae: torchvision's RandomResizedCrop (10 draws, then a center crop) where MAE's util/crop.py
+  draws once and clips the box (TF / BYOL style); with --cache 1 (the embedded default) the head trains on
+  center-crop features with no augmentation at all, to extract features once on a CPU.
+- Linear probe, ibot: one lr per run (--blr; DINO's default 1e-3): iBOT trains 45 heads at lrs {1..9} x 10^-4..10^0
+  side by side and reports the best, so sweep --blr to compare with its figures; the cosine is per step, not per
+  epoch (CosineAnnealingLR); RandomResizedCrop is bicubic (DINO's is bilinear); the feature recipe follows iBOT's
+  run.sh by width (4 x [CLS] below 768, [CLS] + mean patch from 768).
+- kNN: top-5 takes torch.topk of the class votes where DINO sorts them: they can differ only between classes with
+  equal votes (e.g. several with none, when fewer than 5 classes got a vote); top-1 is the same.
+
+Letters in shape comments: B batch, L patches, D width, C classes, N train images, M test images, F probe features.
 """
 import argparse
 import copy
@@ -68,7 +90,7 @@ class Config:
     mixup: float = 0.8         # finetune: mixup Beta alpha (0 = off)
     cutmix: float = 1.0        # finetune: cutmix Beta alpha (0 = off); with both on, each batch picks one (p 0.5)
     smoothing: float = 0.1     # finetune: label smoothing
-    rand_augment: int = 9      # finetune: RandAugment magnitude, 2 ops (timm rand-m9-mstd0.5-inc1: each op p 0.5; 0 = off)
+    rand_augment: int = 9      # finetune: RandAugment magnitude, 2 ops, each p 0.5 (timm rand-m9-mstd0.5-inc1; 0 = off)
     reprob: float = 0.25       # finetune: random erasing probability (timm mode 'pixel': the box gets N(0, 1) noise)
     ema: float = 0.0           # finetune: EMA decay of the weights, evaluated beside the model (0 = off)
     cache: int = -1            # linprobe: 1 = train the head on center-crop features extracted once; -1 = 1 embedded, 0 folder
@@ -111,10 +133,11 @@ MODES = {
 }
 BIG = {'finetune': dict(epochs=50, blr=1e-3), 'linprobe': dict(epochs=50), 'knn': {}}  # the ViT-L / H recipes
 # --protocol ibot (embedded, recipe): iBOT / DINO eval_linear.py, SGD lr = blr * batch / 256 (DINO's default blr 1e-3;
-# iBOT reports the best of a sweep over 45 lrs), cosine to 0, no warm-up, no weight decay, 128 per GPU x 8
+# iBOT reports the best of a sweep over 45 lrs), cosine to 0, no warm-up, no weight decay, 128 per GPU x 8. Embedded:
+# on random-init features top-1 is flat in blr (22.7 / 22.5 / 22.4 at 0.2 / 2 / 20), 2 sits in the middle
 IBOT_PROBE = (dict(epochs=90, batch_size=256, blr=2.0, min_lr=0.0, warmup_epochs=0, weight_decay=0.0),
               dict(epochs=100, batch_size=128, blr=1e-3, min_lr=0.0, warmup_epochs=0, weight_decay=0.0))
-ARCH_KEYS = ('mode', 'model', 'img_size', 'patch_size', 'pool', 'cache')  # must match on resume
+ARCH_KEYS = ('mode', 'model', 'img_size', 'patch_size', 'pool', 'cache', 'protocol')  # must match on resume
 
 
 def get_config(argv=None):
@@ -181,7 +204,8 @@ def build_backbone(cfg, num_classes, verbose=True):
               drop_path_rate=cfg.drop_path if finetuning else 0.0)
     if cfg.checkpoint in ('none', 'pixels'):
         if verbose:
-            print('raw pixels (--checkpoint pixels)' if cfg.checkpoint == 'pixels' else 'random init (--checkpoint none)')
+            print('raw pixels (--checkpoint pixels)' if cfg.checkpoint == 'pixels'
+                  else 'random init (--checkpoint none)')
         return vit.vit(cfg.model, patch_size=cfg.patch_size, **kw)
     try:
         return vit.load_vit(cfg.checkpoint, cfg.checkpoint_key, model=cfg.model, patch_size=cfg.patch_size,

@@ -424,9 +424,10 @@ def read_checkpoint(path):
 
 def checkpoint_arch(ckpt, num_heads=0):
     """The ViT a loaded checkpoint holds, read off its backbone tensors: dict(model (SIZES name, None for another
-    size), embed_dim, depth, num_heads, patch_size, img_size, mlp_ratio, qkv_bias, layer_scale, abs_pos_embed (bools),
-    format, method ('ibot' for an iBOT / DINO teacher file)). Heads are not in the weights: they come from the size name of (width, depth), else width / 64 (every
-    published ViT but huge), else `num_heads`. img_size: the nanoMIM config's, else the position-embedding grid."""
+    size), embed_dim, depth, num_heads, patch_size, img_size, mlp_ratio, qkv_bias, layer_scale, abs_pos_embed
+    (bools), format, method ('ibot' for an iBOT / DINO teacher file)). Heads are not in the weights: `num_heads`
+    when given, else the size name's of (width, depth), else width / 64 (every published ViT but huge).
+    img_size: the nanoMIM config's, else the position-embedding grid."""
     sd, fmt = extract_backbone(ckpt)
     if 'patch_embed.proj.weight' not in sd:
         raise ValueError(f'checkpoint ({fmt}) has no ViT backbone (no patch_embed.proj.weight)')
@@ -477,7 +478,7 @@ def load_vit(src, key='', img_size=0, model='', patch_size=0, num_heads=0, verbo
     img_size = img_size or arch['img_size']
     if img_size % p:
         raise ValueError(f'image size {img_size} is not divisible by the checkpoint\'s patch size {p}')
-    kw.setdefault('pos_embed', 'learned')  # the checkpoint's values are loaded either way; 'learned' keeps them trainable
+    kw.setdefault('pos_embed', 'learned')  # the checkpoint's values load either way; 'learned' keeps them trainable
     net = VisionTransformer(img_size=img_size, patch_size=p, embed_dim=D, depth=depth, num_heads=arch['num_heads'],
                             mlp_ratio=arch['mlp_ratio'], qkv_bias=arch['qkv_bias'],
                             layer_scale=1.0 if arch['layer_scale'] else None, **kw)
