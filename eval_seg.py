@@ -40,10 +40,10 @@ Letters in shape comments: B batch, L patches, D width, C classes, h x w patch g
 """
 import argparse
 import dataclasses
+import inspect
 import json
 import math
 import os
-import random
 import sys
 import time
 import warnings
@@ -67,12 +67,12 @@ METHOD = 'seg'
 IGNORE = 255  # label of pixels that count neither in the loss nor in the metric
 
 # -----------------------------------------------------------------------------
-# config: typed defaults, one comment each; 0 / '' = pick by data (embedded CPU default or the paper recipe)
+# config: typed defaults, one comment each (the comment is the flag's --help); 0 / '' / -1 = picked by --data
 
 
 @dataclass
 class Config:
-    data: str = ''             # '' embedded shapes; an ADE20K folder (ADEChallengeData2016 layout); voc:DIR
+    data: str = ''             # '' = embedded shapes; an ADE20K folder (ADEChallengeData2016 layout); voc:DIR
     checkpoint: str = ''       # pre-trained backbone (any format vit.load_backbone reads), or 'none' = random init
     model: str = ''            # mini|tiny|small|base|large|huge; '' = tiny on embedded data, base on a folder
     img_size: int = 0          # training crop and sliding window; 0 = 64 embedded, 512 folder
@@ -105,33 +105,65 @@ class Config:
     dtype: str = ''            # bf16|fp16|fp32; '' = bf16 on CUDA, fp32 on CPU
     compile: bool = False      # torch.compile the model
     seed: int = 0              # data order and augmentation are pure functions of (seed, epoch, index)
-    num_workers: int = -1      # loader workers per process; -1 = 2 embedded, 8 folder
+    num_workers: int = -1      # loader workers per process, capped at the CPUs this process may use
     log_every: int = 20        # steps between log lines (the only host syncs)
     max_steps: int = 0         # stop after this many optimizer steps (0 = run all iters); schedule unchanged
     device: str = ''           # cuda|cpu|cuda:N; '' = cuda if available
 
 
-EMBEDDED = dict(model='tiny', img_size=64, patch_size=8, channels=64, iters=1500, batch_size=16, lr=1e-3,
-                warmup_iters=30, num_workers=2)
-RECIPE = dict(model='base', img_size=512, patch_size=0, channels=768, iters=160_000, batch_size=2, lr=0.0,
-              warmup_iters=1500, num_workers=8)
+# what 0 / '' / -1 resolve to: the embedded shapes (CPU, minutes) or a segmentation folder (the recipe: UperNet,
+# 512 px, 160k iterations, batch 16 on 8 GPUs). The small idx datasets have no masks: no regime here.
+REGIMES = {
+    'embedded': dict(model='tiny', img_size=64, patch_size=8, channels=64, iters=1500, batch_size=16, lr=1e-3,
+                     warmup_iters=30, num_workers=2),
+    'folder': dict(model='base', img_size=512, patch_size=0, channels=768, iters=160_000, batch_size=2, lr=0.0,
+                   warmup_iters=1500, num_workers=8),
+}
 ARCH_KEYS = ('model', 'img_size', 'patch_size', 'head', 'layers', 'channels', 'aux_weight', 'out_norm')  # must match on resume
 
 
+def field_help(cls):
+    """{field name: its '# comment'} from the dataclass source (a comment may go on over '#' lines below it), so the
+    comment is the one place a knob is described."""
+    try:
+        lines = inspect.getsource(cls).splitlines()
+    except (OSError, TypeError):  # no source at hand (frozen app): flags keep their defaults as help
+        return {}
+    out, name = {}, None
+    for line in lines:
+        code, sep, comment = line.partition('# ')
+        if sep and not code.strip() and name:  # a continuation line of the previous field's comment
+            out[name] += ' ' + comment.strip()
+            continue
+        name = code.split(':')[0].strip() if sep and ':' in code and '=' in code else None
+        if name:
+            out[name] = comment.strip()
+    return out
+
+
 def get_config(argv=None):
-    """argparse from the dataclass (unknown flags rejected), then fill the data-dependent defaults."""
+    """argparse from Config (the field comments are the help; unknown flags are rejected), then the defaults left
+    at 0 / '' / -1 are filled from the regime of --data (REGIMES)."""
+    def boolean(s):
+        if s.lower() not in ('1', 'true', 'yes', 'on', '0', 'false', 'no', 'off'):
+            raise argparse.ArgumentTypeError(f'expected true or false, got {s!r}')
+        return s.lower() in ('1', 'true', 'yes', 'on')
+    helps = field_help(Config)
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     for f in dataclasses.fields(Config):
-        if f.type is bool:
-            p.add_argument(f'--{f.name}', type=lambda s: s.lower() in ('1', 'true', 'yes', 'on'), default=f.default,
-                           metavar='BOOL', help=f'(default {f.default})')
-        else:
-            p.add_argument(f'--{f.name}', type=f.type, default=f.default, help=f'(default {f.default!r})')
+        picked = '; '.join(f'{r} {v[f.name]!r}' for r, v in REGIMES.items() if f.name in v)
+        default = f'default {f.default!r}' + (f' = picked by --data: {picked}' if picked else '')
+        p.add_argument(f'--{f.name}', type=boolean if f.type is bool else f.type, default=f.default,
+                       metavar='BOOL' if f.type is bool else f.name.upper(),
+                       help=f'{helps.get(f.name, "")} ({default})'.replace('%', '%%'))
     cfg = Config(**vars(p.parse_args(argv)))
-    unset = {f.name: f.default for f in dataclasses.fields(Config)}  # a knob left at its default is filled by data
-    for k, v in (EMBEDDED if cfg.data in ('', 'shapes') else RECIPE).items():
-        if getattr(cfg, k) == unset[k]:
+    regime = data.regime(cfg.data)
+    if regime not in REGIMES:
+        p.error(f'--data {cfg.data}: no segmentation masks there; use the embedded shapes, an ADE20K folder or voc:DIR')
+    for k, v in REGIMES[regime].items():
+        if getattr(cfg, k) == Config.__dataclass_fields__[k].default:  # left at its 'pick by data' default
             setattr(cfg, k, v)
+    cfg.num_workers = data.default_workers(cfg.num_workers)
     if cfg.patch_size == 0:
         cfg.patch_size = vit.SIZES[cfg.model][3] if cfg.model in vit.SIZES else 16
     if cfg.model not in vit.SIZES:
@@ -648,22 +680,61 @@ def lr_at(step, base_lr, min_lr, warmup_steps, total_steps, power=1.0):
     return lr * step / warmup_steps if step < warmup_steps else lr
 
 # -----------------------------------------------------------------------------
-# checkpointing
+# distributed, precision, checkpoints (the same block in every nanoMIM script)
 
 
-def rng_state():
-    return {'python': random.getstate(), 'numpy': np.random.get_state(), 'torch': torch.get_rng_state(),
-            'cuda': torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+def resolve_device(flag, local_rank, ddp, cuda_available):
+    """--device -> a device string with an index for CUDA ('cuda' -> 'cuda:LOCAL_RANK'; under torchrun every
+    process takes its own GPU), without touching CUDA."""
+    device = flag or ('cuda' if cuda_available else 'cpu')
+    if device.startswith('cuda') and (ddp or device == 'cuda'):
+        device = f'cuda:{local_rank}'
+    return device
+
+
+def setup_distributed(cfg):
+    """torchrun sets RANK / LOCAL_RANK / WORLD_SIZE; plain `python` runs one process.
+    Returns (ddp, rank, local_rank, world, device)."""
+    ddp = int(os.environ.get('RANK', -1)) != -1
+    rank, local_rank, world = (int(os.environ['RANK']), int(os.environ['LOCAL_RANK']),
+                               int(os.environ['WORLD_SIZE'])) if ddp else (0, 0, 1)
+    device = resolve_device(cfg.device, local_rank, ddp, torch.cuda.is_available())
+    if device.startswith('cuda'):
+        torch.cuda.set_device(device)
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    if ddp:
+        dist.init_process_group(backend='nccl' if device.startswith('cuda') else 'gloo')
+    torch.manual_seed(cfg.seed + rank)
+    return ddp, rank, local_rank, world, device
+
+
+def setup_precision(cfg, device_type):
+    """bf16 autocast by default on CUDA, fp16 autocast with a GradScaler, fp32 on CPU.
+    Returns (dtype name, autocast context, scaler)."""
+    dtype = cfg.dtype or ('bf16' if device_type == 'cuda' else 'fp32')
+    ptdtype = {'bf16': torch.bfloat16, 'fp16': torch.float16, 'fp32': torch.float32}[dtype]
+    autocast = nullcontext() if dtype == 'fp32' else torch.autocast(device_type, dtype=ptdtype)
+    return dtype, autocast, torch.amp.GradScaler(device_type, enabled=dtype == 'fp16')
+
+
+def step_seed(seed, rank, step):
+    """The seed of torch's RNG inside optimizer step `step` (drop path, in-step draws): a function of (seed, rank,
+    step), set after the batch is fetched, so resume == uninterrupted and DDP ranks draw differently."""
+    return seed + 1_000_003 * rank + 7919 * step
 
 
 def save_checkpoint(path, state):
     """Atomic: write a temp file in the same folder, fsync, rename; a killed process never leaves a torn file."""
     tmp = f'{path}.tmp.{os.getpid()}'
-    with open(tmp, 'wb') as f:
-        torch.save(state, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, 'wb') as f:
+            torch.save(state, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
 
 
 def load_checkpoint(path, cfg, num_classes):
@@ -682,6 +753,15 @@ def load_checkpoint(path, cfg, num_classes):
     if diff:
         sys.exit(f'error: {path} was trained with ' + ', '.join(diff))
     return ckpt
+
+
+def restore(ckpt, stateful):
+    """Load every object of `stateful` ({name: object with load_state_dict}) from ckpt[name]. A GradScaler saved
+    disabled (a bf16 / fp32 run) holds nothing and is skipped, so a run may resume with another --dtype."""
+    for name, obj in stateful.items():
+        if isinstance(obj, torch.amp.GradScaler) and not ckpt[name]:
+            continue
+        obj.load_state_dict(ckpt[name])
 
 
 def pretrained_backbone(cfg, verbose=True):
@@ -747,26 +827,10 @@ def save_predictions(model, items, num_classes, cfg, device, path):
 def main(argv=None):
     cfg = get_config(argv)
 
-    # distributed: torchrun sets RANK/LOCAL_RANK/WORLD_SIZE; plain `python` runs one process
-    ddp = int(os.environ.get('RANK', -1)) != -1
-    rank, local_rank, world = (int(os.environ['RANK']), int(os.environ['LOCAL_RANK']),
-                               int(os.environ['WORLD_SIZE'])) if ddp else (0, 0, 1)
-    device = cfg.device or ('cuda' if torch.cuda.is_available() else 'cpu')
-    if device.startswith('cuda'):
-        device = f'cuda:{local_rank}' if ddp else device
-        torch.cuda.set_device(device)
-    if ddp:
-        dist.init_process_group(backend='nccl' if device.startswith('cuda') else 'gloo')
+    ddp, rank, local_rank, world, device = setup_distributed(cfg)
     master = rank == 0
     device_type = 'cuda' if device.startswith('cuda') else 'cpu'
-    torch.manual_seed(cfg.seed + rank)
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
-
-    # precision: bf16 autocast by default on CUDA, fp16 with a GradScaler, fp32 on CPU
-    dtype = cfg.dtype or ('bf16' if device_type == 'cuda' else 'fp32')
-    ptdtype = {'bf16': torch.bfloat16, 'fp16': torch.float16, 'fp32': torch.float32}[dtype]
-    autocast = nullcontext() if dtype == 'fp32' else torch.autocast(device_type, dtype=ptdtype)
-    scaler = torch.amp.GradScaler(device_type, enabled=dtype == 'fp16')
+    dtype, autocast, scaler = setup_precision(cfg, device_type)
 
     # the pre-trained backbone, built as its checkpoint holds it; the recipe knobs that follow its method
     backbone = pretrained_backbone(cfg, master)
@@ -804,9 +868,7 @@ def main(argv=None):
     resume = os.path.join(cfg.out_dir, 'checkpoint.pt') if cfg.resume == 'auto' else cfg.resume
     if resume and not (cfg.resume == 'auto' and not os.path.exists(resume)):
         ckpt = load_checkpoint(resume, cfg, num_classes)
-        model.load_state_dict(ckpt['model'])
-        optimizer.load_state_dict(ckpt['optimizer'])
-        scaler.load_state_dict(ckpt['scaler'])
+        restore(ckpt, {'model': model, 'optimizer': optimizer, 'scaler': scaler})
         step = ckpt['step']
         if master:
             print(f'resumed from {resume} at step {step}')
@@ -846,7 +908,7 @@ def main(argv=None):
     def checkpoint():
         state = {'method': METHOD, 'model': model.state_dict(), 'optimizer': optimizer.state_dict(),
                  'scaler': scaler.state_dict(), 'step': step, 'epoch': step / max(1, steps_per_epoch),
-                 'config': dataclasses.asdict(cfg), 'rng': rng_state(), 'num_classes': num_classes,
+                 'config': dataclasses.asdict(cfg), 'num_classes': num_classes,
                  'encoder': vit.backbone_state_dict(model.backbone)}
         save_checkpoint(os.path.join(cfg.out_dir, 'checkpoint.pt'), state)
 

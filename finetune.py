@@ -48,17 +48,16 @@ Letters in shape comments: B batch, L patches, D width, C classes, N train image
 import argparse
 import copy
 import dataclasses
+import inspect
 import json
 import math
 import os
-import random
 import sys
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass
 from types import SimpleNamespace
 
-import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn as nn
@@ -72,7 +71,7 @@ import vit
 METHOD = 'finetune'
 
 # -----------------------------------------------------------------------------
-# config: typed defaults, one comment each; 0 / '' / -1 = pick by data and mode (embedded CPU default or the recipe)
+# config: typed defaults, one comment each (the comment is the flag's --help); 0 / '' / -1 = picked by --data and --mode
 
 
 @dataclass
@@ -100,74 +99,112 @@ class Config:
     knn_t: float = 0.07        # knn: temperature of the vote weights exp(sim / t)
     train_samples: int = 0     # use this many training images (a fixed random subset; 0 = all)
     eval_samples: int = 0      # evaluate on this many val images (a fixed random subset; 0 = all)
-    epochs: int = 0            # 0 = by mode: finetune 100 (B) / 50 (L, H), linprobe 90 (B) / 50 (L, H); embedded 5 / 90
-    batch_size: int = 0        # per process; 0 = by mode (embedded 64 / 256; folder 128 / 2048, x8 GPUs = 1024 / 16384)
+    epochs: int = 0            # training epochs (finetune, linprobe); the ViT-L / H recipes use 50
+    batch_size: int = 0        # per process (effective batch = batch_size * accum_iter * processes)
     accum_iter: int = 1        # gradient accumulation steps (effective batch = batch_size * accum_iter * world)
-    blr: float = 0.0           # lr = blr * effective_batch / 256; 0 = by mode (finetune 5e-4 B / 1e-3 L, H; linprobe 0.1, 16 embedded)
+    blr: float = 0.0           # base learning rate: lr = blr * effective_batch / 256 (finetune ViT-L / H: 1e-3)
     lr: float = 0.0            # absolute lr; overrides blr when > 0
-    min_lr: float = -1         # end of the cosine schedule; -1 = 1e-6 finetune, 0 linprobe
-    warmup_epochs: float = -1  # linear warm-up; -1 = by mode (finetune 5, linprobe 10; embedded 1 / 10)
-    weight_decay: float = -1   # -1 = 0.05 finetune (none on biases, norms, tokens, pos_embed), 0 linprobe
+    min_lr: float = -1         # end of the cosine schedule
+    warmup_epochs: float = -1  # linear warm-up from 0, in epochs
+    weight_decay: float = -1   # AdamW / LARS weight decay (none on biases, norms, tokens, pos_embed)
     out_dir: str = ''          # checkpoint.pt, log.jsonl, results.json; '' = out/<mode>
     resume: str = ''           # '' fresh, 'auto' = out_dir/checkpoint.pt if present, or a path
-    save_every: int = 500      # steps between checkpoints (always saved at the end)
+    save_every: int = 0        # optimizer steps between checkpoints; 0 = once per epoch (always at the end)
     dtype: str = ''            # bf16|fp16|fp32; '' = bf16 on CUDA, fp32 on CPU
     compile: bool = False      # torch.compile the model
     seed: int = 0              # data order, augmentation and mixing are pure functions of (seed, epoch, index)
-    num_workers: int = -1      # loader workers per process; -1 = 2 embedded, 10 folder
+    num_workers: int = -1      # loader workers per process, capped at the CPUs this process may use
     log_every: int = 20        # steps between log lines (the only host syncs)
     max_steps: int = 0         # stop after this many optimizer steps (0 = run all epochs); schedule unchanged
     device: str = ''           # cuda|cpu|cuda:N; '' = cuda if available
 
 
-EMBEDDED = dict(model='tiny', img_size=64, patch_size=8, cache=1, num_workers=2)
-RECIPE = dict(model='base', img_size=224, patch_size=0, cache=0, num_workers=10)
-# mode: (embedded, recipe); MAE fine-tuning (ViT-B) and linear probing, DINO kNN. The embedded probe's lr 16 at
-# batch 256 (1710 steps) moves the head about as far as the recipe's lr 6.4 over ~7000 steps; 0.1 underfits.
+# what 0 / '' / -1 resolve to, by --data (the embedded shapes: CPU minutes; the small idx datasets: the README's
+# Results protocol; an image folder: the recipe) and then by --mode (MODES).
+REGIMES = {
+    'embedded': dict(model='tiny', img_size=64, patch_size=8, cache=1, num_workers=2),
+    'small': dict(model='mini', img_size=32, patch_size=4, cache=1, num_workers=2),
+    'folder': dict(model='base', img_size=224, patch_size=0, cache=0, num_workers=10),
+}
+# MAE fine-tuning (ViT-B) and linear probing, DINO kNN. The embedded probe's lr 16 at batch 256 (1710 steps) moves
+# the head about as far as the recipe's lr 6.4 over ~7000 steps; 0.1 underfits. The small regime is the README's
+# Results protocol (results.sh): the recipe's probe on cached features, a short fine-tune without mixing.
 MODES = {
-    'finetune': (dict(epochs=5, batch_size=64, blr=1e-3, min_lr=1e-6, warmup_epochs=1, weight_decay=0.05),
-                 dict(epochs=100, batch_size=128, blr=5e-4, min_lr=1e-6, warmup_epochs=5, weight_decay=0.05)),
-    'linprobe': (dict(epochs=90, batch_size=256, blr=16.0, min_lr=0.0, warmup_epochs=10, weight_decay=0.0),
-                 dict(epochs=90, batch_size=2048, blr=0.1, min_lr=0.0, warmup_epochs=10, weight_decay=0.0)),
-    'knn': (dict(batch_size=256), dict(batch_size=256)),
+    'finetune': {'embedded': dict(epochs=5, batch_size=64, blr=1e-3, min_lr=1e-6, warmup_epochs=1, weight_decay=0.05),
+                 'small': dict(epochs=2, batch_size=128, blr=1e-3, min_lr=1e-6, warmup_epochs=0.2, weight_decay=0.05,
+                               layer_decay=0.75, drop_path=0.0, mixup=0.0, cutmix=0.0, rand_augment=0, reprob=0.0),
+                 'folder': dict(epochs=100, batch_size=128, blr=5e-4, min_lr=1e-6, warmup_epochs=5, weight_decay=0.05)},
+    'linprobe': {'embedded': dict(epochs=90, batch_size=256, blr=16.0, min_lr=0.0, warmup_epochs=10, weight_decay=0.0),
+                 'small': dict(epochs=90, batch_size=2048, blr=0.1, min_lr=0.0, warmup_epochs=10, weight_decay=0.0),
+                 'folder': dict(epochs=90, batch_size=2048, blr=0.1, min_lr=0.0, warmup_epochs=10, weight_decay=0.0)},
+    'knn': {'embedded': dict(batch_size=256), 'small': dict(batch_size=256), 'folder': dict(batch_size=256)},
 }
 BIG = {'finetune': dict(epochs=50, blr=1e-3), 'linprobe': dict(epochs=50), 'knn': {}}  # the ViT-L / H recipes
 # --protocol ibot (embedded, recipe): iBOT / DINO eval_linear.py, SGD lr = blr * batch / 256 (DINO's default blr 1e-3;
 # iBOT reports the best of a sweep over 45 lrs), cosine to 0, no warm-up, no weight decay, 128 per GPU x 8. Embedded:
 # on random-init features top-1 is flat in blr (22.7 / 22.5 / 22.4 at 0.2 / 2 / 20), 2 sits in the middle
-IBOT_PROBE = (dict(epochs=90, batch_size=256, blr=2.0, min_lr=0.0, warmup_epochs=0, weight_decay=0.0),
-              dict(epochs=100, batch_size=128, blr=1e-3, min_lr=0.0, warmup_epochs=0, weight_decay=0.0))
+IBOT_PROBE = {'embedded': dict(epochs=90, batch_size=256, blr=2.0, min_lr=0.0, warmup_epochs=0, weight_decay=0.0),
+              'small': dict(epochs=90, batch_size=256, blr=2.0, min_lr=0.0, warmup_epochs=0, weight_decay=0.0),
+              'folder': dict(epochs=100, batch_size=128, blr=1e-3, min_lr=0.0, warmup_epochs=0, weight_decay=0.0)}
 ARCH_KEYS = ('mode', 'model', 'img_size', 'patch_size', 'pool', 'cache', 'protocol')  # must match on resume
 
 
+def field_help(cls):
+    """{field name: its '# comment'} from the dataclass source (a comment may go on over '#' lines below it), so the
+    comment is the one place a knob is described."""
+    try:
+        lines = inspect.getsource(cls).splitlines()
+    except (OSError, TypeError):  # no source at hand (frozen app): flags keep their defaults as help
+        return {}
+    out, name = {}, None
+    for line in lines:
+        code, sep, comment = line.partition('# ')
+        if sep and not code.strip() and name:  # a continuation line of the previous field's comment
+            out[name] += ' ' + comment.strip()
+            continue
+        name = code.split(':')[0].strip() if sep and ':' in code and '=' in code else None
+        if name:
+            out[name] = comment.strip()
+    return out
+
+
 def get_config(argv=None):
-    """argparse from the dataclass (unknown flags rejected), then fill the data- and mode-dependent defaults."""
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    """argparse from Config (the field comments are the help; unknown flags are rejected), then the defaults left
+    at 0 / '' / -1 are filled from the regime of --data (REGIMES) and the mode (MODES)."""
+    def boolean(s):
+        if s.lower() not in ('1', 'true', 'yes', 'on', '0', 'false', 'no', 'off'):
+            raise argparse.ArgumentTypeError(f'expected true or false, got {s!r}')
+        return s.lower() in ('1', 'true', 'yes', 'on')
+    helps = field_help(Config)
+    p = argparse.ArgumentParser(description=__doc__, epilog=data.REGIME_HELP,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     for f in dataclasses.fields(Config):
-        if f.type is bool:
-            p.add_argument(f'--{f.name}', type=lambda s: s.lower() in ('1', 'true', 'yes', 'on'), default=f.default,
-                           metavar='BOOL', help=f'(default {f.default})')
-        else:
-            p.add_argument(f'--{f.name}', type=f.type, default=f.default, help=f'(default {f.default!r})')
+        picked = [f'{r} {v[f.name]!r}' for r, v in REGIMES.items() if f.name in v]
+        picked += [f'{m} {r} {v[f.name]!r}' for m, by in MODES.items() for r, v in by.items() if f.name in v]
+        default = f'default {f.default!r}' + (f' = picked by --data and --mode: {"; ".join(picked)}' if picked else '')
+        p.add_argument(f'--{f.name}', type=boolean if f.type is bool else f.type, default=f.default,
+                       metavar='BOOL' if f.type is bool else f.name.upper(),
+                       help=f'{helps.get(f.name, "")} ({default})'.replace('%', '%%'))
     cfg = Config(**vars(p.parse_args(argv)))
     if cfg.mode not in MODES:
         p.error(f'--mode must be one of {", ".join(MODES)}')
     if not cfg.checkpoint:
         p.error('--checkpoint is required: a checkpoint file (nanoMIM, official MAE / iBOT / LUT / DTM, bare '
                 'state_dict), none for random init, or pixels (raw-pixel features; knn and cached linprobe)')
-    embedded = cfg.data in ('', 'shapes')
-    defaults = {**(EMBEDDED if embedded else RECIPE), **MODES[cfg.mode][0 if embedded else 1]}
-    model = cfg.model or defaults['model']
-    if not embedded and model in ('large', 'huge'):
-        defaults.update(BIG[cfg.mode])
-    defaults.update(layer_decay=0.75 if model in ('large', 'huge') else 0.65,
+    regime = data.regime(cfg.data)
+    model = cfg.model or REGIMES[regime]['model']
+    defaults = dict(layer_decay=0.75 if model in ('large', 'huge') else 0.65,
                     drop_path={'large': 0.2, 'huge': 0.3}.get(model, 0.1), out_dir=f'out/{cfg.mode}',
                     pool='avg' if cfg.mode == 'finetune' else 'cls')
+    defaults.update(**REGIMES[regime], **MODES[cfg.mode][regime])
+    if regime == 'folder' and model in ('large', 'huge'):
+        defaults.update(BIG[cfg.mode])
     if cfg.mode == 'linprobe' and cfg.protocol == 'ibot':
-        defaults.update(IBOT_PROBE[0 if embedded else 1])
+        defaults.update(IBOT_PROBE[regime])
     for k, v in defaults.items():
         if getattr(cfg, k) == getattr(Config, k):  # left at its default: fill it
             setattr(cfg, k, v)
+    cfg.num_workers = data.default_workers(cfg.num_workers)
     if cfg.patch_size == 0:
         cfg.patch_size = vit.SIZES[cfg.model][3] if cfg.model in vit.SIZES else 16
     if cfg.model not in vit.SIZES:
@@ -473,22 +510,61 @@ def ema_update(ema, model, decay):
             e.copy_(m)
 
 # -----------------------------------------------------------------------------
-# checkpointing
+# distributed, precision, checkpoints (the same block in every nanoMIM script)
 
 
-def rng_state():
-    return {'python': random.getstate(), 'numpy': np.random.get_state(), 'torch': torch.get_rng_state(),
-            'cuda': torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+def resolve_device(flag, local_rank, ddp, cuda_available):
+    """--device -> a device string with an index for CUDA ('cuda' -> 'cuda:LOCAL_RANK'; under torchrun every
+    process takes its own GPU), without touching CUDA."""
+    device = flag or ('cuda' if cuda_available else 'cpu')
+    if device.startswith('cuda') and (ddp or device == 'cuda'):
+        device = f'cuda:{local_rank}'
+    return device
+
+
+def setup_distributed(cfg):
+    """torchrun sets RANK / LOCAL_RANK / WORLD_SIZE; plain `python` runs one process.
+    Returns (ddp, rank, local_rank, world, device)."""
+    ddp = int(os.environ.get('RANK', -1)) != -1
+    rank, local_rank, world = (int(os.environ['RANK']), int(os.environ['LOCAL_RANK']),
+                               int(os.environ['WORLD_SIZE'])) if ddp else (0, 0, 1)
+    device = resolve_device(cfg.device, local_rank, ddp, torch.cuda.is_available())
+    if device.startswith('cuda'):
+        torch.cuda.set_device(device)
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    if ddp:
+        dist.init_process_group(backend='nccl' if device.startswith('cuda') else 'gloo')
+    torch.manual_seed(cfg.seed + rank)
+    return ddp, rank, local_rank, world, device
+
+
+def setup_precision(cfg, device_type):
+    """bf16 autocast by default on CUDA, fp16 autocast with a GradScaler, fp32 on CPU.
+    Returns (dtype name, autocast context, scaler)."""
+    dtype = cfg.dtype or ('bf16' if device_type == 'cuda' else 'fp32')
+    ptdtype = {'bf16': torch.bfloat16, 'fp16': torch.float16, 'fp32': torch.float32}[dtype]
+    autocast = nullcontext() if dtype == 'fp32' else torch.autocast(device_type, dtype=ptdtype)
+    return dtype, autocast, torch.amp.GradScaler(device_type, enabled=dtype == 'fp16')
+
+
+def step_seed(seed, rank, step):
+    """The seed of torch's RNG inside optimizer step `step` (drop path, in-step draws): a function of (seed, rank,
+    step), set after the batch is fetched, so resume == uninterrupted and DDP ranks draw differently."""
+    return seed + 1_000_003 * rank + 7919 * step
 
 
 def save_checkpoint(path, state):
     """Atomic: write a temp file in the same folder, fsync, rename; a killed process never leaves a torn file."""
     tmp = f'{path}.tmp.{os.getpid()}'
-    with open(tmp, 'wb') as f:
-        torch.save(state, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, 'wb') as f:
+            torch.save(state, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
 
 
 def load_checkpoint(path, cfg):
@@ -504,6 +580,15 @@ def load_checkpoint(path, cfg):
     if diff:
         sys.exit(f'error: {path} was trained with ' + ', '.join(diff))
     return ckpt
+
+
+def restore(ckpt, stateful):
+    """Load every object of `stateful` ({name: object with load_state_dict}) from ckpt[name]. A GradScaler saved
+    disabled (a bf16 / fp32 run) holds nothing and is skipped, so a run may resume with another --dtype."""
+    for name, obj in stateful.items():
+        if isinstance(obj, torch.amp.GradScaler) and not ckpt[name]:
+            continue
+        obj.load_state_dict(ckpt[name])
 
 # -----------------------------------------------------------------------------
 # the three modes and the training loop they share (finetune, linprobe)
@@ -624,9 +709,7 @@ def train(cfg, env, model, optimizer, backbone, dataset, val_set, num_classes, m
     resume = os.path.join(cfg.out_dir, 'checkpoint.pt') if cfg.resume == 'auto' else cfg.resume
     if resume and not (cfg.resume == 'auto' and not os.path.exists(resume)):
         ckpt = load_checkpoint(resume, cfg)
-        model.load_state_dict(ckpt['model'])
-        optimizer.load_state_dict(ckpt['optimizer'])
-        scaler.load_state_dict(ckpt['scaler'])
+        restore(ckpt, {'model': model, 'optimizer': optimizer, 'scaler': scaler})
         step, best = ckpt['step'], ckpt['best']
         if ema is not None and ckpt.get('ema') is not None:
             ema.load_state_dict(ckpt['ema'])
@@ -663,7 +746,7 @@ def train(cfg, env, model, optimizer, backbone, dataset, val_set, num_classes, m
     def checkpoint():
         state = {'method': METHOD, 'model': model.state_dict(), 'optimizer': optimizer.state_dict(),
                  'scaler': scaler.state_dict(), 'step': step, 'epoch': step / max(1, steps_per_epoch),
-                 'config': dataclasses.asdict(cfg), 'rng': rng_state(), 'best': best,
+                 'config': dataclasses.asdict(cfg), 'best': best,
                  'ema': ema.state_dict() if ema is not None else None,
                  'encoder': vit.backbone_state_dict(backbone)}
         save_checkpoint(os.path.join(cfg.out_dir, 'checkpoint.pt'), state)
@@ -702,7 +785,7 @@ def train(cfg, env, model, optimizer, backbone, dataset, val_set, num_classes, m
         if ema is not None:
             ema_update(ema, model, cfg.ema)
         step += 1
-        save_now = step % cfg.save_every == 0 or step == end_step
+        save_now = step % (cfg.save_every or steps_per_epoch) == 0 or step == end_step
         if log_now or save_now:
             if ddp:
                 dist.all_reduce(bad, op=dist.ReduceOp.MAX)
@@ -748,26 +831,10 @@ def train(cfg, env, model, optimizer, backbone, dataset, val_set, num_classes, m
 def main(argv=None):
     cfg = get_config(argv)
 
-    # distributed: torchrun sets RANK/LOCAL_RANK/WORLD_SIZE; plain `python` runs one process
-    ddp = int(os.environ.get('RANK', -1)) != -1
-    rank, local_rank, world = (int(os.environ['RANK']), int(os.environ['LOCAL_RANK']),
-                               int(os.environ['WORLD_SIZE'])) if ddp else (0, 0, 1)
-    device = cfg.device or ('cuda' if torch.cuda.is_available() else 'cpu')
-    if device.startswith('cuda'):
-        device = f'cuda:{local_rank}' if ddp else device
-        torch.cuda.set_device(device)
-    if ddp:
-        dist.init_process_group(backend='nccl' if device.startswith('cuda') else 'gloo')
+    ddp, rank, local_rank, world, device = setup_distributed(cfg)
     master = rank == 0
     device_type = 'cuda' if device.startswith('cuda') else 'cpu'
-    torch.manual_seed(cfg.seed + rank)
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
-
-    # precision: bf16 autocast by default on CUDA, fp16 with a GradScaler, fp32 on CPU
-    dtype = cfg.dtype or ('bf16' if device_type == 'cuda' else 'fp32')
-    ptdtype = {'bf16': torch.bfloat16, 'fp16': torch.float16, 'fp32': torch.float32}[dtype]
-    autocast = nullcontext() if dtype == 'fp32' else torch.autocast(device_type, dtype=ptdtype)
-    scaler = torch.amp.GradScaler(device_type, enabled=dtype == 'fp16')
+    dtype, autocast, scaler = setup_precision(cfg, device_type)
 
     env = SimpleNamespace(ddp=ddp, rank=rank, local_rank=local_rank, world=world, master=master, device=device,
                           device_type=device_type, dtype=dtype, autocast=autocast, scaler=scaler)
