@@ -8,7 +8,8 @@ data.py -- everything about images in and tensors out, shared by every nanoMIM s
   masks                        random_masking (MAE/LUT, on the device), block_mask / ibot_mask / exact_block_mask
                                (BEiT-style blockwise, iBOT / DTM, in the loader workers)
   make_loader / batches        one loader builder for every script; randomness per sample is a pure function of
-                               (seed, epoch, index), so DDP == single process and resume == uninterrupted
+                               (seed, epoch, index), so DDP == single process and resume == uninterrupted;
+                               default_workers caps a script's worker count at the CPUs it may use
   --decode gpu (MAE)           EncodedFolder + CropFlipParams + collate_encoded in the workers (file bytes, crop box,
                                flip), gpu_decode_batch on the device (batched nvJPEG decode, crop, resize, flip)
 
@@ -601,12 +602,31 @@ class EpochSampler(Sampler):
         return len(self._indices()) - self.skip
 
 
-def make_loader(dataset, batch_size, world=1, rank=0, seed=0, num_workers=0, train=True, collate_fn=None):
-    """Loader used by every script: EpochSampler (drop_last and shuffle for training), pinned memory, persistent
-    workers. Returns (loader, sampler)."""
+def cpus():
+    """The CPUs this process may run on: its affinity mask (taskset, cgroups cpusets, SLURM), not the machine's."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else os.cpu_count() or 1
+
+
+def default_workers(n):
+    """A script's default --num_workers: n, at most this process's share of the CPUs it may use (shared with the
+    other processes torchrun starts on this machine, LOCAL_WORLD_SIZE), and at least 1 unless n is 0."""
+    share = cpus() // int(os.environ.get('LOCAL_WORLD_SIZE', 1))
+    return min(n, max(1, share))
+
+
+def make_loader(dataset, batch_size, world=1, rank=0, seed=0, num_workers=0, train=True, collate_fn=None,
+                pin_memory=None):
+    """Loader used by every script: EpochSampler (drop_last and shuffle for training), persistent workers, at most
+    one worker per CPU this process may use (more only compete for the same CPUs; a warning says when a request is
+    lowered), pinned memory (page-locked batches: non-blocking host-to-device copies) when pin_memory is True,
+    None = when CUDA is available. Returns (loader, sampler)."""
+    if num_workers > cpus():
+        warnings.warn(f'--num_workers {num_workers} lowered to {cpus()}, the CPUs this process may use')
+        num_workers = cpus()
     sampler = EpochSampler(len(dataset), batch_size, world, rank, seed, shuffle=train, drop_last=train)
     loader = DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=num_workers,
-                        pin_memory=torch.cuda.is_available(), persistent_workers=num_workers > 0,
+                        pin_memory=torch.cuda.is_available() if pin_memory is None else pin_memory,
+                        persistent_workers=num_workers > 0,
                         drop_last=train, collate_fn=collate_fn, prefetch_factor=4 if num_workers > 0 else None,
                         generator=torch.Generator().manual_seed(seed))  # worker seeds never draw on the global RNG
     return loader, sampler

@@ -1,4 +1,7 @@
-"""data.py: the embedded dataset, image folders (bad files, modes), transforms, masks, seeding and sampling."""
+"""data.py: the embedded dataset, image folders (bad files, modes), transforms, masks, seeding and sampling, the
+worker count."""
+import os
+
 import numpy as np
 import pytest
 import torch
@@ -285,3 +288,23 @@ def test_gpu_path_decodes_non_jpegs_on_the_cpu(tmp_path):
         assert ds[4][0].size == (16, 20)  # the corrupt file is skipped, like ImageFolder
     with pytest.raises(ValueError, match='--decode gpu'):
         data.build_dataset('shapes', encoded=True)
+
+
+# loader: workers and pinned memory
+
+
+def test_default_workers_and_loader_cap(monkeypatch):
+    monkeypatch.setattr(os, 'sched_getaffinity', lambda pid: {0, 1, 2})
+    monkeypatch.delenv('LOCAL_WORLD_SIZE', raising=False)
+    assert data.cpus() == 3
+    assert [data.default_workers(n) for n in (0, 1, 2, 3, 10)] == [0, 1, 2, 3, 3]
+    monkeypatch.setenv('LOCAL_WORLD_SIZE', '2')  # torchrun, two processes sharing the 3 CPUs
+    assert [data.default_workers(n) for n in (0, 1, 10)] == [0, 1, 1]
+    monkeypatch.setenv('LOCAL_WORLD_SIZE', '8')  # more processes than CPUs: still a worker each
+    assert data.default_workers(10) == 1
+    ds = data.Shapes('train', 8, length=16)
+    with pytest.warns(UserWarning, match='lowered to 3'):
+        loader, _ = data.make_loader(ds, 4, num_workers=10)
+    assert loader.num_workers == 3 and loader.pin_memory == torch.cuda.is_available()
+    loader, _ = data.make_loader(ds, 4, num_workers=2, pin_memory=False)
+    assert loader.num_workers == 2 and not loader.pin_memory
