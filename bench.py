@@ -348,9 +348,10 @@ def write_jpegs(root, n, size=(500, 375), classes=4):
 
 
 def bench_loader(cfg):
-    """cpu-pil: mae.py --decode cpu, PIL decode + RandomResizedCrop + flip + normalise in cfg.num_workers workers,
-    then the copy to the device. gpu: mae.py --decode gpu, the workers read bytes and draw the boxes,
-    data.gpu_decode_batch decodes + crops + flips on the device (on the CPU when there is none: device=cpu).
+    """cpu-pil: mae.py --decode cpu, PIL decode + RandomResizedCrop + flip in cfg.num_workers workers, then the
+    uint8 copy to the device and the normalisation there. gpu: mae.py --decode gpu, the workers read bytes and draw
+    the boxes, data.gpu_decode_batch decodes + crops + flips on the device (on the CPU when there is none:
+    device=cpu), then the normalisation.
     One warm-up batch, then cfg.steps timed batches (files in the page cache after the first epoch)."""
     device = cfg.device or ('cuda' if torch.cuda.is_available() else 'cpu')
     cuda = device.startswith('cuda')
@@ -361,16 +362,16 @@ def bench_loader(cfg):
         write_jpegs(root, cfg.images)
         for path in ('cpu-pil', 'gpu'):
             gpu = path == 'gpu'
-            crop = data.CropFlipParams(cfg.img_size) if gpu else data.mae_transform(cfg.img_size)
+            crop = data.CropFlipParams(cfg.img_size) if gpu else data.mae_transform(cfg.img_size, normalize=False)
             ds = data.Seeded(data.build_dataset(root, encoded=gpu), data.WithNoise(crop, L))
-            loader, sampler = data.make_loader(ds, cfg.batch_size, num_workers=cfg.num_workers,
+            loader, sampler = data.make_loader(ds, cfg.batch_size, num_workers=cfg.num_workers, pin_memory=cuda,
                                                collate_fn=data.collate_encoded if gpu else None)
             stream = data.batches(loader, sampler, 0)
 
             def batch():  # the lines of mae.py's loop up to the forward: (B, 3, S, S) float + (B, L) noise on device
                 (imgs, noise), _ = next(stream)[1]
-                imgs = data.gpu_decode_batch(*imgs, cfg.img_size, device) if gpu else imgs
-                return imgs.to(device, non_blocking=True), noise.to(device, non_blocking=True)
+                imgs = data.gpu_decode_batch(*imgs, cfg.img_size, device) if gpu else imgs  # uint8 either way
+                return data.to_device(imgs, device), noise.to(device, non_blocking=True)
             batch()
             sync()
             t0 = time.perf_counter()

@@ -4,18 +4,23 @@ data.py -- everything about images in and tensors out, shared by every nanoMIM s
   build_dataset(spec, split)   '' / 'shapes' -> the embedded procedural dataset (no download);
                                a folder -> ImageNet layout (DIR/{train,val}/<class>/*.jpg) or a flat class folder
   transforms                   mae_transform, LUTTransform, MultiCropTransform (iBOT), dtm_transform,
-                               finetune_transform, eval_transform; all torchvision.transforms.v2
+                               finetune_transform, eval_transform; all torchvision.transforms.v2. With
+                               normalize=False they end in uint8 and to_device normalises on the device
   masks                        WithNoise (the per-sample noise of MAE/LUT, whose masking is in mae.py / lut.py);
                                block_mask / ibot_mask / exact_block_mask (BEiT-style blockwise, iBOT / DTM)
   make_loader / batches        one loader builder for every script; randomness per sample is a pure function of
-                               (seed, epoch, index), so DDP == single process and resume == uninterrupted
+                               (seed, epoch, index), so DDP == single process and resume == uninterrupted;
+                               default_workers caps a script's worker count at the CPUs it may use
   --decode gpu (MAE)           EncodedFolder + CropFlipParams + collate_encoded in the workers (file bytes, crop box,
-                               flip), gpu_decode_batch on the device (batched nvJPEG decode, crop, resize, flip)
+                               flip; one packed tensor per batch), gpu_decode_batch on the device (batched nvJPEG
+                               decode, then crop + resize + flip as batched matmuls)
 
 Every transform is called with the image only; per-sample randomness comes from torch's RNG, which the loader
 seeds per sample (see Seeded).
 """
+import functools
 import io
+import itertools
 import math
 import os
 import random
@@ -26,7 +31,7 @@ from typing import NamedTuple
 import numpy as np
 import torch
 from PIL import Image
-from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data import DataLoader, Dataset, Sampler, get_worker_info
 from torch.utils.data._utils.collate import collate, default_collate_fn_map
 from torchvision import tv_tensors
 from torchvision.io import ImageReadMode, decode_jpeg
@@ -272,13 +277,6 @@ def regime(spec):
     return 'folder' if is_folder(spec) else 'small'
 
 
-def default_workers(n):
-    """Loader workers: n, never more than the CPUs this process may use (a loader with more workers than CPUs only
-    adds processes and torch's warning)."""
-    cpus = len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else (os.cpu_count() or 1)
-    return max(0, min(n, cpus))
-
-
 def build_dataset(spec, split='train', img_size=64, with_mask=False, encoded=False):
     """The dataset named by --data: '' or 'shapes' -> embedded Shapes at img_size; 'fashion-mnist' / 'mnist' /
     'idx:DIR' -> idx files resized to img_size; a folder -> ImageFolder of DIR/train or DIR/val if present
@@ -305,10 +303,34 @@ def _to_tensor(mean=IMAGENET_MEAN, std=IMAGENET_STD):
     return [v2.ToImage(), v2.ToDtype(torch.float32, scale=True), v2.Normalize(mean, std)]
 
 
-def mae_transform(img_size, scale=(0.2, 1.0)):
-    """MAE pre-training: RandomResizedCrop(scale (0.2, 1), bicubic) + flip."""
-    return v2.Compose([v2.ToImage(), v2.RandomResizedCrop(img_size, scale=scale, interpolation=v2.InterpolationMode.BICUBIC,
-                                                          antialias=True), v2.RandomHorizontalFlip()] + _to_tensor()[1:])
+def _finish(normalize):
+    """The end of every transform: uint8 -> normalised float32 in the worker, or, with normalize=False, the uint8
+    image itself, normalised on the device by to_device (a quarter of the bytes through the workers' shared memory
+    and the host-to-device copy: 77 MB instead of 308 MB per batch of 512 at 224 px)."""
+    return _to_tensor()[1:] if normalize else []
+
+
+@functools.lru_cache(maxsize=None)
+def _mean_std(device, mean, std):
+    """mean, std as (3, 1, 1) float32 tensors on `device`, made once per device (each torch.tensor(..., device=cuda)
+    is a blocking host-to-device copy)."""
+    return torch.tensor(mean, device=device).view(-1, 1, 1), torch.tensor(std, device=device).view(-1, 1, 1)
+
+
+def to_device(x, device, mean=IMAGENET_MEAN, std=IMAGENET_STD):
+    """uint8 images (..., 3, H, W), from a transform built with normalize=False -> normalised float32 on `device`.
+    The copy moves uint8 (non-blocking from the loader's pinned memory); the conversion runs on the device with the
+    arithmetic of ToDtype(float32, scale=True) + Normalize, so the result equals the worker-side float path."""
+    if x.dtype != torch.uint8:
+        raise TypeError(f'to_device expects uint8 images (a transform with normalize=False), got {x.dtype}')
+    m, s = _mean_std(torch.device(device), tuple(mean), tuple(std))
+    return x.to(device, non_blocking=True).float().mul_(1.0 / 255).sub_(m).div_(s)
+
+
+def mae_transform(img_size, scale=(0.2, 1.0), normalize=True):
+    """MAE pre-training: RandomResizedCrop(scale (0.2, 1), bicubic) + flip. normalize=False: uint8 out (to_device)."""
+    rrc = v2.RandomResizedCrop(img_size, scale=scale, interpolation=v2.InterpolationMode.BICUBIC, antialias=True)
+    return v2.Compose([v2.ToImage(), rrc, v2.RandomHorizontalFlip()] + _finish(normalize))
 
 
 def src_crop(img_size):
@@ -333,9 +355,9 @@ class LUTTransform:
     up to 4 px in each direction and by their flips; RRC with crop='rrc'). View 1 gets no colour augmentation (it
     is reconstructed); view 2 colour jitter (p 0.8) followed by one of grayscale / solarize / blur (asymmetric,
     BYOL-like). shared=True draws one geometry for both views (they then differ in colour only; not the
-    recipe). Returns (view1, view2)."""
+    recipe). Returns (view1, view2), uint8 with normalize=False (to_device)."""
 
-    def __init__(self, img_size, crop='src', shared=False):
+    def __init__(self, img_size, crop='src', shared=False, normalize=True):
         if crop == 'src':
             self.geometry = src_crop(img_size)
         elif crop == 'rrc':
@@ -346,7 +368,7 @@ class LUTTransform:
             raise ValueError(f'--crop must be src or rrc, got {crop!r}')
         self.strong = v2.Compose([color_jitter(), v2.RandomChoice([
             v2.Grayscale(3), v2.RandomSolarize(128, p=1.0), gaussian_blur(img_size, 1.0)])])
-        self.finish = v2.Compose(_to_tensor()[1:])
+        self.finish = v2.Compose(_finish(normalize)) if normalize else v2.Identity()
         self.shared = shared
 
     def __call__(self, img):
@@ -358,14 +380,15 @@ class LUTTransform:
 class MultiCropTransform:
     """iBOT/DINO multi-crop: 2 global crops (global 1 blur p 1.0; global 2 blur p 0.1 + solarize p 0.2) and
     `n_local` local crops (blur p 0.5), all with flip + colour jitter (p 0.8) + grayscale (p 0.2), RRC bicubic.
-    Returns a list of 2 + n_local tensors."""
+    Returns a list of 2 + n_local tensors, uint8 with normalize=False (to_device)."""
 
-    def __init__(self, global_size, local_size, n_local, global_scale=(0.25, 1.0), local_scale=(0.05, 0.25)):
+    def __init__(self, global_size, local_size, n_local, global_scale=(0.25, 1.0), local_scale=(0.05, 0.25),
+                 normalize=True):
         def crop(size, scale, *extra):
             return v2.Compose([v2.ToImage(), v2.RandomResizedCrop(size, scale=scale, antialias=True,
                                                                   interpolation=v2.InterpolationMode.BICUBIC),
                                v2.RandomHorizontalFlip(), color_jitter(), v2.RandomGrayscale(0.2), *extra]
-                              + _to_tensor()[1:])
+                              + _finish(normalize))
         self.global1 = crop(global_size, global_scale, gaussian_blur(global_size, 1.0))
         self.global2 = crop(global_size, global_scale, gaussian_blur(global_size, 0.1), v2.RandomSolarize(128, p=0.2))
         self.local = crop(local_size, local_scale, gaussian_blur(local_size, 0.5))
@@ -375,12 +398,12 @@ class MultiCropTransform:
         return [self.global1(img), self.global2(img)] + [self.local(img) for _ in range(self.n_local)]
 
 
-def dtm_transform(img_size, scale=(0.2, 1.0)):
+def dtm_transform(img_size, scale=(0.2, 1.0), normalize=True):
     """DTM / BEiT pre-training view (student and teacher see the same one): colour jitter (0.4, 0.4, 0.4),
-    flip, RandomResizedCrop bicubic."""
+    flip, RandomResizedCrop bicubic. normalize=False: uint8 out (to_device)."""
     return v2.Compose([v2.ToImage(), v2.ColorJitter(0.4, 0.4, 0.4), v2.RandomHorizontalFlip(),
                        v2.RandomResizedCrop(img_size, scale=scale, interpolation=v2.InterpolationMode.BICUBIC,
-                                            antialias=True)] + _to_tensor()[1:])
+                                            antialias=True)] + _finish(normalize))
 
 
 # RandAugment as timm's 'rand-m9-mstd0.5-inc1' (MAE / BEiT / iBOT / DTM fine-tuning), with torchvision's functional ops
@@ -470,10 +493,11 @@ def finetune_transform(img_size, rand_augment=(2, 9), reprob=0.25):
     return v2.Compose(t)
 
 
-def eval_transform(img_size, crop_pct=0.875):
-    """Resize the shorter side to img_size / crop_pct, then center crop img_size (256 -> 224 at ImageNet size)."""
+def eval_transform(img_size, crop_pct=0.875, normalize=True):
+    """Resize the shorter side to img_size / crop_pct, then center crop img_size (256 -> 224 at ImageNet size).
+    normalize=False: uint8 out (to_device)."""
     return v2.Compose([v2.ToImage(), v2.Resize(int(round(img_size / crop_pct)), interpolation=v2.InterpolationMode.BICUBIC,
-                                               antialias=True), v2.CenterCrop(img_size)] + _to_tensor()[1:])
+                                               antialias=True), v2.CenterCrop(img_size)] + _finish(normalize))
 
 
 def denormalize(x, mean=IMAGENET_MEAN, std=IMAGENET_STD):
@@ -489,9 +513,11 @@ def denormalize(x, mean=IMAGENET_MEAN, std=IMAGENET_STD):
 
 class Encoded(NamedTuple):
     """An image as it leaves the worker: data = the file's bytes, uint8 (n,), for an RGB or greyscale JPEG, or
-    else the image decoded on the CPU, uint8 (3, H, W) (the fallback); size = (H, W)."""
+    else the image decoded on the CPU, uint8 (3, H, W) (the fallback); size = (H, W); path = the file, named in the
+    warning if the device cannot decode it."""
     data: torch.Tensor
     size: tuple
+    path: str = ''
 
 
 def load_encoded(path):
@@ -501,9 +527,9 @@ def load_encoded(path):
         raw = bytearray(f.read())
     img = Image.open(io.BytesIO(raw))
     if img.format == 'JPEG' and img.mode in ('RGB', 'L'):
-        return Encoded(torch.frombuffer(raw, dtype=torch.uint8), (img.height, img.width))
+        return Encoded(torch.frombuffer(raw, dtype=torch.uint8), (img.height, img.width), path)
     x = v2.functional.pil_to_tensor(load_rgb(path))
-    return Encoded(x, tuple(x.shape[1:]))
+    return Encoded(x, tuple(x.shape[1:]), path)
 
 
 class EncodedFolder(ImageFolder):
@@ -526,31 +552,155 @@ class CropFlipParams:
         return enc, torch.tensor([p['top'], p['left'], p['height'], p['width']]), flip
 
 
+class Packed(NamedTuple):
+    """A batch of Encoded images as it crosses from a loader worker: all their data in ONE uint8 tensor. Each
+    tensor sent between processes holds a file descriptor until it is received, so B tensors per batch (times
+    workers x prefetch) run past the common `ulimit -n 1024` at batch 512; a packed batch holds a fixed handful.
+    data (N,) uint8: the images' data back to back, image k = data[offsets[k]:offsets[k + 1]]; offsets (B + 1,)
+    int64; decoded (B, 2) int64: (H, W) of an image decoded in the worker (its data are its (3, H, W) pixels),
+    (0, 0) for JPEG bytes; paths: the B files."""
+    data: torch.Tensor
+    offsets: torch.Tensor
+    decoded: torch.Tensor
+    paths: list
+
+
+def pack(encs):
+    """list of Encoded -> Packed. In a loader worker the bytes go straight into shared memory, as default_collate
+    does with the tensors it stacks (one copy of the batch less)."""
+    flat = [e.data.reshape(-1) for e in encs]
+    offsets = torch.tensor([0] + [len(x) for x in flat]).cumsum(0)
+    out = None
+    if get_worker_info() is not None:
+        out = torch.empty(0, dtype=torch.uint8).set_(torch.UntypedStorage._new_shared(int(offsets[-1])))
+    decoded = torch.tensor([e.size if e.data.ndim == 3 else (0, 0) for e in encs], dtype=torch.int64)
+    return Packed(torch.cat(flat, out=out), offsets, decoded, [e.path for e in encs])
+
+
 def collate_encoded(batch):
-    """default_collate, except that Encoded images (all of different sizes) become a list of their data tensors."""
-    return collate(batch, collate_fn_map={Encoded: lambda b, **_: [e.data for e in b], **default_collate_fn_map})
+    """default_collate, except that the Encoded images (all of different sizes) become one Packed."""
+    return collate(batch, collate_fn_map={Encoded: lambda b, **_: pack(b), **default_collate_fn_map})
 
 
-def gpu_decode_batch(datas, boxes, flips, size, device, mean=IMAGENET_MEAN, std=IMAGENET_STD):
-    """The device half of --decode gpu. datas: B tensors, JPEG bytes (n,) or CPU-decoded uint8 (3, H, W);
-    boxes (B, 4) [top, left, height, width]; flips (B,) bool -> normalised float (B, 3, size, size) on `device`,
-    the pixels mae_transform makes for the same box and flip up to decoder round-off (about 1/255)."""
-    imgs = list(datas)
-    jpeg = [k for k, x in enumerate(imgs) if x.ndim == 1]
-    if jpeg:
-        with warnings.catch_warnings():  # torchvision 0.29 deprecates its decoders in favour of TorchCodec
-            warnings.simplefilter('ignore', DeprecationWarning)
-            # one call for the batch: on CUDA a batched nvJPEG decode (hardware JPEG engines where present)
-            decoded = decode_jpeg([imgs[k] for k in jpeg], mode=ImageReadMode.RGB, device=device)
-        for k, x in zip(jpeg, decoded):
-            imgs[k] = x
-    # each box has its own size, so crop + resize one image at a time; bicubic + antialias as in mae_transform
-    # (rounded to uint8 like the CPU path); boxes are a CPU tensor, tolist() does not wait on the device
-    out = torch.stack([v2.functional.resized_crop(x.to(device, non_blocking=True), *box, [size, size], antialias=True,
-                                                  interpolation=v2.InterpolationMode.BICUBIC)
-                       for x, box in zip(imgs, boxes.tolist())])  # (B, 3, S, S) uint8
-    out = torch.where(flips.to(device, non_blocking=True).view(-1, 1, 1, 1), out.flip(-1), out)  # all flips at once
-    return v2.functional.normalize(v2.functional.to_dtype(out, torch.float32, scale=True), mean, std)
+def _decode_jpegs(datas, device):
+    """JPEG byte tensors -> uint8 (3, H, W) on `device`, or the exception for a file that does not decode. One call
+    for all (on CUDA a batched nvJPEG decode, hardware JPEG engines where present); if it fails, each file is
+    retried alone, then on the CPU (nvJPEG rejects some files libjpeg reads), so a bad file costs only its image."""
+    with warnings.catch_warnings():  # torchvision 0.29 deprecates its decoders in favour of TorchCodec
+        warnings.simplefilter('ignore', DeprecationWarning)
+        try:
+            return decode_jpeg(datas, mode=ImageReadMode.RGB, device=device)
+        except RuntimeError:
+            pass
+        out = []
+        for x in datas:
+            for dev in dict.fromkeys([str(device), 'cpu']):
+                try:
+                    out.append(decode_jpeg(x, mode=ImageReadMode.RGB, device=dev).to(device))
+                    break
+                except RuntimeError as e:
+                    err = e
+            else:
+                out.append(err)
+        return out
+
+
+def _cubic(x, a=-0.5):
+    """PIL's bicubic filter (a = -0.5, support 2): the kernel of its BICUBIC resize and of torch's antialiased one."""
+    x = x.abs()
+    near, far = ((a + 2) * x - (a + 3)) * x * x + 1, (((x - 5) * x + 8) * x - 4) * a  # |x| < 1, 1 <= |x| < 2
+    return torch.where(x < 1, near, torch.where(x < 2, far, 0))
+
+
+def resize_taps(start, length, out_size, taps):
+    """PIL's antialiased bicubic resize of B crops [start, start + length) of an image axis to out_size pixels
+    (Pillow Resample.c, precompute_coeffs), as taps: start, length (B,) int64 -> index (B, out_size, taps) int64
+    into the axis and weight (B, out_size, taps) float32, summing to 1 over the taps. Output pixel i is centred at
+    (i + 0.5) * scale in the crop, scale = length / out_size; downscaling stretches the cubic by scale (the
+    antialias); the window stops at the crop's edges. Unused taps weigh 0. Needs taps >= 2 ceil(2 max(1, scale)) + 1."""
+    scale = (length.double() / out_size)[:, None]  # (B, 1)
+    fs = scale.clamp(min=1.0)  # filter scale: the support is 2 fs
+    center = (torch.arange(out_size, dtype=torch.float64, device=start.device) + 0.5) * scale  # (B, out), in the crop
+    lo = (center - 2 * fs + 0.5).trunc().clamp(min=0)  # first tap: Pillow's xmin = (int)(center - support + 0.5)
+    hi = torch.minimum((center + 2 * fs + 0.5).trunc(), length[:, None].double())  # one past the last tap
+    x = lo[..., None] + torch.arange(taps, dtype=torch.float64, device=start.device)  # (B, out, taps), in the crop
+    w = _cubic((x + 0.5 - center[..., None]) / fs[..., None]) * (x < hi[..., None])  # pixel x is centred at x + 0.5
+    return torch.minimum(x, hi[..., None] - 1).long() + start[:, None, None], (w / w.sum(-1, keepdim=True)).float()
+
+
+def _to_device_async(x, device):
+    """A small CPU tensor to `device` without waiting on it: from page-locked memory the copy is queued on the
+    stream; from pageable memory CUDA may first synchronise with the stream."""
+    return (x.pin_memory() if torch.device(device).type == 'cuda' else x).to(device, non_blocking=True)
+
+
+RESIZE_BUCKET = 64  # px: images whose H and W round up to the same multiples are resized as one zero-padded batch
+
+
+def resized_crops(imgs, boxes, size):
+    """B uint8 images (3, H_k, W_k) on one device, boxes (B, 4) int64 [top, left, height, width] on the CPU ->
+    float32 (B, 3, size, size) on that device: each box resized by PIL's antialiased bicubic (what mae_transform
+    does to a PIL image), as Wy @ img @ Wx^T with Wy (size, H), Wx (size, W) the dense resize_taps, zero outside
+    the box; the row pass is rounded to uint8 values as Pillow does, so the result is Pillow's within a grey level
+    (TF32 matmuls, where enabled, move a value by a fraction of a level). The images are sorted into buckets of
+    similar size (H and W rounded up to RESIZE_BUCKET); a bucket is one zero-padded batch (the padding weighs 0)
+    resized by two batched matmuls, so the kernel launches grow with the buckets (one for a folder of equal sizes,
+    tens for a mix like ImageNet's), not with B as a resize per image does. torch's interpolate and torchvision's
+    roi_align take one (N, C, H, W) tensor, so they too would need the padding, and roi_align's bilinear box
+    average is not the CPU path's bicubic filter."""
+    dev, S = imgs[0].device, size
+    bucket = lambda x: (-(-x.shape[1] // RESIZE_BUCKET), -(-x.shape[2] // RESIZE_BUCKET))
+    order = sorted(range(len(imgs)), key=lambda k: (bucket(imgs[k]), tuple(imgs[k].shape)))  # equal sizes adjacent
+    imgs, boxes = [imgs[k] for k in order], boxes[order]
+    ntaps = lambda n: 2 * math.ceil(2 * max(1.0, n / S)) + 1  # the widest window in the batch
+    bx = _to_device_async(boxes, dev)
+    iy, wy = resize_taps(bx[:, 0], bx[:, 2], S, ntaps(int(boxes[:, 2].max())))  # (B, S, T) each
+    ix, wx = resize_taps(bx[:, 1], bx[:, 3], S, ntaps(int(boxes[:, 3].max())))
+    out, a = [], 0
+    for _, group in itertools.groupby(imgs, key=bucket):
+        group = list(group)
+        G, b = len(group), a + len(group)
+        H, W = max(x.shape[1] for x in group), max(x.shape[2] for x in group)
+        x = torch.zeros(G, 3, H, W, device=dev)
+        j = 0
+        for (h, w), same in itertools.groupby(group, key=lambda x: tuple(x.shape[1:])):  # one copy per size
+            same = list(same)
+            x[j:j + len(same), :, :h, :w] = same[0] if len(same) == 1 else torch.stack(same)
+            j += len(same)
+        Wy = torch.zeros(G, S, H, device=dev).scatter_add_(2, iy[a:b], wy[a:b])  # (G, S, H)
+        Wx = torch.zeros(G, S, W, device=dev).scatter_add_(2, ix[a:b], wx[a:b])  # (G, S, W)
+        # Pillow's order: along the rows first, rounded and clipped to uint8 values, then down the columns
+        y = (x.view(G, 3 * H, W) @ Wx.transpose(1, 2)).round_().clamp_(0, 255).view(G, 3, H, S)
+        out.append(Wy[:, None] @ y)  # (G, 3, S, S)
+        a = b
+    return torch.cat(out)[_to_device_async(torch.tensor(order).argsort(), dev)]  # back to the batch's order
+
+
+def gpu_decode_batch(packed, boxes, flips, size, device):
+    """The device half of --decode gpu: Packed (B images), boxes (B, 4) int64 [top, left, height, width] and flips
+    (B,) bool on the CPU -> uint8 (B, 3, size, size) on `device`, for to_device to normalise: the pixels
+    mae_transform makes for the same box and flip, within a grey level when both decode with libjpeg (on the CPU);
+    nvJPEG and libjpeg differ by under 2 levels on average (torchvision's own test bound). A JPEG that does not
+    decode is skipped with a warning, as ImageFolder skips an unreadable file: the next decodable image of the
+    batch takes its place, with its box."""
+    datas = packed.data.split(packed.offsets.diff().tolist())
+    imgs = [x.view(3, h, w).to(device, non_blocking=True) if h else None
+            for x, (h, w) in zip(datas, packed.decoded.tolist())]
+    jpeg = [k for k, x in enumerate(imgs) if x is None]
+    for k, x in zip(jpeg, _decode_jpegs([datas[k] for k in jpeg], device) if jpeg else []):
+        imgs[k] = x
+    good = [k for k, x in enumerate(imgs) if not isinstance(x, Exception)]
+    if len(good) < len(imgs):
+        if not good:
+            raise RuntimeError(f'no image of the batch decodes, e.g. {packed.paths[0]}: {imgs[0]}')
+        boxes = boxes.clone()
+        for k in sorted(set(range(len(imgs))) - set(good)):
+            warnings.warn(f'skipping undecodable image {packed.paths[k]} ({type(imgs[k]).__name__}: '
+                          f'{str(imgs[k]).splitlines()[0][:200]})')
+            j = min(good, key=lambda j: (j - k) % len(imgs))  # the next decodable one, cyclically
+            imgs[k], boxes[k] = imgs[j], boxes[j]
+    out = resized_crops(imgs, boxes, size).round_().clamp_(0, 255).to(torch.uint8)  # (B, 3, S, S), like the CPU path
+    return torch.where(flips.to(device, non_blocking=True).view(-1, 1, 1, 1), out.flip(-1), out)  # all flips at once
 
 
 # -----------------------------------------------------------------------------
@@ -688,12 +838,31 @@ class EpochSampler(Sampler):
         return len(self._indices()) - self.skip
 
 
-def make_loader(dataset, batch_size, world=1, rank=0, seed=0, num_workers=0, train=True, collate_fn=None):
-    """Loader used by every script: EpochSampler (drop_last and shuffle for training), pinned memory, persistent
-    workers. Returns (loader, sampler)."""
+def cpus():
+    """The CPUs this process may run on: its affinity mask (taskset, cgroups cpusets, SLURM), not the machine's."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else os.cpu_count() or 1
+
+
+def default_workers(n):
+    """A script's default --num_workers: n, at most this process's share of the CPUs it may use (shared with the
+    other processes torchrun starts on this machine, LOCAL_WORLD_SIZE), and at least 1 unless n is 0."""
+    share = cpus() // int(os.environ.get('LOCAL_WORLD_SIZE', 1))
+    return min(n, max(1, share))
+
+
+def make_loader(dataset, batch_size, world=1, rank=0, seed=0, num_workers=0, train=True, collate_fn=None,
+                pin_memory=None):
+    """Loader used by every script: EpochSampler (drop_last and shuffle for training), persistent workers, at most
+    one worker per CPU this process may use (more only compete for the same CPUs; a warning says when a request is
+    lowered), pinned memory (page-locked batches: non-blocking host-to-device copies) when pin_memory is True,
+    None = when CUDA is available. Returns (loader, sampler)."""
+    if num_workers > cpus():
+        warnings.warn(f'--num_workers {num_workers} lowered to {cpus()}, the CPUs this process may use')
+        num_workers = cpus()
     sampler = EpochSampler(len(dataset), batch_size, world, rank, seed, shuffle=train, drop_last=train)
     loader = DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=num_workers,
-                        pin_memory=torch.cuda.is_available(), persistent_workers=num_workers > 0,
+                        pin_memory=torch.cuda.is_available() if pin_memory is None else pin_memory,
+                        persistent_workers=num_workers > 0,
                         drop_last=train, collate_fn=collate_fn, prefetch_factor=4 if num_workers > 0 else None,
                         generator=torch.Generator().manual_seed(seed))  # worker seeds never draw on the global RNG
     return loader, sampler

@@ -414,14 +414,14 @@ def main(argv=None):
     dtype, autocast, scaler = setup_precision(cfg, device_type)
 
     # data
-    gpu_decode = cfg.decode == 'gpu'  # the loader yields (JPEG bytes, crop boxes, flips) in place of images
+    gpu_decode = cfg.decode == 'gpu'  # the loader yields (packed JPEG bytes, crop boxes, flips) in place of images
     try:
         base = data.build_dataset(cfg.data, 'train', cfg.img_size, encoded=gpu_decode)
         vis_base = data.build_dataset(cfg.data, 'val', cfg.img_size) if master else None
     except (FileNotFoundError, ValueError) as e:
         sys.exit(f'error: {e}')
     num_patches = (cfg.img_size // cfg.patch_size) ** 2
-    crop = data.CropFlipParams(cfg.img_size) if gpu_decode else data.mae_transform(cfg.img_size)
+    crop = data.CropFlipParams(cfg.img_size) if gpu_decode else data.mae_transform(cfg.img_size, normalize=False)
     dataset = data.Seeded(base, data.WithNoise(crop, num_patches))
     try:
         loader, sampler = data.make_loader(dataset, cfg.batch_size, world, rank, cfg.seed, cfg.num_workers,
@@ -483,9 +483,9 @@ def main(argv=None):
         batches = []
         for _ in range(cfg.accum_iter):
             _, ((imgs, noise), _) = next(stream)
-            if gpu_decode:  # imgs = (B JPEG byte tensors, boxes (B, 4), flips (B,)) -> (B, 3, H, W) on the device
+            if gpu_decode:  # imgs = (packed JPEG bytes, boxes (B, 4), flips (B,)) -> uint8 (B, 3, H, W) on the device
                 imgs = data.gpu_decode_batch(*imgs, cfg.img_size, device)
-            batches.append((imgs.to(device, non_blocking=True), noise.to(device, non_blocking=True)))
+            batches.append((data.to_device(imgs, device), noise.to(device, non_blocking=True)))  # uint8 -> normalised
         torch.manual_seed(step_seed(cfg.seed, rank, step))
         sched = schedules(step, cfg, base_lr, warmup_steps, total_steps)
         stats_sum += train_step(fwd, model, optimizer, scaler, autocast, batches, sched, cfg)

@@ -1,4 +1,7 @@
-"""data.py: the embedded dataset, image folders (bad files, modes), transforms, masks, seeding and sampling."""
+"""data.py: the embedded dataset, image folders (bad files, modes), transforms, masks, seeding and sampling, the
+uint8 loader path, --decode gpu (packed batches, batched crops, corrupt files) and the worker count."""
+import os
+
 import numpy as np
 import pytest
 import torch
@@ -249,6 +252,44 @@ def test_missing_idx_package_names_the_package(monkeypatch):
         data.build_dataset('fashion-mnist')
 
 
+# uint8 from the workers, normalised on the device by data.to_device
+
+
+def test_to_device_normalises_a_flat_image_by_hand():
+    # a flat (255, 128, 0) image: every crop of it is that colour; normalised by hand with ImageNet's mean and std
+    img = torch.tensor([255, 128, 0], dtype=torch.uint8).view(3, 1, 1).expand(3, 6, 5).contiguous()
+    torch.manual_seed(0)
+    u8 = data.mae_transform(4, normalize=False)(img)
+    assert u8.dtype == torch.uint8 and torch.equal(u8, img[:, :4, :4])
+    x = data.to_device(u8[None], 'cpu')  # (1, 3, 4, 4) float32
+    hand = torch.tensor([(1 - 0.485) / 0.229, (128 / 255 - 0.456) / 0.224, (0 - 0.406) / 0.225])  # 2.249 0.211 -1.804
+    assert x.dtype == torch.float32 and torch.allclose(x[0], hand.view(3, 1, 1).expand(3, 4, 4), atol=1e-6)
+    with pytest.raises(TypeError, match='uint8'):
+        data.to_device(x, 'cpu')  # already normalised: refused rather than normalised twice
+
+
+def views(out):
+    return list(out) if isinstance(out, (list, tuple)) else [out]
+
+
+@pytest.mark.parametrize('name', ['mae', 'lut', 'ibot', 'dtm', 'eval'])
+def test_uint8_path_equals_float_path(name):
+    # the same sample key draws the same augmentation either way; uint8 + to_device equals ToDtype + Normalize in
+    # the worker exactly (fine-tuning stays float: its random erasing fills normalised noise)
+    make = {'mae': lambda n: data.mae_transform(32, normalize=n), 'lut': lambda n: data.LUTTransform(32, normalize=n),
+            'ibot': lambda n: data.MultiCropTransform(32, 16, 2, normalize=n),
+            'dtm': lambda n: data.dtm_transform(32, normalize=n),
+            'eval': lambda n: data.eval_transform(32, normalize=n)}[name]
+    base = data.Shapes('train', 40, length=4)
+    old, new = data.Seeded(base, make(True)), data.Seeded(base, make(False))
+    std = torch.tensor(data.IMAGENET_STD).view(3, 1, 1)
+    for key in [(1, 5), (3, 99)]:
+        for x, u in zip(views(old[key][0]), views(new[key][0]), strict=True):
+            assert u.dtype == torch.uint8 and x.dtype == torch.float32
+            y = data.to_device(u, 'cpu')
+            assert torch.equal(y, x)
+
+
 # --decode gpu: bytes + crop boxes from the workers, decode + crop + flip by gpu_decode_batch (run here on the CPU)
 
 
@@ -267,19 +308,106 @@ def write_jpegs(root):
     Image.fromarray(grid).resize((52, 44), Image.BICUBIC).save(root / 'b' / '2.jpg', quality=95)
 
 
-def pil_reference(path, size):
-    """The CPU path on the whole image: PIL decode, bicubic antialiased resize, normalise."""
-    tf = v2.Compose([v2.ToImage(), v2.Resize((size, size), interpolation=v2.InterpolationMode.BICUBIC, antialias=True),
-                     v2.ToDtype(torch.float32, scale=True), v2.Normalize(data.IMAGENET_MEAN, data.IMAGENET_STD)])
-    return tf(data.load_rgb(path))
+def pil_resized_crop(img, box, size):
+    """The CPU path's pixels: PIL crop + BICUBIC resize (what mae_transform does to a PIL image), uint8 (3, S, S)."""
+    top, left, h, w = box
+    out = img.crop((left, top, left + w, top + h)).resize((size, size), Image.BICUBIC)
+    return torch.from_numpy(np.array(out)).permute(2, 0, 1)
 
 
 def decode(ds, idx, boxes, flips, size=16):
-    datas = [ds[i][0].data for i in idx]
-    return data.gpu_decode_batch(datas, torch.tensor(boxes), torch.tensor(flips), size, 'cpu')
+    packed = data.pack([ds[i][0] for i in idx])
+    return data.gpu_decode_batch(packed, torch.tensor(boxes), torch.tensor(flips), size, 'cpu')
 
 
-TOL = 0.05  # about 2.5 grey levels after normalisation: JPEG decoders and uint8 rounding may differ by a level
+LEVELS = 1  # grey levels: on the CPU both paths decode with libjpeg; Pillow's fixed-point resize rounds differently
+
+
+def diff(a, b):
+    return (a.float() - b.float()).abs()
+
+
+def test_resize_taps_pillow_formula_by_hand():
+    # a crop of length 4 at offset 3 -> 2 pixels: scale 2, the cubic (a = -0.5) stretched x2, support 4. Output 0 is
+    # centred at 1.0 in the crop, taps 0..3 at distances (x + 0.5 - 1) / 2 = -0.25, 0.25, 0.75, 1.25:
+    # cubic = 0.8671875, 0.8671875, 0.2265625, -0.0703125, sum 1.890625; output 1 (centre 3.0) is its mirror image
+    idx, w = data.resize_taps(torch.tensor([3]), torch.tensor([4]), 2, taps=5)
+    k = torch.tensor([0.8671875, 0.8671875, 0.2265625, -0.0703125]) / 1.890625
+    W = torch.zeros(2, 10).scatter_add_(1, idx[0], w[0])  # dense (2, 10) over an axis of 10 pixels
+    assert torch.allclose(W[0, 3:7], k) and torch.allclose(W[1, 3:7], k.flip(0))
+    assert W[:, :3].abs().sum() == 0 and W[:, 7:].abs().sum() == 0  # nothing outside the crop
+    # upscaling 2 -> 4: no stretch (support 2); output 0 at 0.25 sees pixels 0, 1 (centres 0.5, 1.5) at distances
+    # 0.25, 1.25: cubic 0.8671875, -0.0703125, sum 0.796875
+    idx, w = data.resize_taps(torch.tensor([0]), torch.tensor([2]), 4, taps=5)
+    W = torch.zeros(4, 2).scatter_add_(1, idx[0], w[0])
+    assert torch.allclose(W[0], torch.tensor([0.8671875, -0.0703125]) / 0.796875)
+    assert torch.allclose(W.sum(1), torch.ones(4))
+
+
+def test_resized_crops_match_pillow_on_the_same_pixels():
+    # batched resize of boxes in images of several sizes (one bucket or several) == Pillow per image, within LEVELS
+    rng = np.random.default_rng(0)
+    sizes = [(37, 53), (37, 53), (40, 30), (90, 70), (21, 25), (37, 53)]
+    imgs = [(rng.random((h, w, 3)) * 255).astype(np.uint8) for h, w in sizes]
+    boxes = [[0, 0, 37, 53], [4, 9, 20, 30], [3, 2, 30, 27], [5, 7, 80, 41], [1, 2, 8, 9], [36, 50, 1, 3]]
+    x = [torch.from_numpy(a).permute(2, 0, 1).contiguous() for a in imgs]  # (3, H, W) uint8
+    ref = torch.stack([pil_resized_crop(Image.fromarray(a), b, 16) for a, b in zip(imgs, boxes)])
+    out = data.resized_crops(x, torch.tensor(boxes), 16).round().clamp(0, 255)  # (6, 3, 16, 16)
+    assert diff(out, ref).max() <= LEVELS and diff(out, ref).mean() < 0.05
+    for bucket in (8, 1000):  # many buckets (padding inside each) or one: the same pixels
+        with pytest.MonkeyPatch.context() as m:
+            m.setattr(data, 'RESIZE_BUCKET', bucket)
+            assert torch.allclose(data.resized_crops(x, torch.tensor(boxes), 16).round().clamp(0, 255), out)
+
+
+def test_pack_one_tensor_per_batch(tmp_path):
+    write_images(tmp_path)  # PNG, greyscale JPEG, CMYK JPEG, transparent PNG: bytes for the JPEG, pixels otherwise
+    ds = data.EncodedFolder(str(tmp_path))
+    encs = [ds[i][0] for i in range(4)]
+    p = data.pack(encs)
+    assert p.data.dtype == torch.uint8 and p.data.ndim == 1 and p.offsets.dtype == torch.int64
+    assert p.offsets.tolist() == [0, 960, 960 + len(encs[1].data), 960 + len(encs[1].data) + 960, p.data.numel()]
+    assert p.decoded.tolist() == [[16, 20], [0, 0], [16, 20], [16, 20]] and p.paths == [s for s, _ in ds.samples[:4]]
+    for k, e in enumerate(encs):
+        assert torch.equal(p.data[p.offsets[k]:p.offsets[k + 1]], e.data.reshape(-1))
+    ((packed, boxes, flips), _), labels = data.collate_encoded(
+        [(((e, torch.tensor([0, 0, 16, 20]), torch.tensor(False)), torch.zeros(4)), 0) for e in encs])
+    assert isinstance(packed, data.Packed) and torch.equal(packed.data, p.data) and boxes.shape == (4, 4)
+
+
+FD_CHECK = '''
+import resource, sys
+soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+resource.setrlimit(resource.RLIMIT_NOFILE, (1024, hard))
+sys.path.insert(0, {root!r})
+import data
+ds = data.Seeded(data.EncodedFolder({folder!r}), data.WithNoise(data.CropFlipParams(8), 4))
+loader, sampler = data.make_loader(ds, 512, num_workers=2, collate_fn=data.collate_encoded)
+for epoch in range(2):
+    sampler.set_epoch(epoch)
+    for ((packed, boxes, flips), noise), labels in loader:
+        assert len(packed.offsets) == 513 and len(packed.paths) == 512 and boxes.shape == (512, 4)
+        print('batch', epoch, packed.data.numel(), flush=True)
+'''
+
+
+def test_batches_of_512_jpegs_cross_two_workers_at_ulimit_1024(tmp_path):
+    # each tensor sent by a worker holds a file descriptor until received: B byte tensors per batch, two workers
+    # with a batch each in flight, ran out of descriptors at ulimit -n 1024 and the loader hung. Packed: a handful.
+    import subprocess
+    import sys
+    from conftest import ROOT
+    rng = np.random.default_rng(0)
+    for k in range(1024):
+        (tmp_path / f'c{k % 2}').mkdir(exist_ok=True)
+        Image.fromarray((rng.random((8, 8, 3)) * 255).astype(np.uint8)).save(tmp_path / f'c{k % 2}' / f'{k}.jpg')
+    code = FD_CHECK.format(root=ROOT, folder=str(tmp_path))
+    try:
+        r = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True, timeout=120)
+    except subprocess.TimeoutExpired as e:
+        pytest.fail(f'the loader hung at ulimit -n 1024: {e.stderr}')
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert r.stdout.count('batch') == 4 and 'Too many open files' not in r.stderr
 
 
 def test_gpu_decode_full_box_matches_pil(tmp_path):
@@ -287,38 +415,39 @@ def test_gpu_decode_full_box_matches_pil(tmp_path):
     ds = data.EncodedFolder(str(tmp_path))
     assert all(ds[i][0].data.ndim == 1 for i in range(3))  # JPEGs travel as bytes
     assert [ds[i][0].size for i in range(3)] == [(30, 40), (48, 64), (44, 52)]  # (H, W) from the header
-    out = decode(ds, [0, 1, 2], [[0, 0, 30, 40], [0, 0, 48, 64], [0, 0, 44, 52]], [False] * 3)
-    assert out.shape == (3, 3, 16, 16) and out.dtype == torch.float32
+    boxes = [[0, 0, 30, 40], [0, 0, 48, 64], [0, 0, 44, 52]]
+    out = decode(ds, [0, 1, 2], boxes, [False] * 3)
+    assert out.shape == (3, 3, 16, 16) and out.dtype == torch.uint8
     for i in range(3):
-        assert (out[i] - pil_reference(ds.samples[i][0], 16)).abs().max() < TOL
+        assert diff(out[i], pil_resized_crop(data.load_rgb(ds.samples[i][0]), boxes[i], 16)).max() <= LEVELS
 
 
 def test_gpu_decode_box_selects_and_flip_mirrors(tmp_path):
     write_jpegs(tmp_path)
     ds = data.EncodedFolder(str(tmp_path))
-    red, blue = torch.tensor([1., 0, 0]).view(3, 1, 1), torch.tensor([0., 0, 1]).view(3, 1, 1)
-    left = data.denormalize(decode(ds, [0], [[0, 0, 30, 18]], [False]))[0]  # left 18 of 40 columns: all red
-    assert (left - red).abs().max() < 0.1
-    whole, flipped = data.denormalize(decode(ds, [0, 0], [[0, 0, 30, 40]] * 2, [False, True]))
+    red, blue = torch.tensor([255, 0, 0]).view(3, 1, 1), torch.tensor([0, 0, 255]).view(3, 1, 1)
+    left = decode(ds, [0], [[0, 0, 30, 18]], [False])[0]  # left 18 of 40 columns: all red
+    assert diff(left, red).max() <= 25
+    whole, flipped = decode(ds, [0, 0], [[0, 0, 30, 40]] * 2, [False, True])
     assert torch.equal(flipped, whole.flip(-1))
-    assert (whole[:, :, :6] - red).abs().max() < 0.1 and (flipped[:, :, :6] - blue).abs().max() < 0.1
-    top = data.denormalize(decode(ds, [1], [[4, 10, 16, 40]], [False]))[0]  # inside the green top half
-    assert (top - torch.tensor([0., 1, 0]).view(3, 1, 1)).abs().max() < 0.1
+    assert diff(whole[:, :, :6], red).max() <= 25 and diff(flipped[:, :, :6], blue).max() <= 25
+    top = decode(ds, [1], [[4, 10, 16, 40]], [False])[0]  # inside the green top half
+    assert diff(top, torch.tensor([0, 255, 0]).view(3, 1, 1)).max() <= 25
 
 
 def test_gpu_path_matches_cpu_path_per_sample(tmp_path):
     # same (seed, epoch, index) key: the same crop box, flip and MAE noise on both paths, so the same pixels
     write_jpegs(tmp_path)
-    cpu = data.Seeded(data.ImageFolder(str(tmp_path)), data.WithNoise(data.mae_transform(16), 4))
+    cpu = data.Seeded(data.ImageFolder(str(tmp_path)), data.WithNoise(data.mae_transform(16, normalize=False), 4))
     gpu = data.Seeded(data.EncodedFolder(str(tmp_path)), data.WithNoise(data.CropFlipParams(16), 4))
     keys = [(i, 7 * i + s) for s in range(4) for i in range(3)]
-    ((datas, boxes, flips), noise), labels = data.collate_encoded([gpu[k] for k in keys])
-    assert isinstance(datas, list) and boxes.shape == (12, 4) and flips.dtype == torch.bool
+    ((packed, boxes, flips), noise), labels = data.collate_encoded([gpu[k] for k in keys])
+    assert isinstance(packed, data.Packed) and boxes.shape == (12, 4) and flips.dtype == torch.bool
     assert labels.tolist() == [0, 0, 1] * 4 and 0 < flips.sum() < 12
-    imgs = data.gpu_decode_batch(datas, boxes, flips, 16, 'cpu')
+    imgs = data.gpu_decode_batch(packed, boxes, flips, 16, 'cpu')
     ref_imgs, ref_noise = map(torch.stack, zip(*[cpu[k][0] for k in keys]))
     assert torch.equal(noise, ref_noise)
-    assert (imgs - ref_imgs).abs().max() < TOL
+    assert imgs.dtype == ref_imgs.dtype == torch.uint8 and diff(imgs, ref_imgs).max() <= LEVELS
 
 
 def test_gpu_path_params_are_pure_functions_of_seed_epoch_index(tmp_path):
@@ -328,10 +457,10 @@ def test_gpu_path_params_are_pure_functions_of_seed_epoch_index(tmp_path):
 
     def epoch(e):
         sampler.set_epoch(e)
-        ((datas, boxes, flips), noise), labels = next(iter(loader))
-        return [d.sum().item() for d in datas], boxes, flips, noise
+        ((packed, boxes, flips), noise), labels = next(iter(loader))
+        return packed.data, boxes, flips, noise
     a, b, c = epoch(0), epoch(0), epoch(1)
-    assert a[0] == b[0] and all(torch.equal(x, y) for x, y in zip(a[1:], b[1:]))
+    assert all(torch.equal(x, y) for x, y in zip(a, b))
     assert not (torch.equal(a[1], c[1]) and torch.equal(a[3], c[3]))
 
 
@@ -341,10 +470,10 @@ def test_gpu_path_decodes_non_jpegs_on_the_cpu(tmp_path):
     assert isinstance(ds, data.EncodedFolder)
     encs = [ds[i][0] for i in range(4)]
     assert [e.data.ndim for e in encs] == [3, 1, 3, 3]  # only the greyscale JPEG goes to the device as bytes
-    out = data.gpu_decode_batch([e.data for e in encs], torch.tensor([[0, 0, 16, 20]] * 4), torch.zeros(4, dtype=torch.bool),
+    out = data.gpu_decode_batch(data.pack(encs), torch.tensor([[0, 0, 16, 20]] * 4), torch.zeros(4, dtype=torch.bool),
                                 8, 'cpu')
     for i in range(4):
-        assert (out[i] - pil_reference(ds.samples[i][0], 8)).abs().max() < TOL
+        assert diff(out[i], pil_resized_crop(data.load_rgb(ds.samples[i][0]), (0, 0, 16, 20), 8)).max() <= LEVELS
     with pytest.warns(UserWarning, match='4.jpg'):
         assert ds[4][0].size == (16, 20)  # the corrupt file is skipped, like ImageFolder
     with pytest.raises(ValueError, match='--decode gpu'):
@@ -423,3 +552,68 @@ def test_random_erasing_fills_pixel_noise():
     vals = out[box]
     assert abs(vals.mean()) < 0.3 and 0.7 < vals.std() < 1.3  # normal noise in normalized units
     assert torch.equal(box[0], box[1]) and torch.equal(box[0], box[2])  # one box across the channels
+
+
+
+def write_truncated_jpeg(path):
+    """A JPEG cut short inside its image data (an interrupted copy): its header reads, its pixels do not decode."""
+    img = Image.fromarray((np.random.default_rng(1).random((30, 40, 3)) * 255).astype(np.uint8))
+    img.save(path, quality=90)
+    raw = path.read_bytes()
+    path.write_bytes(raw[:raw.index(b'\xff\xda') + 20])
+
+
+def test_gpu_decode_skips_a_corrupt_jpeg_with_a_warning(tmp_path):
+    write_jpegs(tmp_path)
+    write_truncated_jpeg(tmp_path / 'a' / '0-bad.jpg')  # sorted first in class a
+    ds = data.EncodedFolder(str(tmp_path))
+    assert ds.samples[0][0].endswith('0-bad.jpg') and ds[0][0].size == (30, 40)  # the worker reads its header
+    boxes = [[0, 0, 30, 40], [0, 0, 30, 40], [4, 10, 16, 40], [0, 0, 44, 52]]
+    with pytest.warns(UserWarning, match='skipping undecodable image .*0-bad.jpg'):
+        out = decode(ds, [1, 0, 2, 3], boxes, [False] * 4)  # the bad one in the middle of the batch
+    assert out.shape == (4, 3, 16, 16) and torch.equal(out[1], out[2])  # the next decodable image took its place
+    assert torch.equal(out[0], decode(ds, [1], boxes[:1], [False])[0])  # the others are untouched
+    with pytest.raises(RuntimeError, match='no image of the batch decodes'):
+        decode(ds, [0, 0], boxes[:2], [False, True])
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason='needs a CUDA device (nvJPEG)')
+def test_cuda_decode_matches_cpu_path(tmp_path):
+    # nvJPEG and libjpeg may differ: torchvision's own test bounds their mean difference by 2 grey levels; the crop
+    # and resize add at most one level (the CPU test above), so: mean |diff| < 2 levels, and the corrupt file skipped
+    write_jpegs(tmp_path)
+    write_truncated_jpeg(tmp_path / 'a' / '0-bad.jpg')
+    cpu = data.Seeded(data.ImageFolder(str(tmp_path)), data.WithNoise(data.mae_transform(16, normalize=False), 4))
+    gpu = data.Seeded(data.EncodedFolder(str(tmp_path)), data.WithNoise(data.CropFlipParams(16), 4))
+    keys = [(i, 7 * i + s) for s in range(4) for i in range(1, 4)]
+    ((packed, boxes, flips), _), _ = data.collate_encoded([gpu[k] for k in keys])
+    imgs = data.gpu_decode_batch(packed, boxes, flips, 16, 'cuda')
+    assert imgs.is_cuda and imgs.dtype == torch.uint8
+    ref = torch.stack([cpu[k][0][0] for k in keys])
+    assert diff(imgs.cpu(), ref).mean() < 2
+    x = data.to_device(imgs, 'cuda')
+    assert x.is_cuda and torch.allclose(x.cpu(), data.to_device(imgs.cpu(), 'cpu'))
+    ((packed, boxes, _), _), _ = data.collate_encoded([gpu[(0, 0)], gpu[(1, 0)]])  # the corrupt file, then 0.jpg
+    with pytest.warns(UserWarning, match='0-bad.jpg'):
+        out = data.gpu_decode_batch(packed, boxes, torch.zeros(2, dtype=torch.bool), 16, 'cuda')
+    assert torch.equal(out[0], out[1])
+
+
+# loader: workers and pinned memory
+
+
+def test_default_workers_and_loader_cap(monkeypatch):
+    monkeypatch.setattr(os, 'sched_getaffinity', lambda pid: {0, 1, 2})
+    monkeypatch.delenv('LOCAL_WORLD_SIZE', raising=False)
+    assert data.cpus() == 3
+    assert [data.default_workers(n) for n in (0, 1, 2, 3, 10)] == [0, 1, 2, 3, 3]
+    monkeypatch.setenv('LOCAL_WORLD_SIZE', '2')  # torchrun, two processes sharing the 3 CPUs
+    assert [data.default_workers(n) for n in (0, 1, 10)] == [0, 1, 1]
+    monkeypatch.setenv('LOCAL_WORLD_SIZE', '8')  # more processes than CPUs: still a worker each
+    assert data.default_workers(10) == 1
+    ds = data.Shapes('train', 8, length=16)
+    with pytest.warns(UserWarning, match='lowered to 3'):
+        loader, _ = data.make_loader(ds, 4, num_workers=10)
+    assert loader.num_workers == 3 and loader.pin_memory == torch.cuda.is_available()
+    loader, _ = data.make_loader(ds, 4, num_workers=2, pin_memory=False)
+    assert loader.num_workers == 2 and not loader.pin_memory
