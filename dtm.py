@@ -182,7 +182,7 @@ class MaskedView:
     student and teacher share (BEiT / DTM), and a BEiT block mask with an exact count drawn from the sample's rng."""
 
     def __init__(self, img_size, grid, num_mask):
-        self.transform, self.grid, self.num_mask = data.dtm_transform(img_size), grid, num_mask
+        self.transform, self.grid, self.num_mask = data.dtm_transform(img_size, normalize=False), grid, num_mask
 
     def __call__(self, img, rng):
         mask = data.exact_block_mask(self.grid, self.grid, self.num_mask, rng)
@@ -752,7 +752,7 @@ def main(argv=None):
         batches = []
         for _ in range(cfg.accum_iter):
             _, ((imgs, mask), _) = next(stream)
-            batches.append((imgs.to(device, non_blocking=True), mask.to(device, non_blocking=True)))
+            batches.append((data.to_device(imgs, device), mask.to(device, non_blocking=True)))  # uint8 -> normalised
         torch.manual_seed(step_seed(cfg.seed, rank, step))
         sched = schedules(step, cfg, base_lr, warmup_steps, total_steps, rank)
         stats_sum += train_step(fwd, model, teacher, optimizer, scaler, autocast, batches, sched, cfg)

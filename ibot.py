@@ -282,7 +282,8 @@ class MultiCropMasks:
     def __init__(self, cfg):
         self.multicrop = data.MultiCropTransform(cfg.img_size, cfg.local_size, cfg.local_crops_number,
                                                  global_scale=(cfg.global_scale_min, 1.0),
-                                                 local_scale=(cfg.local_scale_min, cfg.global_scale_min))
+                                                 local_scale=(cfg.local_scale_min, cfg.global_scale_min),
+                                                 normalize=False)  # uint8 crops, normalised on the device
         self.grid = cfg.img_size // cfg.patch_size
         self.ratio = (cfg.pred_ratio - cfg.pred_ratio_var, cfg.pred_ratio + cfg.pred_ratio_var)
         self.no_mask_prob = cfg.no_mask_prob
@@ -673,7 +674,8 @@ def main(argv=None):
     # DDP first, then compile: dynamo splits the graph at DDP's buckets so the all-reduce overlaps backward
     fwd = DDP(model, device_ids=[local_rank] if device_type == 'cuda' else None) if ddp else model
     fwd = torch.compile(fwd) if cfg.compile else fwd
-    teacher_fwd = torch.compile(teacher) if cfg.compile else teacher
+    if cfg.compile:
+        teacher.compile()  # in place: parameter names (the EMA pairs them by name) and state_dict keys unchanged
     if ddp:
         for t in teacher.state_dict().values():  # DDP synced the student from rank 0; the teacher copy must match
             dist.broadcast(t, 0)
@@ -693,14 +695,14 @@ def main(argv=None):
         batches = []
         for _ in range(cfg.accum_iter):
             _, ((crops, masks), _) = next(stream)
-            crops = [c.to(device, non_blocking=True) for c in crops]
+            crops = [data.to_device(c, device) for c in crops]  # uint8 crops normalised on the device
             globals_ = torch.cat(crops[:2])  # (G*B, 3, H, W), view-major
             locals_ = torch.cat(crops[2:]) if len(crops) > 2 else None  # (n*B, 3, h, w)
             mask = masks.to(device, non_blocking=True).transpose(0, 1).flatten(2).flatten(0, 1)  # (G*B, L) bool
             batches.append((globals_, locals_, mask))
         torch.manual_seed(step_seed(cfg.seed, rank, step))
         sched = schedules(step, cfg, base_lr, warmup_steps, total_steps, steps_per_epoch)
-        stats_sum += train_step(fwd, model, teacher_fwd, centers, optimizer, scaler, autocast, batches, sched, cfg)
+        stats_sum += train_step(fwd, model, teacher, centers, optimizer, scaler, autocast, batches, sched, cfg)
         step += 1
         save_now = step % save_every == 0 or step == end_step
         if step % cfg.log_every == 0 or save_now:  # a non-finite loss is looked for here: never saved

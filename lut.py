@@ -586,7 +586,7 @@ def main(argv=None):
     except (FileNotFoundError, ValueError) as e:
         sys.exit(f'error: {e}')
     num_patches = (cfg.img_size // cfg.patch_size) ** 2
-    views = data.LUTTransform(cfg.img_size, cfg.crop, shared=cfg.shared_crop)
+    views = data.LUTTransform(cfg.img_size, cfg.crop, shared=cfg.shared_crop, normalize=False)  # uint8
     dataset = data.Seeded(base, data.WithNoise(views, num_patches))
     try:
         loader, sampler = data.make_loader(dataset, cfg.batch_size, world, rank, cfg.seed, cfg.num_workers)
@@ -627,7 +627,8 @@ def main(argv=None):
     # DDP first, then compile: dynamo splits the graph at DDP's buckets so the all-reduce overlaps backward
     fwd = DDP(model, device_ids=[local_rank] if device_type == 'cuda' else None) if ddp else model
     fwd = torch.compile(fwd) if cfg.compile else fwd
-    teacher_fwd = torch.compile(teacher) if cfg.compile else teacher
+    if cfg.compile:
+        teacher.compile()  # in place: parameter names (the EMA pairs them by name) and state_dict keys unchanged
     if ddp:
         for t in teacher.state_dict().values():  # DDP gave every rank rank 0's online model; same for its copy
             dist.broadcast(t, 0)
@@ -653,11 +654,11 @@ def main(argv=None):
         batches = []
         for _ in range(cfg.accum_iter):
             _, (((view1, view2), noise), _) = next(stream)
-            batches.append((view1.to(device, non_blocking=True), view2.to(device, non_blocking=True),
-                            noise.to(device, non_blocking=True)))
+            batches.append((data.to_device(view1, device), data.to_device(view2, device),
+                            noise.to(device, non_blocking=True)))  # uint8 views normalised on the device
         torch.manual_seed(step_seed(cfg.seed, rank, step))
         sched = schedules(step, cfg, base_lr, warmup_steps, total_steps)
-        stats_sum += train_step(fwd, model, teacher_fwd, optimizer, scaler, autocast, batches, sched, cfg)
+        stats_sum += train_step(fwd, model, teacher, optimizer, scaler, autocast, batches, sched, cfg)
         step += 1
         save_now = step % save_every == 0 or step == end_step
         if step % cfg.log_every == 0 or save_now:  # a non-finite loss is looked for here: never saved

@@ -282,7 +282,6 @@ def test_uint8_path_equals_float_path(name):
             'eval': lambda n: data.eval_transform(32, normalize=n)}[name]
     base = data.Shapes('train', 40, length=4)
     old, new = data.Seeded(base, make(True)), data.Seeded(base, make(False))
-    std = torch.tensor(data.IMAGENET_STD).view(3, 1, 1)
     for key in [(1, 5), (3, 99)]:
         for x, u in zip(views(old[key][0]), views(new[key][0]), strict=True):
             assert u.dtype == torch.uint8 and x.dtype == torch.float32
