@@ -1,6 +1,7 @@
-"""bench.py: the structural FLOP counts against hand arithmetic (spec notes B.2) and torch's FLOP counter, and
-tiny CPU timing runs."""
-from contextlib import nullcontext
+"""bench.py: the structural FLOP counts against hand arithmetic (spec notes B.2) and torch's FLOP counter on each
+method's real train_step, the peak MFU divides by, tiny CPU timing runs, and the structure of the --suite dry run."""
+import json
+import os
 
 import pytest
 import torch
@@ -24,7 +25,7 @@ def test_mae_base_step_flops_match_worked_example():
 def test_cpu_run_reports_what_it_measured():
     r = bench.main(['--img_size', '32', '--batch_size', '4', '--steps', '1', '--warmup', '1', '--device', 'cpu'])[0]
     assert r['img_per_s'] > 0 and r['mfu'] is None and r['device'].startswith('CPU') and r['torch']
-    assert r['gflop_per_img'] > 0
+    assert r['gflop_per_img'] > 0 and r['batch'] == 4 and r['finite'] and r['recompiles_timed'] == 0
 
 
 def test_loader_mode_times_both_data_paths():
@@ -94,16 +95,17 @@ def explicit_attention(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, 
 
 @pytest.mark.parametrize('method', ['mae', 'lut', 'ibot', 'dtm', 'finetune'])
 def test_structural_count_matches_torch_flop_counter(method, monkeypatch):
-    # one real step counted by torch (matmuls, convs, attention as explicit matmuls; backward included): within 1 %
-    # of the formula
+    # one real step (the method's train_step, optimizer and EMA included) counted by torch (matmuls, convs,
+    # attention as explicit matmuls; backward included): within 1 % of the formula
     cfg = bench.get_config(['--method', method] + TINY)
     torch.manual_seed(0)
-    step, flops, _ = bench.STEPS[method](cfg, 'cpu', nullcontext())
+    s = bench.STEPS[method](cfg, 'cpu')
     monkeypatch.setattr(torch.nn.functional, 'scaled_dot_product_attention', explicit_attention)
     counter = FlopCounterMode(display=False)
     with counter:
-        step()
-    assert abs(counter.get_total_flops() / cfg.batch_size / flops - 1) < 0.01
+        stats = s.run(bench.START)
+    assert s.batch == 2 and torch.isfinite(stats).all()
+    assert abs(counter.get_total_flops() / s.batch / s.flops - 1) < 0.01
 
 
 @pytest.mark.parametrize('method', ['lut', 'ibot', 'dtm'])
@@ -111,3 +113,90 @@ def test_cpu_run_of_each_method(method):
     r = bench.main(['--method', method, '--steps', '1', '--warmup', '1'] + TINY)[0]
     assert r['method'] == method and r['img_per_s'] > 0 and r['mfu'] is None and r['device'].startswith('CPU')
     assert r['gflop_per_img'] > 0 and r['params_M'] > 0
+
+
+@pytest.mark.parametrize('name, dtype, peak', [
+    ('NVIDIA H100 80GB HBM3', 'bf16', 989.4), ('NVIDIA H100 80GB HBM3', 'fp32', 494.7),  # SXM: 1,979 / 989 sparse
+    ('NVIDIA H100 PCIe', 'bf16', 756.5), ('NVIDIA H100 PCIe', 'fp32', 378.0),  # 1,513 / 756 sparse
+    ('NVIDIA H100 NVL', 'fp16', 835.5), ('NVIDIA H200 NVL', 'fp32', 417.5),  # 1,671 / 835 sparse
+    ('NVIDIA H200', 'bf16', 989.4), ('NVIDIA A100-SXM4-80GB', 'bf16', 312.0)])
+def test_peak_tells_the_h100_and_h200_parts_apart(name, dtype, peak, monkeypatch):
+    # MFU divides by the dense peak of the part (half the spec sheet's sparse figure); fp32 runs in TF32
+    monkeypatch.setattr(torch.cuda, 'get_device_name', lambda device=None: name)
+    v, label = bench.peak('cuda:0', dtype)
+    assert v == peak and f'{peak:g}' in label and ('tf32' in label) == (dtype == 'fp32')
+    assert bench.peak('cpu', dtype) == (None, None) and bench.peak('cuda:0', dtype, 100.0)[0] == 100.0
+
+
+def test_cuda_device_runs_fp32_matmuls_in_tf32(monkeypatch):
+    # the fp32 rows (and --compare's baseline) must run the TF32 math MFU's fp32 peak assumes
+    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    monkeypatch.setattr(torch.cuda, 'set_device', lambda device: None)
+    try:
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+        assert bench.setup_device('cpu') == 'cpu' and not torch.backends.cuda.matmul.allow_tf32
+        assert bench.setup_device('cuda') == 'cuda:0'
+        assert torch.backends.cuda.matmul.allow_tf32 and torch.backends.cudnn.allow_tf32
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
+
+
+@pytest.mark.parametrize('L', [16, 64, 196])
+def test_dtm_warmup_morphs_are_valid_and_make_the_cluster_count_dynamic(L):
+    cases = bench.dtm_warmup_morphs(L, 2)
+    left = []
+    for (levels,) in cases:  # accum_iter 1
+        counts = []
+        for rs in levels:
+            t = L
+            for r in rs:  # one bipartite round merges at most half of the tokens left
+                assert 0 <= r <= t // 2
+                t -= r
+            counts.append(t)
+        left.append(counts)
+    assert left[0] == [L, L]  # first graph: no merge
+    assert all(1 < M < L for M in left[1]) and left[1][0] != left[1][1]  # M changes, per level, never 1
+
+
+def test_dtm_compiled_step_recompiles_nothing_while_timed():
+    # the pre-set morphings build the static and the dynamic graph first; 6 steps of drawn morphings add none
+    r = bench.main(['--method', 'dtm', '--model', 'mini', '--img_size', '64', '--batch_size', '2', '--steps', '6',
+                    '--warmup', '0', '--device', 'cpu', '--compile', 'true', '--compile_backend', 'aot_eager'])[0]
+    assert r['recompiles_timed'] == 0 and r['finite'] and r['compile']
+
+
+def suite(tmp_path, *args):
+    bench.main(['--suite', 'true', '--device', 'cpu', '--out_dir', str(tmp_path)] + list(args))
+    report = json.load(open(os.path.join(tmp_path, 'suite.json')))
+    md = open(os.path.join(tmp_path, 'suite.md')).read()
+    return report, md
+
+
+def test_suite_dry_run_structure(tmp_path):
+    # the CPU dry run of the GPU check (its slow parts, the CUDA tests and the compiled steps, left out here): each
+    # part reported ok, one table row per figure with the hardware beside it, the mae.py run's log read back
+    report, md = suite(tmp_path, '--parts', 'environment,steps,loader,mae_run')
+    assert [p['part'] for p in report['parts']] == ['environment'] + [f'{m} step' for m in bench.METHODS] + [
+        'data path', 'mae.py run']
+    assert all(p['status'] == 'ok' for p in report['parts']), report['parts']
+    rows = report['rows']
+    steps = [r for r in rows if 'finite' in r]
+    assert [r['method'] for r in steps] == list(bench.METHODS)
+    assert all(r['finite'] and r['img_per_s'] > 0 and r['model'] == 'mini/8@32' and r['batch'] == 4 for r in steps)
+    assert sorted(r['what'].split()[2] for r in rows if r['what'].startswith('data path')) == ['cpu-pil', 'gpu']
+    run = [r for r in rows if 'loss_first' in r]
+    assert len(run) == 1 and run[0]['steps'] == 3 and run[0]['encoder_on_cpu']
+    assert report['environment']['torch'] == torch.__version__
+    table = [line for line in md.splitlines() if line.startswith('| ') and 'CPU' in line.split('|')[-2]]
+    assert len(table) == len(rows) == 8
+
+
+def test_suite_budget_and_failure_are_reported_not_raised(tmp_path, monkeypatch):
+    def broken(device):
+        raise RuntimeError('no device')
+    monkeypatch.setattr(bench, 'environment', broken)
+    report, md = suite(tmp_path, '--parts', 'environment,steps', '--budget_s', '2')
+    parts = {p['part']: p['status'] for p in report['parts']}
+    assert parts['environment'] == 'failed: RuntimeError: no device'
+    assert all(parts[f'{m} step'].startswith('skipped') for m in bench.METHODS)  # est 3 s > the 2 s budget
+    assert report['rows'] == [] and 'failed: RuntimeError: no device' in md
