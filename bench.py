@@ -40,7 +40,6 @@ import tempfile
 import time
 import traceback
 from collections import namedtuple
-from contextlib import nullcontext
 from dataclasses import dataclass
 
 import numpy as np
@@ -50,6 +49,7 @@ from PIL import Image
 
 import data
 import dtm
+import finetune
 import ibot
 import lut
 import mae
@@ -287,28 +287,31 @@ def make_dtm_step(cfg, device):
 
 
 def make_finetune_step(cfg, device):
-    """Fine-tuning's step written here (finetune.py has no step function of its own yet): ViT with average pooling
-    and a 1000-class head, cross-entropy on hard labels, AdamW."""
+    """finetune.py's step (--mode finetune, the MAE recipe): its ViT with average pooling and a 1000-class head,
+    layer-decay AdamW groups, mixup / cutmix, label smoothing, finetune.train_step."""
+    fcfg = finetune.get_config(['--checkpoint', 'none', '--model', cfg.model, '--img_size', str(cfg.img_size),
+                                '--patch_size', str(cfg.patch_size), '--dtype', cfg.dtype, '--device', cfg.device]
+                               + (['--data', '/'] if cfg.img_size >= 224 else [])  # the folder recipe's knobs
+                               + (['--batch_size', str(cfg.batch_size)] if cfg.batch_size else [])
+                               + shlex.split(cfg.method_args))
     device_type = device.split(':')[0]
-    dtype = cfg.dtype or ('bf16' if device_type == 'cuda' else 'fp32')
-    ptdtype = {'bf16': torch.bfloat16, 'fp16': torch.float16, 'fp32': torch.float32}[dtype]
-    autocast = nullcontext() if dtype == 'fp32' else torch.autocast(device_type, dtype=ptdtype)
-    B = cfg.batch_size or (128 if cfg.img_size >= 224 else 64)
-    model = vit.vit(cfg.model, img_size=cfg.img_size, patch_size=cfg.patch_size, num_classes=1000,
-                    global_pool='avg', drop_path_rate=0.1).to(device)
-    opt = adamw(model.parameters(), cfg, device_type)
+    dtype, autocast, scaler = finetune.setup_precision(fcfg, device_type)
+    num_classes, B = 1000, fcfg.batch_size
+    model = finetune.build_backbone(fcfg, num_classes, verbose=False).to(device)
+    model.pos_embed.requires_grad_(True)
+    optimizer = adamw(finetune.param_groups(model, fcfg.weight_decay, fcfg.layer_decay), cfg, device_type,
+                      betas=(0.9, 0.999))
     fwd = torch.compile(model, backend=cfg.compile_backend) if cfg.compile else model
-    imgs = images(B, cfg.img_size, device)
-    target = torch.randint(0, 1000, (B,), device=device)
-    flops = 3 * vit_forward_flops(model.embed_dim, model.depth, model.num_patches, cfg.patch_size ** 2 * 3, 1000)
+    mixer = finetune.batch_mixer(fcfg.mixup, fcfg.cutmix, num_classes)
+    batches = [(images(B, fcfg.img_size, device), torch.randint(0, num_classes, (B,), device=device))]
+    flops = 3 * vit_forward_flops(model.embed_dim, model.depth, model.num_patches, fcfg.patch_size ** 2 * 3,
+                                  num_classes)
 
     def step(i):
-        with autocast:
-            loss = torch.nn.functional.cross_entropy(fwd(imgs), target)
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        return loss.detach()[None]
+        torch.manual_seed(finetune.step_seed(fcfg.seed, 0, i))
+        sched = {'lr': finetune.lr_at(i, 1e-4, 1e-6, 10, 2 * START)}
+        return finetune.train_step(fwd, model, None, optimizer, scaler, autocast, batches, sched, fcfg, num_classes,
+                                   mixer, fcfg.smoothing)
     return Step(step, flops, vit.count_params(model), B, dtype)
 
 

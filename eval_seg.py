@@ -925,7 +925,7 @@ def main(argv=None):
     bad = torch.zeros((), device=device)  # any non-finite loss since the last check
     t0, t_start, step_start = time.time(), time.time(), step
     while step < end_step:
-        torch.manual_seed(cfg.seed + 1_000_003 * rank + 7919 * step)  # in-step randomness: a function of (seed, rank, step)
+        torch.manual_seed(step_seed(cfg.seed, rank, step))  # in-step randomness: a function of (seed, rank, step)
         lr = lr_at(step, base_lr, cfg.min_lr, warmup_steps, total_steps)
         for g in optimizer.param_groups:
             g['lr'] = lr * g['lr_scale']

@@ -501,13 +501,17 @@ def lr_at(step, base_lr, min_lr, warmup_steps, total_steps):
 
 
 @torch.no_grad()
-def ema_update(ema, model, decay):
-    """ema <- decay * ema + (1 - decay) * model, over parameters and float buffers."""
-    for e, m in zip(ema.state_dict().values(), model.state_dict().values()):
-        if e.dtype.is_floating_point:
-            e.lerp_(m, 1.0 - decay)
-        else:
-            e.copy_(m)
+def ema_update(teacher, student, m):
+    """teacher <- m teacher + (1 - m) student over the parameters and floating buffers (BN running statistics) the
+    two share by name (official names_common), one fused multi-tensor lerp; integer buffers (BN
+    num_batches_tracked) are copied. m = 0 copies, m = 1 keeps."""
+    s = {**dict(student.named_parameters()), **dict(student.named_buffers())}
+    pairs = [(t, s[n]) for n, t in [*teacher.named_parameters(), *teacher.named_buffers()] if n in s]
+    floats = [(t, o) for t, o in pairs if t.is_floating_point()]
+    torch._foreach_lerp_([t for t, _ in floats], [o for _, o in floats], 1.0 - m)
+    for t, o in pairs:
+        if not t.is_floating_point():
+            t.copy_(o)
 
 # -----------------------------------------------------------------------------
 # distributed, precision, checkpoints (the same block in every nanoMIM script)
@@ -589,6 +593,29 @@ def restore(ckpt, stateful):
         if isinstance(obj, torch.amp.GradScaler) and not ckpt[name]:
             continue
         obj.load_state_dict(ckpt[name])
+
+
+def log_stats(stats_sum, names, rec, ddp, master, out_dir):
+    """Average the device-side sums of the last steps over processes (the only host sync), stop on a non-finite
+    value before anything is saved, print one line and append it to log.jsonl. rec: step, epoch, n (steps summed),
+    schedules, img/s, eta. Returns the record."""
+    if ddp:
+        dist.all_reduce(stats_sum, op=dist.ReduceOp.AVG)
+    vals = (stats_sum / rec.pop('n')).tolist()
+    rec = {k: v for k, v in rec.items() if isinstance(v, (int, float))}  # scalars only (DTM's morph lists stay out)
+    if not all(math.isfinite(v) for v in vals):
+        print(f'error: non-finite loss by step {rec["step"]} ({dict(zip(names, vals))}); nothing saved',
+              file=sys.stderr)
+        sys.exit(2)
+    rec = {**rec, **dict(zip(names, vals))}
+    if master:
+        keys = list(names) + [k for k in rec if k not in (*names, 'step', 'end_step', 'epoch', 'img_per_s', 'eta_min')]
+        print(f"step {rec['step']}/{rec['end_step']} ep {rec['epoch']:.2f} " +
+              ' '.join(f'{k} {rec[k]:.4g}' for k in keys) +
+              f" {rec['img_per_s']:.0f} img/s eta {rec['eta_min']:.1f} min", flush=True)
+        with open(os.path.join(out_dir, 'log.jsonl'), 'a') as f:
+            f.write(json.dumps(rec) + '\n')
+    return rec
 
 # -----------------------------------------------------------------------------
 # the three modes and the training loop they share (finetune, linprobe)
@@ -684,6 +711,39 @@ def run_finetune(cfg, env, backbone, base, val_set, num_classes):
           mixer=batch_mixer(cfg.mixup, cfg.cutmix, num_classes), smoothing=cfg.smoothing)
 
 
+STATS = ('loss', 'grad_norm')  # what train_step returns, summed on the device between log lines
+
+
+def train_step(fwd, model, ema, optimizer, scaler, autocast, batches, sched, cfg, num_classes, mixer=None,
+               smoothing=0.0):
+    """One optimizer step of finetune / linprobe: on each micro-batch mixup / cutmix (finetune), label smoothing,
+    soft-target cross-entropy, backward (gradients accumulate; under DDP all-reduced on the last micro-batch only);
+    then the grad norm, the optimizer step (each group's lr is sched['lr'] times its layer-decay lr_scale), the
+    scaler update and the weights' EMA (--ema). batches: accum_iter x (x (B, 3, H, W) or cached features (B, F),
+    y (B,) labels) on the device. Returns STATS (on the device, no sync)."""
+    for g in optimizer.param_groups:
+        g['lr'] = sched['lr'] * g['lr_scale']
+    loss_sum = 0.0
+    for i, (x, y) in enumerate(batches):
+        if mixer is not None:
+            x, y = mixer(x, y)  # (B, 3, H, W) mixed pairs, (B, C) soft labels
+        target = smooth_targets(y, num_classes, smoothing)  # (B, C)
+        sync = fwd.no_sync() if isinstance(fwd, DDP) and i < len(batches) - 1 else nullcontext()
+        with sync:
+            with autocast:
+                loss = soft_target_ce(fwd(x), target)
+            scaler.scale(loss / len(batches)).backward()
+        loss_sum = loss_sum + loss.detach() / len(batches)
+    scaler.unscale_(optimizer)
+    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), float('inf'))  # measured, not clipped (recipe)
+    scaler.step(optimizer)
+    scaler.update()
+    optimizer.zero_grad(set_to_none=True)
+    if ema is not None:
+        ema_update(ema, model, cfg.ema)
+    return torch.stack([loss_sum, grad_norm.float()])
+
+
 def train(cfg, env, model, optimizer, backbone, dataset, val_set, num_classes, mixer=None, smoothing=0.0, knn=None):
     """The training loop of finetune and linprobe: per-step lr (warm-up + cosine, times each group's lr_scale),
     evaluation at every epoch end and at the last step, checkpoints, resume, results.json."""
@@ -754,59 +814,26 @@ def train(cfg, env, model, optimizer, backbone, dataset, val_set, num_classes, m
     # the loop: one optimizer step = accum_iter micro-batches; evaluation at every epoch end and at the last step
     model.train()
     stream = data.batches(loader, sampler, step * cfg.accum_iter)
-    loss_sum = torch.zeros((), device=device)  # summed on the device, read only on log steps
-    bad = torch.zeros((), device=device)  # any non-finite loss since the last check
+    stats_sum = torch.zeros(len(STATS), device=device)  # summed on the device, read only on log steps
     t0, t_start, step_start, last = time.time(), time.time(), step, None
+    save_every = cfg.save_every or steps_per_epoch
     while step < end_step:
-        torch.manual_seed(cfg.seed + 1_000_003 * rank + 7919 * step)  # in-step randomness: a function of (seed, rank, step)
-        lr = lr_at(step, base_lr, cfg.min_lr, warmup_steps, total_steps)
-        for g in optimizer.param_groups:
-            g['lr'] = lr * g['lr_scale']
-        for micro in range(cfg.accum_iter):
+        batches = []
+        for _ in range(cfg.accum_iter):
             _, (x, y) = next(stream)
-            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-            if mixer is not None:
-                x, y = mixer(x, y)  # (B, 3, H, W) mixed pairs, (B, C) soft labels
-            target = smooth_targets(y, num_classes, smoothing)  # (B, C)
-            sync = nullcontext() if (not ddp or micro == cfg.accum_iter - 1) else fwd.no_sync()
-            with sync:
-                with autocast:
-                    loss = soft_target_ce(fwd(x), target)
-                scaler.scale(loss / cfg.accum_iter).backward()
-            loss_sum += loss.detach() / cfg.accum_iter
-            bad = torch.maximum(bad, (~torch.isfinite(loss.detach())).float())
-        log_now = (step + 1) % cfg.log_every == 0 or step + 1 == end_step
-        if log_now:
-            scaler.unscale_(optimizer)
-            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), float('inf'))
-        scaler.step(optimizer)
-        scaler.update()
-        optimizer.zero_grad(set_to_none=True)
-        if ema is not None:
-            ema_update(ema, model, cfg.ema)
+            batches.append((x.to(device, non_blocking=True), y.to(device, non_blocking=True)))
+        torch.manual_seed(step_seed(cfg.seed, rank, step))
+        sched = {'lr': lr_at(step, base_lr, cfg.min_lr, warmup_steps, total_steps)}
+        stats_sum += train_step(fwd, model, ema, optimizer, scaler, autocast, batches, sched, cfg, num_classes,
+                                mixer, smoothing)
         step += 1
-        save_now = step % (cfg.save_every or steps_per_epoch) == 0 or step == end_step
-        if log_now or save_now:
-            if ddp:
-                dist.all_reduce(bad, op=dist.ReduceOp.MAX)
-            if bad.item():  # the only place a non-finite loss is looked for: never saved
-                print(f'error: non-finite loss by step {step} (loss {loss.item():.4g}); nothing saved', file=sys.stderr)
-                sys.exit(2)
-        if log_now:
-            n = step - step_start
-            if ddp:
-                dist.all_reduce(loss_sum, op=dist.ReduceOp.AVG)
-            dt = time.time() - t0
-            ips = n * eff_batch / dt
-            eta = (end_step - step) * dt / n
-            rec = {'step': step, 'epoch': round(step / steps_per_epoch, 3), 'loss': loss_sum.item() / n, 'lr': lr,
-                   'grad_norm': grad_norm.item(), 'img_per_s': ips, 'eta_min': eta / 60}
-            if master:
-                print(f"step {step}/{end_step} ep {rec['epoch']:.2f} loss {rec['loss']:.4f} lr {lr:.2e} "
-                      f"gnorm {rec['grad_norm']:.3f} {ips:.0f} img/s eta {eta / 60:.1f} min", flush=True)
-                with open(os.path.join(cfg.out_dir, 'log.jsonl'), 'a') as f:
-                    f.write(json.dumps(rec) + '\n')
-            loss_sum.zero_()
+        save_now = step % save_every == 0 or step == end_step
+        if step % cfg.log_every == 0 or save_now:  # a non-finite loss is looked for here: never saved
+            n, dt = step - step_start, time.time() - t0
+            rec = {'step': step, 'end_step': end_step, 'epoch': step / steps_per_epoch, 'n': n, **sched,
+                   'img_per_s': n * eff_batch / dt, 'eta_min': (end_step - step) * dt / n / 60}
+            log_stats(stats_sum, STATS, rec, ddp, master, cfg.out_dir)
+            stats_sum.zero_()
             t0, step_start = time.time(), step
         if step % steps_per_epoch == 0 or step == end_step:
             last = run_eval()

@@ -11,17 +11,20 @@ from conftest import ROOT
 METHODS = ('mae.py', 'lut.py', 'ibot.py', 'dtm.py')
 
 # function name -> the files that carry it verbatim (the first one is the reference)
+EVALS = ('finetune.py', 'eval_seg.py')
 SHARED_FUNCTIONS = {
-    **{name: METHODS for name in ('field_help', 'get_config', 'lr_at', 'resolve_device', 'setup_distributed',
-                                  'setup_precision', 'step_seed', 'save_checkpoint', 'load_checkpoint', 'restore',
-                                  'log_stats')},
-    **{name: ('lut.py', 'ibot.py', 'dtm.py') for name in ('ema_update', 'momentum_at')},
+    **{name: METHODS + EVALS for name in ('field_help', 'resolve_device', 'setup_distributed', 'setup_precision',
+                                          'step_seed', 'save_checkpoint', 'restore')},
+    **{name: METHODS + ('finetune.py',) for name in ('lr_at', 'log_stats')},
+    **{name: METHODS for name in ('get_config', 'load_checkpoint')},
+    'ema_update': ('lut.py', 'ibot.py', 'dtm.py', 'finetune.py'),
+    'momentum_at': ('lut.py', 'ibot.py', 'dtm.py'),
     **{name: ('mae.py', 'lut.py') for name in ('random_masking', 'mask_from_ids', 'pixel_target', 'mae_loss')},
 }
 
 # blocks of main(), by their first and last lines: set-up, resume, and the log / save cadence after each step
 SHARED_BLOCKS = {
-    'main: distributed + precision set-up': ('    cfg = get_config(argv)\n',
+    'main: distributed + precision set-up': ('    ddp, rank, local_rank, world, device = setup_distributed(cfg)\n',
                                              '    dtype, autocast, scaler = setup_precision(cfg, device_type)\n'),
     'main: resume': ('    step = 0\n', '        del ckpt\n'),
     'main: DDP / compile wrapping': ('    # DDP first, then compile', '    fwd = torch.compile(fwd) if cfg.compile else fwd\n'),
@@ -57,7 +60,7 @@ def skeleton_drift(texts):
     for label, (first, last) in SHARED_BLOCKS.items():
         ref = block(texts[METHODS[0]], first, last)
         assert ref is not None, f'{METHODS[0]}: block "{label}" not found'
-        for f in METHODS[1:]:
+        for f in METHODS[1:] + (EVALS if label.startswith('main: distributed') else ()):
             got = block(texts[f], first, last)
             if got is None:
                 problems.append(f'{f}: block "{label}" is missing (it is shared with {METHODS[0]})')
@@ -67,7 +70,7 @@ def skeleton_drift(texts):
 
 
 def read_all():
-    return {f: open(os.path.join(ROOT, f)).read() for f in METHODS}
+    return {f: open(os.path.join(ROOT, f)).read() for f in METHODS + EVALS}
 
 
 def test_shared_skeleton_is_identical_in_every_method_file():
@@ -77,6 +80,8 @@ def test_shared_skeleton_is_identical_in_every_method_file():
 
 @pytest.mark.parametrize('edit', [
     ('lut.py', "    tmp = f'{path}.tmp.{os.getpid()}'", "    tmp = path + '.tmp'", 'lut.py: function save_checkpoint'),
+    ('eval_seg.py', "    if device.startswith('cuda') and (ddp or device == 'cuda'):", "    if ddp:",
+     'eval_seg.py: function resolve_device'),
     ('dtm.py', '    return seed + 1_000_003 * rank + 7919 * step', '    return seed + step',
      'dtm.py: function step_seed'),
     ('ibot.py', '        save_now = step % save_every == 0 or step == end_step',
@@ -93,4 +98,5 @@ def test_an_edit_to_one_copy_alone_is_reported_with_file_and_name(edit):
     # an edit of the reference copy alone is reported in every other file
     texts = read_all()
     texts['mae.py'] = texts['mae.py'].replace('    """Atomic: write', '    """Atomic (fsync): write', 1)
-    assert {p.split(':')[0] for p in skeleton_drift(texts)} == {'lut.py', 'ibot.py', 'dtm.py'}
+    assert {p.split(':')[0] for p in skeleton_drift(texts)} == {'lut.py', 'ibot.py', 'dtm.py', 'finetune.py',
+                                                              'eval_seg.py'}
