@@ -238,12 +238,12 @@ CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 
-def imagenet_to_clip(x):
-    """ImageNet-normalised pixels (B, 3, H, W) -> CLIP-normalised: (x * s_in + m_in - m_clip) / s_clip.
-    (The official code feeds ImageNet-normalised pixels to CLIP as they are.)"""
-    s_in, m_in, s_c, m_c = (torch.tensor(v, device=x.device, dtype=x.dtype).view(1, 3, 1, 1)
-                            for v in (data.IMAGENET_STD, data.IMAGENET_MEAN, CLIP_STD, CLIP_MEAN))
-    return (x * s_in + m_in - m_c) / s_c
+def imagenet_to_clip():
+    """(scale, shift), each (1, 3, 1, 1), with ImageNet-normalised pixels x -> CLIP-normalised x * scale + shift =
+    (x * s_in + m_in - m_clip) / s_clip. (The official code feeds ImageNet-normalised pixels to CLIP as they are.)"""
+    s_in, m_in, s_c, m_c = (torch.tensor(v).view(1, 3, 1, 1) for v in
+                            (data.IMAGENET_STD, data.IMAGENET_MEAN, CLIP_STD, CLIP_MEAN))
+    return s_in / s_c, (m_in - m_c) / s_c
 
 
 class QuickGELU(nn.Module):
@@ -304,9 +304,13 @@ class CLIPVisual(nn.Module):
         self.ln_post = nn.LayerNorm(width)
         self.proj = nn.Parameter(torch.zeros(width, output_dim))
         self.dim = output_dim
+        scale, shift = imagenet_to_clip()  # buffers: moved to the device once, no host-to-device copy per step
+        self.register_buffer('pix_scale', scale, persistent=False)
+        self.register_buffer('pix_shift', shift, persistent=False)
 
     def forward(self, imgs):
-        x = self.conv1(imagenet_to_clip(imgs)).flatten(2).transpose(1, 2)  # (B, L, W), CLIP's own pixel statistics
+        x = imgs * self.pix_scale.to(imgs.dtype) + self.pix_shift.to(imgs.dtype)  # CLIP's own pixel statistics
+        x = self.conv1(x).flatten(2).transpose(1, 2)  # (B, L, W)
         cls = self.class_embedding.to(x.dtype).expand(x.shape[0], 1, -1)
         x = torch.cat([cls, x], dim=1) + self.positional_embedding.to(x.dtype)  # (B, 1+L, W)
         x = self.ln_pre(x)
@@ -328,7 +332,7 @@ def load_clip_visual(path, img_size):
     if not isinstance(sd, dict) or not {'conv1.weight', 'positional_embedding', 'proj'} <= set(sd):
         sys.exit(f'error: {path} is not an OpenAI-format CLIP ViT state_dict '
                  '(no visual conv1 / positional_embedding / proj)')
-    sd = {k: v.float() for k, v in sd.items() if torch.is_tensor(v)}
+    sd = {k: v.float() for k, v in sd.items() if torch.is_tensor(v) and k not in ('pix_scale', 'pix_shift')}
     width, _, p, _ = sd['conv1.weight'].shape
     layers = 1 + max((int(k.split('.')[2]) for k in sd if k.startswith('transformer.resblocks.')), default=-1)
     if img_size % p:

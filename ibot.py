@@ -309,7 +309,7 @@ def cls_loss(s_cls, t_prob, student_temp):
     """L_CLS (paper eq. 3, DINO): s_cls (V, B, K) student logits, globals first; t_prob (G, B, K) ->
     mean over the G*(V-1) pairs of different views q != v of the batch-mean H(P_t(q), P_s(v))."""
     G, B = t_prob.shape[:2]
-    logp = F.log_softmax(s_cls.float() / student_temp, dim=-1)  # (V, B, K)
+    logp = F.log_softmax(s_cls / student_temp, dim=-1, dtype=torch.float32)  # (V, B, K), fp32 out of bf16 in
     ce = -torch.einsum('qbk,vbk->qv', t_prob, logp) / B  # (G, V) batch-mean cross-entropies
     other = 1.0 - torch.eye(G, s_cls.shape[0], device=ce.device)  # (G, V) 0 on the same-view pairs
     return (ce * other).sum() / other.sum()
@@ -319,7 +319,8 @@ def mim_loss(s_patch, t_prob, mask, student_temp):
     """L_MIM (paper eq. 2): s_patch (G, B, L, K) student logits, t_prob (G, B, L, K), mask (G, B, L) bool ->
     per image the mean patch cross-entropy over its masked patches (count clamped >= 1), then the mean over
     images (unmasked images count as 0, as in the official code) and views."""
-    ce = -(t_prob * F.log_softmax(s_patch.float() / student_temp, dim=-1)).sum(-1)  # (G, B, L)
+    # dtype=float32: the softmax runs in fp32 without a separate fp32 copy of the (G, B, L, K) logits
+    ce = -(t_prob * F.log_softmax(s_patch / student_temp, dim=-1, dtype=torch.float32)).sum(-1)  # (G, B, L)
     m = mask.float()
     return ((ce * m).sum(-1) / m.sum(-1).clamp(min=1.0)).mean()
 
