@@ -20,6 +20,7 @@ Forward paths (small methods, one per use):
 """
 import math
 import os
+import time
 import warnings
 
 import numpy as np
@@ -407,11 +408,15 @@ def extract_backbone(ckpt):
     return sd, fmt
 
 
-def read_checkpoint(path):
+def read_checkpoint(path, verbose=True):
     """torch.load a checkpoint file on the CPU. FileNotFoundError (missing) or ValueError (unreadable) with one
-    line naming the file; a TorchScript archive (OpenAI's released CLIP files) gives its state_dict."""
+    line naming the file; a TorchScript archive (OpenAI's released CLIP files) gives its state_dict. A file over
+    256 MB gets a line before and after (with verbose), since torch.load cannot report its progress."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f'checkpoint {path} does not exist')
+    size, t0 = os.path.getsize(path), time.time()
+    if verbose and size > 256 * 2 ** 20:
+        print(f'loading {path} ({size / 2 ** 30:.2f} GB) ...', flush=True)
     try:
         with warnings.catch_warnings():  # torch.load hands TorchScript archives to torch.jit.load, with two warnings
             warnings.filterwarnings('ignore', message='.*TorchScript')
@@ -419,6 +424,8 @@ def read_checkpoint(path):
             obj = torch.load(path, map_location='cpu', weights_only=False)
     except Exception as e:
         raise ValueError(f'cannot read checkpoint {path} ({type(e).__name__}: {e})') from None
+    if verbose and size > 256 * 2 ** 20:
+        print(f'loaded {path} in {time.time() - t0:.0f} s ({size / 2 ** 20 / max(time.time() - t0, 1e-9):.0f} MB/s)')
     return obj.state_dict() if isinstance(obj, torch.jit.ScriptModule) else obj
 
 
@@ -462,7 +469,7 @@ def load_vit(src, key='', img_size=0, model='', patch_size=0, num_heads=0, verbo
     embedding is interpolated) and load the weights (load_backbone). `model` / `patch_size`, when given, must match
     the checkpoint. kw go to VisionTransformer (num_classes, global_pool, drop_path_rate, pos_embed, mask_token, ...).
     Returns (model, arch with the missing / unexpected keys). FileNotFoundError / ValueError name the problem."""
-    ckpt = read_checkpoint(src) if isinstance(src, str) else src
+    ckpt = read_checkpoint(src, verbose) if isinstance(src, str) else src
     if key:
         if not isinstance(ckpt, dict) or key not in ckpt:
             keys = ', '.join(map(str, ckpt)) if isinstance(ckpt, dict) else type(ckpt).__name__
@@ -494,7 +501,7 @@ def load_backbone(path_or_ckpt, model, verbose=True, name=None):
     detects the format, maps keys, interpolates the position embedding to the model's grid, and reports
     missing/unexpected keys. A width/depth/patch or any shape mismatch raises ValueError with one clear line.
     Returns (missing_keys, unexpected_keys). `load_vit` builds the matching model first."""
-    ckpt = read_checkpoint(path_or_ckpt) if isinstance(path_or_ckpt, str) else path_or_ckpt
+    ckpt = read_checkpoint(path_or_ckpt, verbose) if isinstance(path_or_ckpt, str) else path_or_ckpt
     sd, fmt = extract_backbone(ckpt)
     if 'patch_embed.proj.weight' not in sd:
         raise ValueError(f'checkpoint ({fmt}) has no ViT backbone (no patch_embed.proj.weight)')
