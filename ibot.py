@@ -671,7 +671,8 @@ def main(argv=None):
     # DDP first, then compile: dynamo splits the graph at DDP's buckets so the all-reduce overlaps backward
     fwd = DDP(model, device_ids=[local_rank] if device_type == 'cuda' else None) if ddp else model
     fwd = torch.compile(fwd) if cfg.compile else fwd
-    teacher_fwd = torch.compile(teacher) if cfg.compile else teacher
+    if cfg.compile:  # in place (Module.compile): train_step's EMA finds the teacher's parameters by name
+        teacher.compile()
     if ddp:
         for t in teacher.state_dict().values():  # DDP synced the student from rank 0; the teacher copy must match
             dist.broadcast(t, 0)
@@ -698,7 +699,7 @@ def main(argv=None):
             batches.append((globals_, locals_, mask))
         torch.manual_seed(step_seed(cfg.seed, rank, step))
         sched = schedules(step, cfg, base_lr, warmup_steps, total_steps, steps_per_epoch)
-        stats_sum += train_step(fwd, model, teacher_fwd, centers, optimizer, scaler, autocast, batches, sched, cfg)
+        stats_sum += train_step(fwd, model, teacher, centers, optimizer, scaler, autocast, batches, sched, cfg)
         step += 1
         save_now = step % save_every == 0 or step == end_step
         if step % cfg.log_every == 0 or save_now:  # a non-finite loss is looked for here: never saved
