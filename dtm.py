@@ -661,7 +661,8 @@ def train_step(fwd, model, teacher, optimizer, scaler, autocast, batches, sched,
             target = teacher(imgs).float()  # (B, L, C) on the unmasked view
         clusters = [morph_clusters(target, rs, random_split=cfg.morph_sampling == 'paper')
                     for rs in sched['morph'][i]]  # morph_levels x (assign (B, L), M)
-        sync = fwd.no_sync() if isinstance(fwd, DDP) and i < len(batches) - 1 else nullcontext()
+        ddp = getattr(fwd, '_orig_mod', fwd)  # the DDP module, also inside torch.compile's wrapper
+        sync = ddp.no_sync() if isinstance(ddp, DDP) and i < len(batches) - 1 else nullcontext()
         with sync:
             with autocast:
                 loss = fwd(imgs, mask, target, clusters)

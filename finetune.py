@@ -728,7 +728,8 @@ def train_step(fwd, model, ema, optimizer, scaler, autocast, batches, sched, cfg
         if mixer is not None:
             x, y = mixer(x, y)  # (B, 3, H, W) mixed pairs, (B, C) soft labels
         target = smooth_targets(y, num_classes, smoothing)  # (B, C)
-        sync = fwd.no_sync() if isinstance(fwd, DDP) and i < len(batches) - 1 else nullcontext()
+        ddp = getattr(fwd, '_orig_mod', fwd)  # the DDP module, also inside torch.compile's wrapper
+        sync = ddp.no_sync() if isinstance(ddp, DDP) and i < len(batches) - 1 else nullcontext()
         with sync:
             with autocast:
                 loss = soft_target_ce(fwd(x), target)

@@ -593,7 +593,8 @@ def train_step(fwd, model, teacher, centers, optimizer, scaler, autocast, batche
     stats_sum, sums, rows = 0.0, 0.0, 0  # rows: teacher rows of this step here (2 global crops per image)
     for i, (globals_, locals_, mask) in enumerate(batches):
         mask = mask if sched['masking'] else torch.zeros_like(mask)  # before --pred_start_epoch: no masking
-        sync = fwd.no_sync() if isinstance(fwd, DDP) and i < len(batches) - 1 else nullcontext()
+        ddp = getattr(fwd, '_orig_mod', fwd)  # the DDP module, also inside torch.compile's wrapper
+        sync = ddp.no_sync() if isinstance(ddp, DDP) and i < len(batches) - 1 else nullcontext()
         with sync:
             with autocast:
                 with torch.no_grad():

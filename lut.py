@@ -532,7 +532,8 @@ def train_step(fwd, model, teacher, optimizer, scaler, autocast, batches, sched,
         g['lr'] = sched['lr']
     stats = 0.0
     for i, (view1, view2, noise) in enumerate(batches):
-        sync = fwd.no_sync() if isinstance(fwd, DDP) and i < len(batches) - 1 else nullcontext()
+        ddp = getattr(fwd, '_orig_mod', fwd)  # the DDP module, also inside torch.compile's wrapper
+        sync = ddp.no_sync() if isinstance(ddp, DDP) and i < len(batches) - 1 else nullcontext()
         with sync:
             with autocast:
                 loss_mae, q1, q2, _, _ = fwd(view1, view2, noise, cfg.mask_ratio, cfg.norm_pix_loss)

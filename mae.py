@@ -370,7 +370,8 @@ def train_step(fwd, model, optimizer, scaler, autocast, batches, sched, cfg):
         g['lr'] = sched['lr']
     loss_sum = 0.0
     for i, (imgs, noise) in enumerate(batches):
-        sync = fwd.no_sync() if isinstance(fwd, DDP) and i < len(batches) - 1 else nullcontext()
+        ddp = getattr(fwd, '_orig_mod', fwd)  # the DDP module, also inside torch.compile's wrapper
+        sync = ddp.no_sync() if isinstance(ddp, DDP) and i < len(batches) - 1 else nullcontext()
         with sync:
             with autocast:
                 loss, _, _ = fwd(imgs, noise, cfg.mask_ratio, cfg.norm_pix_loss)

@@ -15,6 +15,11 @@ os.environ['OMP_NUM_THREADS'] = '1'
 torch.set_num_threads(1)
 
 
+def pytest_configure(config):
+    config.addinivalue_line('markers', 'cuda: needs a CUDA device, skipped without one; select with -m cuda '
+                                       '(tests/test_cuda.py)')
+
+
 def free_port():
     with socket.socket() as s:
         s.bind(('127.0.0.1', 0))
