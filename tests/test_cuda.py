@@ -128,8 +128,9 @@ def test_gpu_decode_gives_the_cpu_crops(device, tmp_path):
     enc = data.Seeded(data.EncodedFolder(str(tmp_path)), data.WithNoise(data.CropFlipParams(S), L))
     keys = [(i, 7 * i + s) for s in range(3) for i in range(8)]  # 24 crops, boxes and flips from each key's seed
     (imgs, noise), labels = data.collate_encoded([enc[k] for k in keys])
-    out = data.gpu_decode_batch(*imgs, S, device)
-    assert out.device.type == device and out.shape == (24, 3, S, S) and out.dtype == torch.float32
+    out = data.gpu_decode_batch(*imgs, S, device)  # uint8, normalised on the device as mae.main does
+    assert out.device.type == device and out.shape == (24, 3, S, S) and out.dtype == torch.uint8
+    out = data.to_device(out, device)
     ref_imgs, ref_noise = map(torch.stack, zip(*[cpu[k][0] for k in keys]))
     assert torch.equal(noise, ref_noise)  # the same masking noise too
     diff = (data.denormalize(out.cpu()) - data.denormalize(ref_imgs)).abs()
