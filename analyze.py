@@ -25,6 +25,7 @@ Letters in shape comments: B batch, H heads, L patches, D width, P pixels per pa
 """
 import argparse
 import dataclasses
+import inspect
 import json
 import math
 import os
@@ -42,14 +43,14 @@ import vit
 WHAT = ('aad', 'attn', 'spectrum', 'recon')
 
 # -----------------------------------------------------------------------------
-# config: typed defaults, one comment each; 0 / '' = pick by checkpoint, then by data (embedded or folder)
+# config: typed defaults, one comment each (the comment is the flag's --help); 0 / '' = by checkpoint, then --data
 
 
 @dataclass
 class Config:
     what: str = 'aad'          # comma list of aad|attn|spectrum|recon, or 'all'
     checkpoint: list = field(default_factory=list)  # repeatable: a path, or 'none' (random init); default: none
-    data: str = ''             # image folder (ImageNet layout: DIR/val/<class>/*.jpg) or '' for the embedded shapes
+    data: str = ''             # '' = embedded shapes; fashion-mnist | mnist | idx:DIR; or an image folder
     split: str = 'val'         # split of --data the images come from
     model: str = ''            # mini|tiny|small|base|large|huge; '' = the checkpoint's (config, else weights)
     img_size: int = 0          # analysis resolution (AAD pixels); 0 = first checkpoint's, else 64 embedded / 224
@@ -65,24 +66,52 @@ class Config:
     mask_ratio: float = 0.0    # recon; 0 = the checkpoint's own (0.75 when it does not say)
     out_dir: str = 'out/analyze'  # report.md, results.json and the PNGs
     seed: int = 0              # random init of 'none' and the reconstruction masks
-    num_workers: int = -1      # loader workers; -1 = 0 embedded, 8 folder
+    num_workers: int = -1      # loader workers, capped at the CPUs this process may use
     device: str = ''           # cuda|cpu|cuda:N; '' = cuda if available
 
 
-EMBEDDED = dict(model='tiny', img_size=64, patch_size=8, num_workers=0)
-RECIPE = dict(model='base', img_size=224, patch_size=0, num_workers=8)
+# what 0 / '' / -1 resolve to when no checkpoint says: by the regime of --data (the small idx datasets: ViT-mini at
+# 32 px, as the README's Results protocol)
+REGIMES = {
+    'embedded': dict(model='tiny', img_size=64, patch_size=8, num_workers=0),
+    'small': dict(model='mini', img_size=32, patch_size=4, num_workers=2),
+    'folder': dict(model='base', img_size=224, patch_size=0, num_workers=8),
+}
+
+
+def field_help(cls):
+    """{field name: its '# comment'} from the dataclass source (a comment may go on over '#' lines below it), so the
+    comment is the one place a knob is described."""
+    try:
+        lines = inspect.getsource(cls).splitlines()
+    except (OSError, TypeError):  # no source at hand (frozen app): flags keep their defaults as help
+        return {}
+    out, name = {}, None
+    for line in lines:
+        code, sep, comment = line.partition('# ')
+        if sep and not code.strip() and name:  # a continuation line of the previous field's comment
+            out[name] += ' ' + comment.strip()
+            continue
+        name = code.split(':')[0].strip() if sep and ':' in code and '=' in code else None
+        if name:
+            out[name] = comment.strip()
+    return out
 
 
 def get_config(argv=None):
     """argparse from the dataclass (unknown flags rejected); data-dependent defaults are filled in main()
     because they depend on the checkpoints."""
+    helps = field_help(Config)
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     for f in dataclasses.fields(Config):
         if f.name == 'checkpoint':
             p.add_argument('--checkpoint', action='append', default=None, metavar='PATH|none',
-                           help='repeatable (default: none = one random-init ViT)')
+                           help=helps.get('checkpoint', '').replace('%', '%%'))
         else:
-            p.add_argument(f'--{f.name}', type=f.type, default=f.default, help=f'(default {f.default!r})')
+            picked = '; '.join(f'{r} {v[f.name]!r}' for r, v in REGIMES.items() if f.name in v)
+            default = f'default {f.default!r}' + (f' = picked by --data: {picked}' if picked else '')
+            p.add_argument(f'--{f.name}', type=f.type, default=f.default,
+                           help=f'{helps.get(f.name, "")} ({default})'.replace('%', '%%'))
     cfg = Config(**vars(p.parse_args(argv)))
     cfg.checkpoint = cfg.checkpoint or ['none']
     cfg.what = ','.join(WHAT) if cfg.what == 'all' else cfg.what
@@ -416,7 +445,7 @@ def main(argv=None):
     cfg = get_config(argv)
     what = cfg.what.split(',')
     device = cfg.device or ('cuda' if torch.cuda.is_available() else 'cpu')
-    defaults = EMBEDDED if cfg.data in ('', 'shapes') else RECIPE
+    defaults = REGIMES[data.regime(cfg.data)]
 
     # checkpoints and the one architecture / resolution they are all measured at
     ckpts = [read_checkpoint(path) for path in cfg.checkpoint]
@@ -462,7 +491,7 @@ def main(argv=None):
     n = min(cfg.num_images, len(base))
     idx = np.unique(np.linspace(0, len(base) - 1, n).round().astype(int)).tolist()
     dataset = data.Seeded(torch.utils.data.Subset(base, idx), data.eval_transform(img_size))
-    workers = defaults['num_workers'] if cfg.num_workers < 0 else cfg.num_workers
+    workers = data.default_workers(defaults['num_workers'] if cfg.num_workers < 0 else cfg.num_workers)
     loader, _ = data.make_loader(dataset, cfg.batch_size, num_workers=workers, train=False)
 
     # one pass over the images; every checkpoint sees every batch

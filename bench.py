@@ -15,8 +15,8 @@ On CUDA, TF32 is enabled for matmuls and cuDNN (as every script does), so fp32 r
   python bench.py --method ibot --model base --img_size 224 --method_args '--local_crops_number 10'
   python bench.py --compare true                     # eager fp32 vs bf16 vs compile, with ratios
   python bench.py --loader true --img_size 224 --batch_size 256 --num_workers 10  # data path: CPU-PIL vs GPU decode
-  python bench.py --suite true                       # the GPU check: tests, every step, data path, a 200-step run
-  python bench.py --suite true --device cpu          # its dry run at mini sizes (minutes on a CPU)
+  python bench.py --suite                            # the GPU check: tests, every step, data path, a 200-step run
+  python bench.py --suite --device cpu               # its dry run at mini sizes (minutes on a CPU)
 
 The suite (on one GPU, within --budget_s: 7.5 minutes by default) prints as it goes and writes suite.md (one table,
 the hardware beside every figure) and suite.json into --out_dir: nvidia-smi, torch / CUDA versions; the CUDA tests
@@ -658,12 +658,14 @@ def run_suite(cfg):
 
 
 def get_config(argv=None):
+    """argparse from Config: each flag's help is its field's comment (mae.field_help reads them)."""
+    helps = mae.field_help(Config)
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     for f in dataclasses.fields(Config):
-        if f.type is bool:
-            p.add_argument(f'--{f.name}', type=lambda s: s.lower() in ('1', 'true', 'yes', 'on'), default=f.default)
-        else:
-            p.add_argument(f'--{f.name}', type=f.type, default=f.default)
+        kind = dict(type=lambda s: s.lower() in ('1', 'true', 'yes', 'on'), nargs='?', const=True, metavar='BOOL') \
+            if f.type is bool else dict(type=f.type)  # a bare --suite means --suite true
+        p.add_argument(f'--{f.name}', default=f.default, help=f'{helps.get(f.name, "")} (default {f.default!r})'
+                       .replace('%', '%%'), **kind)
     cfg = Config(**vars(p.parse_args(argv)))
     if cfg.method not in STEPS:
         p.error(f'--method must be one of {", ".join(STEPS)}')

@@ -227,7 +227,8 @@ class IdxDataset(Dataset):
         paths = [_find_idx(folder, stem) if folder and os.path.isdir(folder) else None for stem in IDX_FILES[split]]
         if None in paths:
             missing = IDX_FILES[split][paths.index(None)]
-            raise FileNotFoundError(f'{missing}[.gz] not found under {folder}' + (f'; install it with: {hint}' if hint else ''))
+            raise FileNotFoundError(f'{missing}[.gz] not found under {folder}'
+                                    + (f'; install it with: {hint}' if hint else ''))
         self.images, labels = read_idx(paths[0]), read_idx(paths[1])
         if self.images.ndim != 3 or labels.ndim != 1 or len(labels) != len(self.images):
             raise ValueError(f'idx files in {folder} disagree: images {self.images.shape}, labels {labels.shape}')
@@ -496,8 +497,8 @@ def finetune_transform(img_size, rand_augment=(2, 9), reprob=0.25):
 def eval_transform(img_size, crop_pct=0.875, normalize=True):
     """Resize the shorter side to img_size / crop_pct, then center crop img_size (256 -> 224 at ImageNet size).
     normalize=False: uint8 out (to_device)."""
-    return v2.Compose([v2.ToImage(), v2.Resize(int(round(img_size / crop_pct)), interpolation=v2.InterpolationMode.BICUBIC,
-                                               antialias=True), v2.CenterCrop(img_size)] + _finish(normalize))
+    resize = v2.Resize(int(round(img_size / crop_pct)), interpolation=v2.InterpolationMode.BICUBIC, antialias=True)
+    return v2.Compose([v2.ToImage(), resize, v2.CenterCrop(img_size)] + _finish(normalize))
 
 
 def denormalize(x, mean=IMAGENET_MEAN, std=IMAGENET_STD):
@@ -815,7 +816,9 @@ class EpochSampler(Sampler):
             raise ValueError(f'dataset of {n} images is smaller than one global batch ({batch_size} x {world})')
 
     def batches_per_epoch(self):
-        return self.n // (self.batch_size * self.world) if self.drop_last else math.ceil(len(self._indices()) / self.batch_size)
+        if self.drop_last:
+            return self.n // (self.batch_size * self.world)
+        return math.ceil(len(self._indices()) / self.batch_size)
 
     def set_epoch(self, epoch, skip=0):
         self.epoch, self.skip = epoch, skip

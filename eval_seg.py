@@ -119,7 +119,8 @@ REGIMES = {
     'folder': dict(model='base', img_size=512, patch_size=0, channels=768, iters=160_000, batch_size=2, lr=0.0,
                    warmup_iters=1500, num_workers=8),
 }
-ARCH_KEYS = ('model', 'img_size', 'patch_size', 'head', 'layers', 'channels', 'aux_weight', 'out_norm')  # must match on resume
+ARCH_KEYS = ('model', 'img_size', 'patch_size', 'head', 'layers', 'channels', 'aux_weight',
+             'out_norm')  # must match on resume
 
 
 def field_help(cls):
@@ -153,9 +154,9 @@ def get_config(argv=None):
     for f in dataclasses.fields(Config):
         picked = '; '.join(f'{r} {v[f.name]!r}' for r, v in REGIMES.items() if f.name in v)
         default = f'default {f.default!r}' + (f' = picked by --data: {picked}' if picked else '')
-        p.add_argument(f'--{f.name}', type=boolean if f.type is bool else f.type, default=f.default,
-                       metavar='BOOL' if f.type is bool else f.name.upper(),
-                       help=f'{helps.get(f.name, "")} ({default})'.replace('%', '%%'))
+        kind = dict(type=boolean, nargs='?', const=True, metavar='BOOL') if f.type is bool else dict(type=f.type)
+        p.add_argument(f'--{f.name}', default=f.default, help=f'{helps.get(f.name, "")} ({default})'.replace('%', '%%'),
+                       **kind)  # a bare --compile means --compile true
     cfg = Config(**vars(p.parse_args(argv)))
     regime = data.regime(cfg.data)
     if regime not in REGIMES:
@@ -243,7 +244,8 @@ class PairFolder(torch.utils.data.Dataset):
             mask = reduce_zero_label(mask)
         bad = (mask >= self.num_classes) & (mask != IGNORE)
         if bad.any():
-            warnings.warn(f'{mask_path}: labels {mask[bad].unique().tolist()} >= {self.num_classes} classes are ignored')
+            warnings.warn(f'{mask_path}: labels {mask[bad].unique().tolist()} >= {self.num_classes} classes '
+                          'are ignored')
             mask[bad] = IGNORE
         return (img, tv_tensors.Mask(mask)), i
 
@@ -284,7 +286,8 @@ def ade20k(root, split):
     if os.path.exists(info):  # Idx Ratio Train Val Name, tab-separated; the first of the ';'-separated names
         with open(info) as f:
             rows = [line.rstrip('\n').split('\t') for line in f][1:]
-        classes = [r[4].split(';')[0].strip() for r in rows] if len(rows) == 150 and min(map(len, rows)) >= 5 else classes
+        if len(rows) == 150 and min(map(len, rows)) >= 5:
+            classes = [r[4].split(';')[0].strip() for r in rows]
     return PairFolder(pairs, 150, classes, reduce_zero=True)
 
 
@@ -301,7 +304,8 @@ def voc(root, split):
     ann_dir = next((os.path.join(root, d) for d in ('SegmentationClassPNG', 'SegmentationClass')
                     if os.path.isdir(os.path.join(root, d))), None)
     if not os.path.isdir(img_dir) or ann_dir is None:
-        raise FileNotFoundError(f'--data voc:{root}: expected JPEGImages/ and SegmentationClassPNG/ (or SegmentationClass/)')
+        raise FileNotFoundError(f'--data voc:{root}: expected JPEGImages/ and SegmentationClassPNG/ '
+                                '(or SegmentationClass/)')
     imgs, anns = _stems(img_dir, ('.jpg', '.jpeg', '.png')), _stems(ann_dir, '.png')
     split_file = os.path.join(root, 'ImageSets', 'Segmentation', f'{split}.txt')
     if os.path.exists(split_file):
@@ -419,7 +423,8 @@ def collate_lists(batch):
 
 def conv_bn_relu(cin, cout, k):
     """mmseg ConvModule: conv (no bias) + BatchNorm + ReLU, 'same' padding."""
-    return nn.Sequential(nn.Conv2d(cin, cout, k, padding=k // 2, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True))
+    return nn.Sequential(nn.Conv2d(cin, cout, k, padding=k // 2, bias=False), nn.BatchNorm2d(cout),
+                         nn.ReLU(inplace=True))
 
 
 def tokens_to_map(t, h, w):
@@ -464,7 +469,8 @@ class UperHead(nn.Module):
         pooled = [F.interpolate(m(top), size=top.shape[-2:], mode='bilinear', align_corners=False) for m in self.ppm]
         lat = [conv(x) for conv, x in zip(self.lateral, levels[:3])] + [self.ppm_out(torch.cat([top] + pooled, 1))]
         for i in (3, 2, 1):  # top-down: each level gets the upsampled coarser one added
-            lat[i - 1] = lat[i - 1] + F.interpolate(lat[i], size=lat[i - 1].shape[-2:], mode='bilinear', align_corners=False)
+            up = F.interpolate(lat[i], size=lat[i - 1].shape[-2:], mode='bilinear', align_corners=False)
+            lat[i - 1] = lat[i - 1] + up
         outs = [conv(x) for conv, x in zip(self.fpn_out, lat[:3])] + [lat[3]]  # (B, c, h_i, w_i) each
         size = outs[0].shape[-2:]
         outs = [outs[0]] + [F.interpolate(o, size=size, mode='bilinear', align_corners=False) for o in outs[1:]]
@@ -508,7 +514,8 @@ class Segmenter(nn.Module):
     def freeze_unused(self, linear):
         """Parameters that get no gradient are frozen (DDP needs every trained parameter used): the whole backbone
         for the linear probe; otherwise blocks after the last tapped one, and the final norm unless out_norm.
-        The position embedding (a fixed sin-cos table during MAE pre-training) is trained, as in MAE/BEiT fine-tuning."""
+        The position embedding (a fixed sin-cos table during MAE pre-training) is trained, as in MAE/BEiT
+        fine-tuning."""
         bb = self.backbone
         if linear:
             bb.requires_grad_(False)
@@ -527,7 +534,8 @@ class Segmenter(nn.Module):
         return [tokens_to_map(t, h, w) for t in outs]
 
     def forward(self, x):
-        """(B, 3, H, W) -> (logits (B, C, H, W), auxiliary logits (B, C, H, W) while training with an aux head, else None)."""
+        """(B, 3, H, W) -> (logits (B, C, H, W), auxiliary logits (B, C, H, W) while training with an aux head,
+        else None)."""
         size = x.shape[-2:]
         if self.head == 'linear':
             with torch.no_grad():
@@ -614,7 +622,9 @@ def predict(model, imgs, num_classes, cfg):
 
 def label_logits(logits, size):
     """Scores at the label's resolution: (B, C, H', W') -> (B, C, H, W), bilinear."""
-    return logits if logits.shape[-2:] == size else F.interpolate(logits, size=size, mode='bilinear', align_corners=False)
+    if logits.shape[-2:] == size:
+        return logits
+    return F.interpolate(logits, size=size, mode='bilinear', align_corners=False)
 
 
 @torch.no_grad()
@@ -630,7 +640,8 @@ def evaluate(model, loader, num_classes, cfg, device, autocast):
                          enabled=not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0)
     for (imgs, masks), _ in loader:
         same = len({(i.shape, m.shape) for i, m in zip(imgs, masks)}) == 1
-        groups = [(torch.stack(imgs), torch.stack(masks))] if same else [(i[None], m[None]) for i, m in zip(imgs, masks)]
+        groups = [(torch.stack(imgs), torch.stack(masks))] if same else \
+            [(i[None], m[None]) for i, m in zip(imgs, masks)]
         for x, y in groups:
             x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
             with autocast:
@@ -745,7 +756,8 @@ def load_checkpoint(path, cfg, num_classes):
         sys.exit(f'error: cannot read checkpoint {path} ({type(e).__name__}: {e})')
     method = ckpt.get('method') if isinstance(ckpt, dict) else None
     if method != METHOD:
-        sys.exit(f'error: {path} is a {method or "non-nanoMIM"} checkpoint, not {METHOD}; pre-trained backbones go to --checkpoint')
+        sys.exit(f'error: {path} is a {method or "non-nanoMIM"} checkpoint, not {METHOD}; '
+                 'pre-trained backbones go to --checkpoint')
     old = ckpt['config']
     diff = [f'{k}={old.get(k)} (now {getattr(cfg, k)})' for k in ARCH_KEYS if old.get(k) != getattr(cfg, k)]
     if ckpt.get('num_classes') != num_classes:
@@ -795,7 +807,8 @@ def pretrained_backbone(cfg, verbose=True):
 
 
 def palette():
-    """(256, 3) uint8 PASCAL VOC colour map (bits of the class index spread over R, G, B): 0 black, 255 (ignore) cream."""
+    """(256, 3) uint8 PASCAL VOC colour map (bits of the class index spread over R, G, B): 0 black, 255 (ignore)
+    cream."""
     i, pal = np.arange(256), np.zeros((256, 3), dtype=np.int64)
     for j in range(8):  # bit 3j + k of the index -> bit 7 - j of channel k
         for k in range(3):
@@ -805,7 +818,8 @@ def palette():
 
 @torch.no_grad()
 def save_predictions(model, items, num_classes, cfg, device, path):
-    """PNG rows: image | prediction | ground truth, labels coloured with the VOC palette, each at img_size x img_size."""
+    """PNG rows: image | prediction | ground truth, labels coloured with the VOC palette, each at img_size x
+    img_size."""
     import torchvision
     was_training = model.training
     model.eval()
@@ -883,11 +897,13 @@ def main(argv=None):
         print(json.dumps({'method': METHOD, **dataclasses.asdict(cfg), 'world': world, 'device': device,
                           'dtype': dtype, 'effective_batch': eff_batch, 'lr': base_lr, 'steps': total_steps,
                           'num_classes': num_classes}))
-        print(f'backbone {vit.count_params(model.backbone) / 1e6:.2f}M params, total {vit.count_params(model) / 1e6:.2f}M '
+        print(f'backbone {vit.count_params(model.backbone) / 1e6:.2f}M params, '
+              f'total {vit.count_params(model) / 1e6:.2f}M '
               f'({vit.count_params(model, trainable=True) / 1e6:.3g}M trained), {len(base)} train / {len(val)} val '
               f'images, {num_classes} classes, {cfg.head} head on blocks {model.layers}')
     if ddp and device_type == 'cuda':  # the heads' BatchNorm sees 2 images per GPU in the recipe: statistics over all
-        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)  # GPUs (in place, same parameters); gloo/CPU keeps plain BN
+        # GPUs (in place, same parameters); gloo/CPU keeps plain BN
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
     fwd = torch.compile(model) if cfg.compile else model
     if ddp:
         fwd = DDP(fwd, device_ids=[local_rank] if device_type == 'cuda' else None)
@@ -930,8 +946,10 @@ def main(argv=None):
         for g in optimizer.param_groups:
             g['lr'] = lr * g['lr_scale']
         for micro in range(cfg.accum_iter):
-            with torch.random.fork_rng(devices=[]):  # a new loader iterator (as after a resume) draws its base seed from
-                _, ((imgs, masks), _) = next(stream)  # the global RNG: keep that draw out of the step's dropout/drop-path
+            # a new loader iterator (as after a resume) draws its base seed from the global RNG: keep that draw out
+            # of the step's dropout / drop path
+            with torch.random.fork_rng(devices=[]):
+                _, ((imgs, masks), _) = next(stream)
             imgs, masks = imgs.to(device, non_blocking=True), masks.to(device, non_blocking=True)
             sync = nullcontext() if (not ddp or micro == cfg.accum_iter - 1) else fwd.no_sync()
             with sync:

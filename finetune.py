@@ -76,8 +76,8 @@ METHOD = 'finetune'
 
 @dataclass
 class Config:
-    data: str = ''             # image folder (ImageNet layout: DIR/{train,val}/<class>/*.jpg) or '' for the embedded shapes
-    model: str = ''            # mini|tiny|small|base|large|huge; must match the checkpoint; '' = tiny embedded, base folder
+    data: str = ''             # '' = embedded shapes; fashion-mnist | mnist | idx:DIR; or an image folder
+    model: str = ''            # ViT size: mini|tiny|small|base|large|huge; must match the checkpoint
     img_size: int = 0          # input resolution (position embedding interpolated); 0 = 64 embedded, 224 folder
     patch_size: int = 0        # 0 = 8 embedded, the model's own (16, 14 for huge) on a folder
     mode: str = 'finetune'     # finetune|linprobe|knn
@@ -85,14 +85,14 @@ class Config:
     checkpoint_key: str = ''   # take the backbone from this key of the file (e.g. model_ema, student); '' = detect
     pool: str = ''             # avg|cls feature; '' = avg for finetune (MAE global_pool), cls for linprobe / knn
     layer_decay: float = 0.0   # finetune: layer-wise lr decay; 0 = 0.65 (base and smaller), 0.75 (large, huge)
-    drop_path: float = -1      # finetune: stochastic depth at the last block; -1 = 0.1 (base and smaller), 0.2 large, 0.3 huge
+    drop_path: float = -1      # finetune: stochastic depth at the last block; -1 = 0.1 (base and smaller), 0.2 L, 0.3 H
     mixup: float = 0.8         # finetune: mixup Beta alpha (0 = off)
     cutmix: float = 1.0        # finetune: cutmix Beta alpha (0 = off); with both on, each batch picks one (p 0.5)
     smoothing: float = 0.1     # finetune: label smoothing
     rand_augment: int = 9      # finetune: RandAugment magnitude, 2 ops, each p 0.5 (timm rand-m9-mstd0.5-inc1; 0 = off)
     reprob: float = 0.25       # finetune: random erasing probability (timm mode 'pixel': the box gets N(0, 1) noise)
     ema: float = 0.0           # finetune: EMA decay of the weights, evaluated beside the model (0 = off)
-    cache: int = -1            # linprobe: 1 = train the head on center-crop features extracted once; -1 = 1 embedded, 0 folder
+    cache: int = -1            # linprobe: 1 = train the head on center-crop features extracted once, 0 = augment
     protocol: str = 'mae'      # linprobe: mae (MAE main_linprobe) | ibot (iBOT eval_linear: normed [CLS] of the last 4
     #                            blocks, or [CLS] + mean patch token for base and larger; linear head, SGD, 100 epochs)
     knn_k: int = 20            # knn: neighbours
@@ -182,9 +182,9 @@ def get_config(argv=None):
         picked = [f'{r} {v[f.name]!r}' for r, v in REGIMES.items() if f.name in v]
         picked += [f'{m} {r} {v[f.name]!r}' for m, by in MODES.items() for r, v in by.items() if f.name in v]
         default = f'default {f.default!r}' + (f' = picked by --data and --mode: {"; ".join(picked)}' if picked else '')
-        p.add_argument(f'--{f.name}', type=boolean if f.type is bool else f.type, default=f.default,
-                       metavar='BOOL' if f.type is bool else f.name.upper(),
-                       help=f'{helps.get(f.name, "")} ({default})'.replace('%', '%%'))
+        kind = dict(type=boolean, nargs='?', const=True, metavar='BOOL') if f.type is bool else dict(type=f.type)
+        p.add_argument(f'--{f.name}', default=f.default, help=f'{helps.get(f.name, "")} ({default})'.replace('%', '%%'),
+                       **kind)  # a bare --compile means --compile true
     cfg = Config(**vars(p.parse_args(argv)))
     if cfg.mode not in MODES:
         p.error(f'--mode must be one of {", ".join(MODES)}')
@@ -781,7 +781,8 @@ def train(cfg, env, model, optimizer, backbone, dataset, val_set, num_classes, m
         os.makedirs(cfg.out_dir, exist_ok=True)
         print(json.dumps({'method': METHOD, **dataclasses.asdict(cfg), 'world': world, 'device': device,
                           'dtype': dtype, 'effective_batch': eff_batch, 'lr': base_lr, 'steps': total_steps}))
-        print(f'backbone {vit.count_params(backbone) / 1e6:.2f}M params, trainable {vit.count_params(model, True) / 1e6:.3f}M, '
+        print(f'backbone {vit.count_params(backbone) / 1e6:.2f}M params, '
+              f'trainable {vit.count_params(model, True) / 1e6:.3f}M, '
               f'{len(dataset)} train / {len(val_set)} val images, {num_classes} classes, {steps_per_epoch} steps/epoch')
     fwd = torch.compile(model) if cfg.compile else model
     if ddp:  # buffers (probe BN statistics) broadcast from rank 0 at every forward

@@ -153,9 +153,9 @@ def get_config(argv=None):
     for f in dataclasses.fields(Config):
         picked = '; '.join(f'{r} {v[f.name]!r}' for r, v in REGIMES.items() if f.name in v)
         default = f'default {f.default!r}' + (f' = picked by --data: {picked}' if picked else '')
-        p.add_argument(f'--{f.name}', type=boolean if f.type is bool else f.type, default=f.default,
-                       metavar='BOOL' if f.type is bool else f.name.upper(),
-                       help=f'{helps.get(f.name, "")} ({default})'.replace('%', '%%'))
+        kind = dict(type=boolean, nargs='?', const=True, metavar='BOOL') if f.type is bool else dict(type=f.type)
+        p.add_argument(f'--{f.name}', default=f.default, help=f'{helps.get(f.name, "")} ({default})'.replace('%', '%%'),
+                       **kind)  # a bare --compile means --compile true
     cfg = Config(**vars(p.parse_args(argv)))
     for k, v in REGIMES[data.regime(cfg.data)].items():
         if getattr(cfg, k) == Config.__dataclass_fields__[k].default:  # left at its 'pick by data' default

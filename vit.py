@@ -2,7 +2,8 @@
 vit.py -- the one Vision Transformer every nanoMIM script uses.
 
 Parameter names follow the common ViT layout (timm `vision_transformer`, MAE, iBOT, DINO):
-  cls_token, pos_embed, patch_embed.proj, blocks.{i}.{norm1,attn.qkv,attn.proj,norm2,mlp.fc1,mlp.fc2,ls1.gamma,ls2.gamma},
+  cls_token, pos_embed, patch_embed.proj,
+  blocks.{i}.{norm1,attn.qkv,attn.proj,norm2,mlp.fc1,mlp.fc2,ls1.gamma,ls2.gamma},
   norm, fc_norm, head
 so `backbone_state_dict(model)` loads into timm's ViT of the same size with no renaming, and the official
 MAE / iBOT / LUT / DTM / BEiT-style backbones load here: `load_vit(path)` builds the ViT a checkpoint holds (width,
@@ -144,7 +145,8 @@ class Attention(nn.Module):
         if return_attn:  # explicit softmax, only for analysis: the training path never takes it
             attn = (q * q.shape[-1] ** -0.5) @ k.transpose(-2, -1)  # (B, H, N, N)
             if attn_mask is not None:
-                attn = attn.masked_fill(~attn_mask, float('-inf')) if attn_mask.dtype == torch.bool else attn + attn_mask
+                boolean = attn_mask.dtype == torch.bool
+                attn = attn.masked_fill(~attn_mask, float('-inf')) if boolean else attn + attn_mask
             attn = attn.softmax(dim=-1)
             out = attn @ v
         else:
@@ -522,7 +524,8 @@ def load_backbone(path_or_ckpt, model, verbose=True, name=None):
     if model.global_pool == 'avg':  # MAE fine-tuning: the pre-trained final norm is dropped, fc_norm is fresh
         sd = {k: v for k, v in sd.items() if not k.startswith('norm.')}
     own = model.state_dict()
-    bad = [f'{k} {tuple(v.shape)} vs {tuple(own[k].shape)}' for k, v in sd.items() if k in own and v.shape != own[k].shape]
+    bad = [f'{k} {tuple(v.shape)} vs {tuple(own[k].shape)}' for k, v in sd.items()
+           if k in own and v.shape != own[k].shape]
     if bad:
         raise ValueError(f'checkpoint tensor shapes differ from the model (checkpoint vs model): {bad[0]}'
                          + (f' and {len(bad) - 1} more' if len(bad) > 1 else ''))

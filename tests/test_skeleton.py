@@ -13,8 +13,9 @@ METHODS = ('mae.py', 'lut.py', 'ibot.py', 'dtm.py')
 # function name -> the files that carry it verbatim (the first one is the reference)
 EVALS = ('finetune.py', 'eval_seg.py')
 SHARED_FUNCTIONS = {
-    **{name: METHODS + EVALS for name in ('field_help', 'resolve_device', 'setup_distributed', 'setup_precision',
-                                          'step_seed', 'save_checkpoint', 'restore')},
+    **{name: METHODS + EVALS for name in ('resolve_device', 'setup_distributed', 'setup_precision', 'step_seed',
+                                          'save_checkpoint', 'restore')},
+    'field_help': METHODS + EVALS + ('analyze.py',),
     **{name: METHODS + ('finetune.py',) for name in ('lr_at', 'log_stats')},
     **{name: METHODS for name in ('get_config', 'load_checkpoint')},
     'ema_update': ('lut.py', 'ibot.py', 'dtm.py', 'finetune.py'),
@@ -70,7 +71,7 @@ def skeleton_drift(texts):
 
 
 def read_all():
-    return {f: open(os.path.join(ROOT, f)).read() for f in METHODS + EVALS}
+    return {f: open(os.path.join(ROOT, f)).read() for f in METHODS + EVALS + ('analyze.py',)}
 
 
 def test_shared_skeleton_is_identical_in_every_method_file():
@@ -98,5 +99,6 @@ def test_an_edit_to_one_copy_alone_is_reported_with_file_and_name(edit):
     # an edit of the reference copy alone is reported in every other file
     texts = read_all()
     texts['mae.py'] = texts['mae.py'].replace('    """Atomic: write', '    """Atomic (fsync): write', 1)
+    texts['mae.py'] = texts['mae.py'].replace("    out, name = {}, None", "    out, name = dict(), None", 1)
     assert {p.split(':')[0] for p in skeleton_drift(texts)} == {'lut.py', 'ibot.py', 'dtm.py', 'finetune.py',
-                                                              'eval_seg.py'}
+                                                              'eval_seg.py', 'analyze.py'}
