@@ -1,8 +1,9 @@
 """The CUDA paths, on a GPU: `python -m pytest tests -m cuda` (every test here is marked `cuda` and skipped, with the
 reason, where torch.cuda.is_available() is False; the two-process test also needs 2 GPUs).
 
-For each of MAE, LUT, iBOT and DTM, the training step main() runs (mae/lut/ibot/dtm.train_step), on the 1-block
-'pico' ViT at 16 px of tests/test_precision.py, whose device-generic checks run here on 'cuda':
+For each of MAE, LUT, iBOT, DTM and fine-tuning, the training step main() runs (mae/lut/ibot/dtm/finetune.train_step;
+fine-tuning with mixup / cutmix, label smoothing, layer-decay groups and the weights' EMA), on the 1-block 'pico' ViT
+at 16 px of tests/test_precision.py, whose device-generic checks run here on 'cuda':
   - bf16 autocast: finite, loss within 2 % of the fp32 step on the same batch and weights; fp16 + GradScaler
     likewise (0.5 %), and an overflowing fp16 step is skipped (parameters and optimizer untouched, scale halved);
   - fused AdamW (main()'s optimizer on CUDA) equals multi-tensor AdamW after 3 steps;
@@ -11,7 +12,6 @@ For each of MAE, LUT, iBOT and DTM, the training step main() runs (mae/lut/ibot/
 Then mae.py end to end: `--decode gpu` (nvJPEG decode + crop on the device) gives the crops of the CPU path on the
 same JPEGs; a checkpoint written on CUDA resumes on the CPU and the reverse, its `encoder` all CPU tensors; and a
 2-process NCCL run equals one process for every method.
-Fine-tuning is not covered: finetune.py has no single step function to call (its loop lives in train()).
 Where cheap, a test also runs with device 'cpu' in the default suite (unmarked), so its logic is tried without a GPU.
 fp32 comparisons run with TF32 off (main() turns it on; here it would blur the fp32 references)."""
 import json
@@ -26,9 +26,9 @@ import data
 import mae
 import vit
 from conftest import load_ckpt, run_torchrun
-from test_precision import (ARGS, BF16_LOSS_RTOL, COMMON, FP16_LOSS_RTOL, METHODS, MODULES, PICO, Case, key_bias,
-                            check_autocast_close_to_fp32, check_compiled_equals_eager, check_fp16_scaler_skips_overflow,
-                            check_fused_equals_foreach, precision)
+from test_precision import (ARGS, BF16_LOSS_RTOL, COMMON, FP16_LOSS_RTOL, METHODS, MODULES, PICO, STEP_METHODS, Case,
+                            key_bias, check_autocast_close_to_fp32, check_compiled_equals_eager,
+                            check_fp16_scaler_skips_overflow, check_fused_equals_foreach, precision)
 
 HAS_CUDA = torch.cuda.is_available()
 CUDA = [pytest.mark.cuda, pytest.mark.skipif(not HAS_CUDA, reason='needs a CUDA device (torch.cuda.is_available() '
@@ -58,7 +58,7 @@ def ieee_fp32():
 
 @pytest.mark.cuda
 @pytest.mark.skipif(not HAS_CUDA, reason='needs a CUDA device (torch.cuda.is_available() is False)')
-@pytest.mark.parametrize('method', METHODS)
+@pytest.mark.parametrize('method', STEP_METHODS)
 class TestStepOnCuda:
     def test_bf16_step_close_to_fp32(self, method):
         check_autocast_close_to_fp32(method, 'cuda', 'bf16', BF16_LOSS_RTOL)
@@ -91,7 +91,7 @@ class TestStepOnCuda:
 @pytest.mark.parametrize('device', [ON_CUDA])
 def test_compiled_fp32_step_equals_eager(device):
     """MAE in fp32: the Triton kernels inductor writes for the step equal eager to fp32 round-off (the CPU suite
-    checks all four methods this way with inductor's C++ kernels; one method here keeps the GPU compile time down)."""
+    checks all five steps this way with inductor's C++ kernels; one method here keeps the GPU compile time down)."""
     check_compiled_equals_eager('mae', device)
 
 

@@ -1,5 +1,6 @@
 """Precision and compilation paths of every method's training step, on the CPU (the default suite): the step each
-script's main() runs (mae/lut/ibot/dtm.train_step), on a 1-block ViT at 16 px, against the same step in fp32 eager:
+script's main() runs (mae/lut/ibot/dtm/finetune.train_step), on a 1-block ViT at 16 px, against the same step in fp32
+eager (fine-tuning with mixup / cutmix, label smoothing, layer-decay groups and the weights' EMA):
   - torch.compile (inductor) of the model, wrapped as main() wraps it, equals eager over 2 steps (fp32);
   - main() --compile true trains to the checkpoint of --compile false (dynamo's 'eager' backend: the wiring only);
   - bf16 and fp16 autocast: finite, loss close to fp32's;
@@ -9,6 +10,7 @@ The checks are device-generic functions: tests/test_cuda.py runs the same ones o
 Also here, CPU-side tests of issue 20's GPU crashes: `--device cuda` gets an index without touching CUDA (in the
 method files and in finetune.py / eval_seg.py), a checkpoint's `encoder` is CPU tensors,
 resuming with another --dtype (restore() skips an empty GradScaler state)."""
+import copy
 import os
 import shutil
 from types import SimpleNamespace
@@ -17,14 +19,16 @@ import pytest
 import torch
 
 import dtm
+import finetune
 import ibot
 import lut
 import mae
 import vit
 from conftest import load_ckpt
 
-METHODS = ('mae', 'lut', 'ibot', 'dtm')
-MODULES = {'mae': mae, 'lut': lut, 'ibot': ibot, 'dtm': dtm}
+METHODS = ('mae', 'lut', 'ibot', 'dtm')  # the pre-training scripts
+STEP_METHODS = METHODS + ('finetune',)  # the step checks also run finetune.py's train_step (--mode finetune)
+MODULES = {'mae': mae, 'lut': lut, 'ibot': ibot, 'dtm': dtm, 'finetune': finetune}
 PICO = (32, 1, 2, 4)  # width 32, 1 block, 2 heads, patch 4: 16 patches at 16 px. With 1 block the drop path rate
 #                      (linear in depth from 0) is 0, so no random op differs between eager and inductor kernels
 COMMON = ['--model', 'pico', '--img_size', '16', '--patch_size', '4', '--num_workers', '0']
@@ -35,14 +39,20 @@ ARGS = {  # each script's own get_config at the pico size; EMA momenta of 0.5 so
     'ibot': ['--local_size', '8', '--local_crops_number', '2', '--out_dim', '64', '--head_hidden', '64',
              '--ema_momentum', '0.5', '--freeze_last_layer', '0'],
     'dtm': ['--ema_momentum', '0.5'],
+    # the MAE recipe's mixing and smoothing, stated so that no regime default can turn them off; a weights' EMA
+    'finetune': ['--checkpoint', 'none', '--mode', 'finetune', '--mixup', '0.8', '--cutmix', '1.0', '--smoothing',
+                 '0.1', '--layer_decay', '0.65', '--ema', '0.5'],
 }
-BETAS = {'mae': (0.9, 0.95), 'lut': (0.9, 0.95), 'ibot': (0.9, 0.999), 'dtm': (0.9, 0.999)}  # as in each main()
+BETAS = {'mae': (0.9, 0.95), 'lut': (0.9, 0.95), 'ibot': (0.9, 0.999), 'dtm': (0.9, 0.999),
+         'finetune': (0.9, 0.999)}  # as in each main()
+NUM_CLASSES = 10  # fine-tuning's classifier
 LR = 1e-3
 # Tolerances (the pico model at 16 px, batch 4):
 COMPILE_LOSS_RTOL = 1e-4  # compiled vs eager fp32: the same arithmetic, reassociated by the compiler
 STATE_ATOL = 2e-5  # parameters / teacher / centers after steps at lr 1e-3: Adam moves each element by ~lr per step
-BF16_LOSS_RTOL = 0.02  # bf16 (8-bit mantissa) vs fp32 loss: measured <= 0.03 % on this CPU, all four methods
-FP16_LOSS_RTOL = 0.005  # fp16 (11-bit mantissa) vs fp32 loss: measured <= 0.01 % on this CPU
+BF16_LOSS_RTOL = 0.02  # bf16 (8-bit mantissa) vs fp32 loss: measured <= 0.03 % on this CPU, all four methods;
+#                        fine-tuning 0.07 %
+FP16_LOSS_RTOL = 0.005  # fp16 (11-bit mantissa) vs fp32 loss: measured <= 0.01 % on this CPU (fine-tuning 2e-5 %)
 FP16_SCALE = 2.0 ** 8  # GradScaler scale for the fp16 comparison: iBOT's fp16 gradients at this tiny batch overflow
 #                        at 2^12 (GradScaler would skip and back off, tested on its own)
 
@@ -55,9 +65,9 @@ def pico_vit(monkeypatch):
 
 
 class Case:
-    """One method's training step as main() runs it, on `device`: the model, its teacher (lut / ibot / dtm) and
-    centers (ibot), one step's batches and schedules. Built on the CPU from `seed` and then moved, so two cases
-    with the same seed hold the same weights and batches on any device."""
+    """One method's training step as main() runs it, on `device`: the model, its teacher (lut / ibot / dtm; the
+    weights' EMA for finetune) and centers (ibot), one step's batches and schedules. Built on the CPU from `seed` and
+    then moved, so two cases with the same seed hold the same weights and batches on any device."""
 
     def __init__(self, method, device='cpu', seed=0, batch=4, extra=()):
         self.method, self.mod, self.device = method, MODULES[method], device
@@ -65,7 +75,7 @@ class Case:
         torch.manual_seed(seed)
         g = torch.Generator().manual_seed(seed + 1)
         S, L = cfg.img_size, (cfg.img_size // cfg.patch_size) ** 2
-        self.teacher = self.centers = None
+        self.teacher = self.centers = self.mixer = None
         if method == 'mae':
             self.model = mae.MAE(cfg).to(device)
             batches = [(torch.randn(batch, 3, S, S, generator=g), torch.rand(batch, L, generator=g))]
@@ -83,11 +93,18 @@ class Case:
             mask[::3] = False  # some global crops unmasked, as the recipe's no_mask_prob does
             batches = [(torch.randn(2 * batch, 3, S, S, generator=g), torch.randn(n * batch, 3, s, s, generator=g),
                         mask)]
-        else:
+        elif method == 'dtm':
             self.model = dtm.DTM(cfg).to(device)
             self.teacher = dtm.build_teacher(cfg, self.model.encoder).to(device)
             mask = torch.rand(batch, L, generator=g).argsort(1) < cfg.num_mask  # (B, L), exactly num_mask True
             batches = [(torch.randn(batch, 3, S, S, generator=g), mask)]
+        else:  # finetune.run_finetune / train, as bench.make_finetune_step builds it: the head keeps the ViT's
+            #    xavier init (run_finetune's std 2e-5 head would make every loss log(C), whatever the precision)
+            self.model = finetune.build_backbone(cfg, NUM_CLASSES, verbose=False).to(device)
+            self.model.pos_embed.requires_grad_(True)
+            self.teacher = copy.deepcopy(self.model).eval().requires_grad_(False)  # the EMA (--ema), as train()
+            self.mixer = finetune.batch_mixer(cfg.mixup, cfg.cutmix, NUM_CLASSES)
+            batches = [(torch.randn(batch, 3, S, S, generator=g), torch.randint(0, NUM_CLASSES, (batch,), generator=g))]
         self.batches = [tuple(t.to(device) for t in b) for b in batches]
         self.step_index = 0
 
@@ -98,16 +115,21 @@ class Case:
             return ibot.schedules(s, cfg, LR, 0, 100, 10)
         if self.method == 'dtm':
             return dtm.schedules(s, cfg, LR, 0, 100, 0)
+        if self.method == 'finetune':
+            return {'lr': finetune.lr_at(s, LR, cfg.min_lr, 0, 100)}
         return self.mod.schedules(s, cfg, LR, 0, 100)
 
     def optimizer(self, fused=False):
-        """AdamW as main() builds it: fused on CUDA (fused=True), multi-tensor (foreach) otherwise."""
-        return torch.optim.AdamW(self.mod.param_groups(self.model, self.cfg.weight_decay), lr=LR,
-                                 betas=BETAS[self.method], fused=fused, foreach=not fused)
+        """AdamW as main() builds it: fused on CUDA (fused=True), multi-tensor (foreach) otherwise; fine-tuning's
+        groups carry the layer-decay lr_scale."""
+        groups = (finetune.param_groups(self.model, self.cfg.weight_decay, self.cfg.layer_decay)
+                  if self.method == 'finetune' else self.mod.param_groups(self.model, self.cfg.weight_decay))
+        return torch.optim.AdamW(groups, lr=LR, betas=BETAS[self.method], fused=fused, foreach=not fused)
 
     def compiled(self):
         """The model as main() wraps it in one process under --compile: fwd = torch.compile(model); lut and ibot
-        compile their teacher in place (Module.compile), so it keeps its parameter names for the EMA."""
+        compile their teacher in place (Module.compile), so it keeps its parameter names for the EMA; finetune's
+        EMA stays eager (train() only evaluates it)."""
         if self.method in ('lut', 'ibot'):
             self.teacher.compile()
         return torch.compile(self.model)
@@ -124,11 +146,14 @@ class Case:
         if self.method == 'ibot':
             return ibot.train_step(fwd, self.model, self.teacher, self.centers, optimizer, scaler, autocast,
                                    self.batches, sched, self.cfg)
+        if self.method == 'finetune':
+            return finetune.train_step(fwd, self.model, self.teacher, optimizer, scaler, autocast, self.batches,
+                                       sched, self.cfg, NUM_CLASSES, self.mixer, self.cfg.smoothing)
         return self.mod.train_step(fwd, self.model, self.teacher, optimizer, scaler, autocast, self.batches, sched,
                                    self.cfg)
 
     def state(self):
-        """Every tensor a step changes, by name, as fp32 CPU copies: model, teacher, centers."""
+        """Every tensor a step changes, by name, as fp32 CPU copies: model, teacher (or EMA), centers."""
         out = {f'model.{k}': v for k, v in self.model.state_dict().items()}
         if self.teacher is not None:
             out.update({f'teacher.{k}': v for k, v in self.teacher.state_dict().items()})
@@ -270,32 +295,32 @@ NEEDS_CPU_FP16 = pytest.mark.skipif(not cpu_fp16_works(), reason='this torch has
 
 
 @NEEDS_CXX
-@pytest.mark.parametrize('method', METHODS)
+@pytest.mark.parametrize('method', STEP_METHODS)
 def test_compiled_step_equals_eager(method):
     check_compiled_equals_eager(method, 'cpu')
 
 
-@pytest.mark.parametrize('method', METHODS)
+@pytest.mark.parametrize('method', STEP_METHODS)
 def test_bf16_autocast_step_close_to_fp32(method):
     check_autocast_close_to_fp32(method, 'cpu', 'bf16', BF16_LOSS_RTOL)
 
 
 @NEEDS_CPU_FP16
-@pytest.mark.parametrize('method', METHODS)
+@pytest.mark.parametrize('method', STEP_METHODS)
 def test_fp16_autocast_step_close_to_fp32(method):
     check_autocast_close_to_fp32(method, 'cpu', 'fp16', FP16_LOSS_RTOL)
 
 
 @NEEDS_CPU_FP16
 @pytest.mark.parametrize('fused', [False, True], ids=['foreach', 'fused'])
-@pytest.mark.parametrize('method', METHODS)
+@pytest.mark.parametrize('method', STEP_METHODS)
 def test_fp16_grad_scaler_skips_an_overflowing_step(method, fused):
     """Both optimizers: GradScaler skips foreach AdamW's step, and hands the fused kernel found_inf (it then
     leaves its fresh state at zero)."""
     check_fp16_scaler_skips_overflow(method, 'cpu', fused)
 
 
-@pytest.mark.parametrize('method', METHODS)
+@pytest.mark.parametrize('method', STEP_METHODS)
 def test_fused_adamw_equals_foreach(method):
     check_fused_equals_foreach(method, 'cpu')
 
