@@ -174,8 +174,18 @@ def test_compile_flag_constructs(tmp_path):
     (['--model', 'gigantic'], '--model must be one of'),
     (['--decode', 'gpu'], '--decode must be cpu, or gpu with --data an image folder'),
 ])
-def test_bad_input_one_clear_line(args, msg):
-    r = run_script('mae.py', args + ['--max_steps', '1', '--out_dir', '/tmp/nanomim_bad'])
+def test_bad_input_one_clear_line(args, msg, capsys, tmp_path):
+    # in-process: argparse's error (usage + one line, exit 2) or main()'s sys.exit('error: ...'), no exception
+    with pytest.raises(SystemExit) as e:
+        mae.main(args + ['--max_steps', '1', '--out_dir', str(tmp_path), '--num_workers', '0'])
+    err = capsys.readouterr().err + (e.value.code if isinstance(e.value.code, str) else '')
+    assert e.value.code not in (0, None) and msg in err
+
+
+@pytest.mark.parametrize('args,msg', [(['--no_such_flag', '1'], 'unrecognized arguments'),
+                                      (['--data', '/no/such/folder'], 'does not exist')])
+def test_bad_input_on_the_command_line_is_one_line_without_traceback(args, msg, tmp_path):
+    r = run_script('mae.py', args + ['--max_steps', '1', '--out_dir', str(tmp_path)])
     assert r.returncode != 0
     assert msg in r.stderr and 'Traceback' not in r.stderr
 
