@@ -883,6 +883,29 @@ def batches(loader, sampler, start_step):
         epoch, skip = epoch + 1, 0
 
 
+def save_image_grid(images, ncol, path, titles=(), caption=''):
+    """images (N, 3, H, W) in [0, 1], row-major with ncol columns -> a PNG with a caption line and a title over each
+    column, in PIL's built-in font (the training scripts need no plotting library). Images narrower than 128 px are
+    enlarged (nearest neighbour) so that the titles fit."""
+    from PIL import ImageDraw
+    from torchvision.utils import make_grid
+    H, W = images.shape[-2:]
+    k = max(1, math.ceil(128 / W))  # integer upscale
+    grid = make_grid(images.detach().float().cpu().clamp(0, 1), nrow=ncol, padding=2, pad_value=1.0)
+    pil = v2.functional.to_pil_image(grid)
+    pil = pil.resize((pil.width * k, pil.height * k), Image.NEAREST)
+    top = 14 * (bool(caption) + bool(titles)) + 2
+    canvas = Image.new('RGB', (pil.width, pil.height + top), 'white')
+    canvas.paste(pil, (0, top))
+    draw = ImageDraw.Draw(canvas)
+    if caption:
+        draw.text((4, 2), caption, fill='black')
+    for j, t in enumerate(titles):  # centred over column j
+        x = (2 + j * (W + 2) + W / 2) * k - draw.textlength(t) / 2
+        draw.text((max(0, x), top - 14), t, fill='black')
+    canvas.save(path)
+
+
 class Progress:
     """Plain progress lines for long phases (feature extraction, evaluation, loading): at most one line every
     `every` seconds with done/total, items/s and ETA, and a closing line if any was printed. Silent when not

@@ -820,7 +820,6 @@ def palette():
 def save_predictions(model, items, num_classes, cfg, device, path):
     """PNG rows: image | prediction | ground truth, labels coloured with the VOC palette, each at img_size x
     img_size."""
-    import torchvision
     was_training = model.training
     model.eval()
     pal, S, tiles = torch.from_numpy(palette()).to(device), cfg.img_size, []
@@ -831,7 +830,8 @@ def save_predictions(model, items, num_classes, cfg, device, path):
             rgb = pal[lab.clamp(0, 255)].permute(0, 3, 1, 2).float() / 255  # (1, 3, H, W)
             tiles.append(F.interpolate(rgb, size=(S, S), mode='nearest'))
         tiles.insert(-2, F.interpolate(data.denormalize(img), size=(S, S), mode='bilinear', align_corners=False))
-    torchvision.utils.save_image(torch.cat(tiles), path, nrow=3, padding=1)
+    data.save_image_grid(torch.cat(tiles), 3, path, ('image', 'prediction', 'ground truth'),
+                         caption=f'{cfg.head} head, {cfg.checkpoint or "resumed"}'[-60:])
     model.train(was_training)
 
 # -----------------------------------------------------------------------------

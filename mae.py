@@ -386,10 +386,9 @@ def train_step(fwd, model, optimizer, scaler, autocast, batches, sched, cfg):
 
 
 @torch.no_grad()
-def save_reconstructions(model, imgs, noise, cfg, path):
+def save_reconstructions(model, imgs, noise, cfg, path, step=0):
     """PNG rows: original | masked | reconstruction | reconstruction with the visible patches pasted.
     Under norm_pix_loss each predicted patch is un-normalised with the true patch's mean and std."""
-    import torchvision
     model.eval()
     _, pred, mask = model(imgs, noise, cfg.mask_ratio, cfg.norm_pix_loss)
     p = cfg.patch_size
@@ -400,7 +399,9 @@ def save_reconstructions(model, imgs, noise, cfg, path):
     rows = [target, target * (1 - m), pred, target * (1 - m) + pred * m]
     rows = [data.denormalize(vit.unpatchify(r.float(), p)) for r in rows]
     grid = torch.stack(rows, dim=1).flatten(0, 1)  # (4B, 3, H, W): one image per row
-    torchvision.utils.save_image(grid, path, nrow=4, padding=1)
+    data.save_image_grid(grid, 4, path, ('original', f'masked {cfg.mask_ratio:.0%}', 'prediction', 'pred. + visible'),
+                         caption=f'{METHOD} {cfg.model}/{p} {os.path.basename(os.path.normpath(cfg.out_dir))} '
+                                 f'step {step}, val images')
     model.train()
 
 # -----------------------------------------------------------------------------
@@ -473,7 +474,7 @@ def main(argv=None):
                  'epoch': step / steps_per_epoch, 'config': dataclasses.asdict(cfg),
                  'encoder': vit.backbone_state_dict(model.encoder)}
         save_checkpoint(os.path.join(cfg.out_dir, 'checkpoint.pt'), state)
-        save_reconstructions(model, vis_imgs, vis_noise, cfg, os.path.join(cfg.out_dir, 'recon.png'))
+        save_reconstructions(model, vis_imgs, vis_noise, cfg, os.path.join(cfg.out_dir, 'recon.png'), step)
 
     # the loop: one optimizer step = accum_iter micro-batches
     model.train()
