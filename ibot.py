@@ -408,12 +408,15 @@ def lr_at(step, base_lr, min_lr, warmup_steps, total_steps):
 
 
 def teacher_temp_at(epoch, warmup_temp, temp, warmup_epochs):
-    """Per epoch: np.linspace(warmup_temp, temp, warmup_epochs)[epoch], then temp; epoch < 0 (before
+    """Per epoch, as the official schedule concatenates them: np.linspace(warmup_temp, temp, warmup_epochs)[epoch],
+    then temp. A 1-epoch warm-up is linspace(a, b, 1) = [a]: warmup_temp for that epoch. epoch < 0 (before
     --pred_start_epoch for the patch temperature) holds warmup_temp."""
     if epoch < 0:
         return warmup_temp
-    if epoch >= warmup_epochs - 1:
+    if epoch >= warmup_epochs:
         return temp
+    if warmup_epochs == 1:
+        return warmup_temp
     return warmup_temp + (temp - warmup_temp) * epoch / (warmup_epochs - 1)
 
 

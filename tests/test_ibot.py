@@ -268,6 +268,10 @@ def test_schedules():
     assert abs(ibot.teacher_temp_at(10, 0.04, 0.07, 30) - np.linspace(0.04, 0.07, 30)[10]) < 1e-12
     assert ibot.teacher_temp_at(29, 0.04, 0.07, 30) == 0.07 and ibot.teacher_temp_at(500, 0.04, 0.07, 30) == 0.07
     assert ibot.teacher_temp_at(-3, 0.04, 0.07, 30) == 0.04 and ibot.teacher_temp_at(0, 0.04, 0.07, 0) == 0.07
+    # the official per-epoch array, np.concatenate((np.linspace(w, t, W), np.ones(E - W) * t)), for every W
+    for W in (1, 2, 3, 30):
+        official = np.concatenate((np.linspace(0.04, 0.07, W), np.ones(40 - W) * 0.07))
+        assert np.allclose([ibot.teacher_temp_at(e, 0.04, 0.07, W) for e in range(40)], official, atol=1e-12), W
 
 
 def test_clip_is_per_tensor():
