@@ -996,7 +996,8 @@ def main(argv=None):
             report(evaluate(model, val_loader, num_classes, cfg, device, autocast)[0])
             t0 = time.time()  # evaluation time is not training throughput
     if master:
-        print(f'done: {step} steps in {(time.time() - t_start) / 60:.1f} min; checkpoint in {cfg.out_dir}')
+        print(f'done: {step} steps in {(time.time() - t_start) / 60:.1f} min; wrote {cfg.out_dir}/checkpoint.pt, '
+              f'log.jsonl, seg.png')
     if ddp:
         dist.destroy_process_group()
 

@@ -854,7 +854,8 @@ def train(cfg, env, model, optimizer, backbone, dataset, val_set, num_classes, m
         with open(os.path.join(cfg.out_dir, 'results.json'), 'w') as f:
             json.dump(res, f)
         print(f"done: {step} steps in {(time.time() - t_start) / 60:.1f} min; top-1 last {last['acc1']:.2f} "
-              f"best {best['acc1']:.2f} ({last['n']} val images); checkpoint in {cfg.out_dir}")
+              f"best {best['acc1']:.2f} ({last['n']} val images); wrote {cfg.out_dir}/checkpoint.pt, "
+              f"results.json, log.jsonl")
 
 
 def main(argv=None):
