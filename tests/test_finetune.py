@@ -15,16 +15,6 @@ from conftest import load_ckpt, run_torchrun
 TINY = ['--img_size', '32', '--patch_size', '8', '--num_workers', '0', '--log_every', '2']
 
 
-@pytest.fixture
-def one_thread(monkeypatch):
-    """One intra-op thread in this process and in subprocesses: on a shared CPU, two threads spin and crawl."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    monkeypatch.setenv('OMP_NUM_THREADS', '1')
-    yield
-    torch.set_num_threads(n)
-
-
 def small_vit(**kw):
     return vit.VisionTransformer(img_size=16, patch_size=8, embed_dim=16, depth=3, num_heads=2, **kw)
 
@@ -109,7 +99,7 @@ def test_lars_trust_ratio_step():
     assert torch.allclose(b.detach(), torch.tensor([1.0 - 2 * 0.5]))
 
 
-def test_linear_probe_separates_a_linearly_separable_set(one_thread):
+def test_linear_probe_separates_a_linearly_separable_set():
     g = torch.Generator().manual_seed(0)
     centers = torch.eye(3, 16) * 8.0
     y = torch.arange(300) % 3
@@ -142,7 +132,7 @@ def test_gather_rows_single_process_and_subset():
 # checkpoint formats and position embeddings
 
 
-def test_every_method_and_official_format_loads(tmp_path, one_thread):
+def test_every_method_and_official_format_loads(tmp_path):
     torch.manual_seed(0)
     src = small_vit(num_classes=0)
     sd = vit.backbone_state_dict(src)
@@ -176,7 +166,7 @@ def test_every_method_and_official_format_loads(tmp_path, one_thread):
         vit.load_vit(str(tmp_path / 'bare.pt'), 'nope', num_heads=2)
 
 
-def test_beit_dtm_layout_with_layer_scale_and_relative_position(tmp_path, one_thread):
+def test_beit_dtm_layout_with_layer_scale_and_relative_position(tmp_path):
     torch.manual_seed(0)
     src = small_vit(num_classes=0, layer_scale=0.1, pos_embed='learned')
     with torch.no_grad():
@@ -229,7 +219,7 @@ def test_position_embedding_interpolation():
 # end to end
 
 
-def test_finetune_end_to_end_then_knn_on_its_checkpoint(tmp_path, one_thread):
+def test_finetune_end_to_end_then_knn_on_its_checkpoint(tmp_path):
     # a real mae.py checkpoint, fine-tuned with EMA, then its `encoder` read back by kNN
     pre = str(tmp_path / 'mae')
     mae.main(['--img_size', '32', '--patch_size', '8', '--decoder_dim', '32', '--decoder_depth', '1',
@@ -251,7 +241,7 @@ def test_finetune_end_to_end_then_knn_on_its_checkpoint(tmp_path, one_thread):
     assert r['n'] == 13 and r['n_train'] == 40 and r['acc1'] <= r['acc5']
 
 
-def test_finetune_resume_equals_uninterrupted(tmp_path, one_thread):
+def test_finetune_resume_equals_uninterrupted(tmp_path):
     common = TINY + ['--checkpoint', 'none', '--batch_size', '8', '--train_samples', '32', '--eval_samples', '8',
                      '--epochs', '2']
     a, b = str(tmp_path / 'a'), str(tmp_path / 'b')
@@ -263,7 +253,7 @@ def test_finetune_resume_equals_uninterrupted(tmp_path, one_thread):
     assert results(a)['last_acc1'] == results(b)['last_acc1']
 
 
-def test_linprobe_cached_and_streamed(tmp_path, one_thread):
+def test_linprobe_cached_and_streamed(tmp_path):
     out = str(tmp_path / 'lp')
     finetune.main(TINY + ['--mode', 'linprobe', '--checkpoint', 'none', '--train_samples', '60', '--eval_samples', '11',
                           '--batch_size', '16', '--epochs', '3', '--out_dir', out])
@@ -283,7 +273,7 @@ def test_linprobe_cached_and_streamed(tmp_path, one_thread):
     assert results(out2)['n'] == 5
 
 
-def test_raw_pixel_knn_matches_a_brute_force_vote(tmp_path, one_thread):
+def test_raw_pixel_knn_matches_a_brute_force_vote(tmp_path):
     # --checkpoint pixels: features are the eval-transformed images flattened; recount the k=5 vote by hand
     import data
     out = str(tmp_path / 'pix')
@@ -308,7 +298,7 @@ def test_raw_pixel_knn_matches_a_brute_force_vote(tmp_path, one_thread):
         finetune.get_config(['--mode', 'finetune', '--checkpoint', 'pixels'])
 
 
-def test_distributed_knn_and_eval_count_each_sample_once(tmp_path, one_thread):
+def test_distributed_knn_and_eval_count_each_sample_once(tmp_path):
     # 2 gloo ranks, 33 val images: ranks hold 17 and 16, the counts must sum to 33 and match one process
     args = TINY + ['--mode', 'knn', '--checkpoint', 'none', '--train_samples', '41', '--eval_samples', '33',
                    '--batch_size', '8']
@@ -324,7 +314,7 @@ def test_distributed_knn_and_eval_count_each_sample_once(tmp_path, one_thread):
     assert results(str(tmp_path / 'lp'))['n'] == 33
 
 
-def test_bad_input_is_one_clear_line(tmp_path, one_thread, capsys):
+def test_bad_input_is_one_clear_line(tmp_path, capsys):
     pre = tmp_path / 'tiny.pt'
     torch.save({'encoder': vit.backbone_state_dict(vit.vit('tiny', img_size=32, patch_size=8, num_classes=0))}, pre)
     with pytest.raises(SystemExit) as e:  # wrong model size
@@ -341,7 +331,7 @@ def test_bad_input_is_one_clear_line(tmp_path, one_thread, capsys):
         assert e.value.code == 2 and msg in capsys.readouterr().err
 
 
-def test_knn_feature_extraction_prints_progress(tmp_path, one_thread, monkeypatch, capsys):
+def test_knn_feature_extraction_prints_progress(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv('NANOMIM_PROGRESS_EVERY', '0')  # a line at every batch instead of every 10 s
     finetune.main(TINY + ['--mode', 'knn', '--checkpoint', 'none', '--train_samples', '24', '--eval_samples', '8',
                           '--batch_size', '8', '--out_dir', str(tmp_path / 'knn')])
@@ -353,7 +343,7 @@ def test_knn_feature_extraction_prints_progress(tmp_path, one_thread, monkeypatc
     assert 'features: 8/24' not in capsys.readouterr().out
 
 
-def test_ibot_protocol_features_and_probe(tmp_path, one_thread):
+def test_ibot_protocol_features_and_probe(tmp_path):
     # iBOT eval_linear: ViT-S and smaller concatenate the normed [CLS] of the last 4 blocks (n_last_blocks 4);
     # ViT-B and larger take the normed [CLS] and the mean normed patch token of the last block (avgpool 2)
     torch.manual_seed(0)
