@@ -432,9 +432,11 @@ def morph_clusters(x, rs, random_split=False):
     Each iteration: unit-normalise the current cluster means, split them into A / B (alternate positions, or a
     random half per image with random_split), cosine scores A B^T, every A token picks its best B partner, the r
     A tokens with the highest scores join their partner's cluster. Returns (assign (B, L) long: the cluster of
-    every original token, M = L - sum(rs) clusters, each non-empty). New order: kept A (by position), then B.
+    every original token, M = L - sum(rs) clusters, each non-empty). New order: kept A by descending score, then
+    B (ToMe's bipartite_soft_matching with class_token=False; the order sets the next round's A / B split).
     Every token may merge: the official code runs ToMe with class_token=True on patch-only tensors, which keeps
-    the top-left patch a singleton forever (and caps a round at (t - 1) // 2); that quirk is not reproduced."""
+    the top-left patch a singleton forever, caps a round at (t - 1) // 2 and re-sorts the kept A tokens by
+    position (to keep that "class token" first); that quirk is not reproduced: this is ToMe without it."""
     B, L, _ = x.shape
     x = x.float()
     ar = torch.arange(L, device=x.device)
@@ -454,7 +456,7 @@ def morph_clusters(x, rs, random_split=False):
         b = metric.gather(1, b_idx[..., None].expand(-1, -1, metric.shape[-1]))  # (B, tb, C)
         best, dst = (a @ b.transpose(1, 2)).max(dim=-1)  # (B, ta): best cosine score and its B partner
         order = best.argsort(dim=-1, descending=True, stable=True)  # (B, ta)
-        src, keep = order[:, :r], order[:, r:].sort(dim=-1).values  # merged A / kept A (kept by position)
+        src, keep = order[:, :r], order[:, r:]  # merged A / kept A, both by descending score (ToMe)
         new_id = torch.empty(B, t, dtype=torch.long, device=x.device)  # current cluster -> next cluster id
         new_id.scatter_(1, a_idx.gather(1, keep), ar[:ta - r].expand(B, -1))
         new_id.scatter_(1, a_idx.gather(1, src), ta - r + dst.gather(1, src))

@@ -39,18 +39,19 @@ def partition(assign):
 def reference_morph(x, rs):
     """Per-image, token-by-token ToMe with clusters as sets: means over members, unit-normalise, A = even
     positions, B = odd, every A picks its most similar B, the r best-scoring A join their partner; new order:
-    kept A by position, then B."""
+    kept A by descending score (ToMe), then B."""
     clusters = [[i] for i in range(x.shape[0])]
     for r in rs:
         means = F.normalize(torch.stack([x[c].mean(0) for c in clusters]), dim=-1)
         A, B = list(range(0, len(clusters), 2)), list(range(1, len(clusters), 2))
         best = [max(B, key=lambda b: float(means[a] @ means[b])) for a in A]
         score = [float(means[a] @ means[b]) for a, b in zip(A, best)]
-        merged = sorted(range(len(A)), key=lambda j: -score[j])[:r]
+        order = sorted(range(len(A)), key=lambda j: -score[j])
+        merged, kept = order[:r], order[r:]
         new_b = {b: list(clusters[b]) for b in B}
         for j in merged:
             new_b[best[j]] += clusters[A[j]]
-        clusters = [clusters[A[j]] for j in range(len(A)) if j not in merged] + [new_b[b] for b in B]
+        clusters = [clusters[A[j]] for j in kept] + [new_b[b] for b in B]
     out = torch.empty(x.shape[0], dtype=torch.long)
     for c, members in enumerate(clusters):
         out[members] = c
