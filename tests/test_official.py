@@ -54,7 +54,7 @@ def close(what, ours, official):
         i = np.unravel_index(int(err.argmax()), tuple(err.shape)) if err.ndim else ()
         raise AssertionError(f'{what} differs from the official code: nanoMIM {ours[i].item():.7g}, official '
                              f'{official[i].item():.7g} at index {tuple(int(j) for j in i)} '
-                             f'(relative error {err.max().item():.3g} > {TOL})')
+                             f'(|difference| / max(1, |official|) = {err.max().item():.3g} > {TOL})')
 
 
 @pytest.fixture
