@@ -18,6 +18,12 @@ this project, or an official MAE / iBOT / BEiT-layout backbone), ema (an EMA cop
                                                                  # paper recipe: ViT-B/16, 300 ep, batch 2048
   python dtm.py --help                                           # every knob, with its default
 
+Deliberate differences from the official code (README "Equal to the official code"): the student is vit.py's ViT
+with a learned absolute position embedding (official: BEiT's shared relative position bias); the token morphing is
+ToMe without the class token the official call protects (every patch may merge; see morph_clusters); gradient
+accumulation counts every micro-batch (the official loop keeps only the last one's gradient); the CLIP teacher gets
+CLIP-normalised pixels (official: ImageNet-normalised); bf16 by default (official: fp16 with loss scaling).
+
 Letters in shape comments: B batch, L patches, D student width, C teacher (target) width, M clusters,
 W CLIP width.
 """

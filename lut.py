@@ -28,7 +28,8 @@ BatchNorm in the online head and predictor uses the statistics of the whole glob
 (GlobalBatchNorm1d: an all-reduce, differentiable, on NCCL and gloo alike, as the official SyncBatchNorm does), so
 N processes with batch B equal one process with batch N*B. Each view is normalised by itself (q1, q2: two calls).
 The momentum branch is a plain module (never DDP-wrapped) in eval mode: its BN uses running statistics, EMA'd
-from the online ones.
+from the online ones. Unlike the official code, where each rank's copy keeps that rank's own random init, it starts
+from rank 0's weights on every rank (broadcast), as the online model does under DDP.
 
 Letters in shape comments: B batch, L patches, K kept patches per view, D encoder width, Dd decoder width,
 P pixels per patch (p*p*3), Dh head hidden width.
