@@ -271,7 +271,7 @@ def make_dtm_step(cfg, device):
     fwd = torch.compile(model, backend=cfg.compile_backend) if dcfg.compile else model
     B, L, grid = dcfg.batch_size, model.encoder.num_patches, dcfg.img_size // dcfg.patch_size
     rng = np.random.default_rng(0)
-    mask = torch.from_numpy(np.stack([data.exact_block_mask(grid, grid, dcfg.num_mask, rng).reshape(-1)
+    mask = torch.from_numpy(np.stack([dtm.exact_block_mask(grid, grid, dcfg.num_mask, rng).reshape(-1)
                                       for _ in range(B)])).to(device)  # (B, L) bool, num_mask True per image
     batches = [(images(B, dcfg.img_size, device), mask)]
     flops = dtm_step_flops(model.encoder.embed_dim, model.encoder.depth, L, dcfg.patch_size ** 2 * 3)

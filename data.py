@@ -1,19 +1,29 @@
 """
-data.py -- everything about images in and tensors out, shared by every nanoMIM script.
+data.py -- images in, tensors out: what two or more nanoMIM scripts share. A method's own augmentation and masking
+live in its file, beside the loop that uses them (LUTTransform in lut.py, MultiCropTransform and ibot_mask in
+ibot.py, dtm_transform and exact_block_mask in dtm.py, RandAugment and finetune_transform in finetune.py).
 
-  build_dataset(spec, split)   '' / 'shapes' -> the embedded procedural dataset (no download);
-                               a folder -> ImageNet layout (DIR/{train,val}/<class>/*.jpg) or a flat class folder
-  transforms                   mae_transform, LUTTransform, MultiCropTransform (iBOT), dtm_transform,
-                               finetune_transform, eval_transform; all torchvision.transforms.v2. With
-                               normalize=False they end in uint8 and to_device normalises on the device
-  masks                        WithNoise (the per-sample noise of MAE/LUT, whose masking is in mae.py / lut.py);
-                               block_mask / ibot_mask / exact_block_mask (BEiT-style blockwise, iBOT / DTM)
-  make_loader / batches        one loader builder for every script; randomness per sample is a pure function of
-                               (seed, epoch, index), so DDP == single process and resume == uninterrupted;
-                               default_workers caps a script's worker count at the CPUs it may use
-  --decode gpu (MAE)           EncodedFolder + CropFlipParams + collate_encoded in the workers (file bytes, crop box,
-                               flip; one packed tensor per batch), gpu_decode_batch on the device (batched nvJPEG
-                               decode, then crop + resize + flip as batched matmuls)
+Sections, in file order:
+  the embedded dataset   Shapes: procedural shapes with class labels and segmentation masks, rendered on the fly
+                         (no download); --data '' or 'shapes'
+  image folders          ImageFolder: <root>/<class>/<image>, any image mode -> RGB, unreadable files skipped with
+                         a warning
+  idx files              IdxDataset (MNIST / Fashion-MNIST); the three --data regimes (regime, REGIME_HELP) and
+                         build_dataset(spec, split), which returns the dataset --data names (a folder in ImageNet
+                         layout DIR/{train,val}/<class>/*.jpg or a flat class folder)
+  transforms             mae_transform (MAE pre-training, also the MAE linear probe's crop), eval_transform, the
+                         colour jitter and blur that LUT and iBOT share, to_device, denormalize; all
+                         torchvision.transforms.v2. With normalize=False they end in uint8 and to_device normalises
+                         on the device
+  --decode gpu (MAE)     EncodedFolder + CropFlipParams + collate_encoded in the workers (file bytes, crop box,
+                         flip; one packed tensor per batch), gpu_decode_batch on the device (batched nvJPEG
+                         decode, then crop + resize + flip as batched matmuls)
+  masks                  WithNoise (the per-sample noise of MAE / LUT, whose masking is in mae.py / lut.py);
+                         block_mask (BEiT-style blockwise, the generator under iBOT's and DTM's masks)
+  loading                Seeded, EpochSampler, make_loader, batches: one loader for every script; randomness per
+                         sample is a pure function of (seed, epoch, index), so DDP == single process and resume ==
+                         uninterrupted; default_workers caps a script's worker count at the CPUs it may use
+  pictures and progress  save_image_grid (captioned PNG grids), Progress (plain progress lines for long phases)
 
 Every transform is called with the image only; per-sample randomness comes from torch's RNG, which the loader
 seeds per sample (see Seeded).
@@ -334,12 +344,6 @@ def mae_transform(img_size, scale=(0.2, 1.0), normalize=True):
     return v2.Compose([v2.ToImage(), rrc, v2.RandomHorizontalFlip()] + _finish(normalize))
 
 
-def src_crop(img_size):
-    """Simple resized crop (DeiT-III / LUT): shorter side -> img_size, random crop with 4-px reflect pad, flip."""
-    return v2.Compose([v2.ToImage(), v2.Resize(img_size, interpolation=v2.InterpolationMode.BICUBIC, antialias=True),
-                       v2.RandomCrop(img_size, padding=4, padding_mode='reflect'), v2.RandomHorizontalFlip()])
-
-
 def color_jitter(p=0.8, saturation=0.2, hue=0.1):
     return v2.RandomApply([v2.ColorJitter(0.4, 0.4, saturation, hue)], p=p)
 
@@ -348,150 +352,6 @@ def gaussian_blur(img_size, p):
     """PIL-style blur with sigma ~ U(0.1, 2.0) (BYOL/DINO), kernel ~10% of the image, applied with probability p."""
     k = max(3, int(0.1 * img_size) // 2 * 2 + 1)
     return v2.RandomApply([v2.GaussianBlur(k, sigma=(0.1, 2.0))], p=p)
-
-
-class LUTTransform:
-    """Two views of one image, as the official LUT TwoGlobalViewAugmentation: each view draws its own geometry
-    (SRC by default: shorter side -> img_size, random crop with 4-px reflect padding, flip, so the views differ by
-    up to 4 px in each direction and by their flips; RRC with crop='rrc'). View 1 gets no colour augmentation (it
-    is reconstructed); view 2 colour jitter (p 0.8) followed by one of grayscale / solarize / blur (asymmetric,
-    BYOL-like). shared=True draws one geometry for both views (they then differ in colour only; not the
-    recipe). Returns (view1, view2), uint8 with normalize=False (to_device)."""
-
-    def __init__(self, img_size, crop='src', shared=False, normalize=True):
-        if crop == 'src':
-            self.geometry = src_crop(img_size)
-        elif crop == 'rrc':
-            self.geometry = v2.Compose([v2.ToImage(), v2.RandomResizedCrop(
-                img_size, scale=(0.2, 1.0), interpolation=v2.InterpolationMode.BICUBIC, antialias=True),
-                v2.RandomHorizontalFlip()])
-        else:
-            raise ValueError(f'--crop must be src or rrc, got {crop!r}')
-        self.strong = v2.Compose([color_jitter(), v2.RandomChoice([
-            v2.Grayscale(3), v2.RandomSolarize(128, p=1.0), gaussian_blur(img_size, 1.0)])])
-        self.finish = v2.Compose(_finish(normalize)) if normalize else v2.Identity()
-        self.shared = shared
-
-    def __call__(self, img):
-        g1 = self.geometry(img)  # uint8 (3, S, S)
-        g2 = g1 if self.shared else self.geometry(img)  # the official code crops each view on its own
-        return self.finish(g1), self.finish(self.strong(g2))
-
-
-class MultiCropTransform:
-    """iBOT/DINO multi-crop: 2 global crops (global 1 blur p 1.0; global 2 blur p 0.1 + solarize p 0.2) and
-    `n_local` local crops (blur p 0.5), all with flip + colour jitter (p 0.8) + grayscale (p 0.2), RRC bicubic.
-    Returns a list of 2 + n_local tensors, uint8 with normalize=False (to_device)."""
-
-    def __init__(self, global_size, local_size, n_local, global_scale=(0.25, 1.0), local_scale=(0.05, 0.25),
-                 normalize=True):
-        def crop(size, scale, *extra):
-            return v2.Compose([v2.ToImage(), v2.RandomResizedCrop(size, scale=scale, antialias=True,
-                                                                  interpolation=v2.InterpolationMode.BICUBIC),
-                               v2.RandomHorizontalFlip(), color_jitter(), v2.RandomGrayscale(0.2), *extra]
-                              + _finish(normalize))
-        self.global1 = crop(global_size, global_scale, gaussian_blur(global_size, 1.0))
-        self.global2 = crop(global_size, global_scale, gaussian_blur(global_size, 0.1), v2.RandomSolarize(128, p=0.2))
-        self.local = crop(local_size, local_scale, gaussian_blur(local_size, 0.5))
-        self.n_local = n_local
-
-    def __call__(self, img):
-        return [self.global1(img), self.global2(img)] + [self.local(img) for _ in range(self.n_local)]
-
-
-def dtm_transform(img_size, scale=(0.2, 1.0), normalize=True):
-    """DTM / BEiT pre-training view (student and teacher see the same one): colour jitter (0.4, 0.4, 0.4),
-    flip, RandomResizedCrop bicubic. normalize=False: uint8 out (to_device)."""
-    return v2.Compose([v2.ToImage(), v2.ColorJitter(0.4, 0.4, 0.4), v2.RandomHorizontalFlip(),
-                       v2.RandomResizedCrop(img_size, scale=scale, interpolation=v2.InterpolationMode.BICUBIC,
-                                            antialias=True)] + _finish(normalize))
-
-
-# RandAugment as timm's 'rand-m9-mstd0.5-inc1' (MAE / BEiT / iBOT / DTM fine-tuning), with torchvision's functional ops
-# on PIL images, which call the same PIL code as timm's auto_augment.py. timm: magnitude m of _LEVEL_DENOM = 10 scales
-# each op's range, drawn per op as N(m, 0.5) clipped to [0, 10]; each of the 2 ops (drawn with replacement from the
-# 15 'increasing' ops) is applied with probability 0.5; signed ops take a random sign; geometric ops resample
-# bicubic (MAE passes interpolation='bicubic') and fill with the ImageNet mean colour (timm img_mean).
-RA_OPS = ('AutoContrast', 'Equalize', 'Invert', 'Rotate', 'PosterizeIncreasing', 'SolarizeIncreasing', 'SolarizeAdd',
-          'ColorIncreasing', 'ContrastIncreasing', 'BrightnessIncreasing', 'SharpnessIncreasing', 'ShearX', 'ShearY',
-          'TranslateXRel', 'TranslateYRel')  # timm _RAND_INCREASING_TRANSFORMS
-RA_SIGNED = ('Rotate', 'ShearX', 'ShearY', 'TranslateXRel', 'TranslateYRel', 'ColorIncreasing', 'ContrastIncreasing',
-             'BrightnessIncreasing', 'SharpnessIncreasing')  # timm _randomly_negate
-
-
-def ra_level(name, m):
-    """timm's level_to_arg at magnitude m in [0, 10], before the random sign: degrees (Rotate), shear factor,
-    fraction of the side (Translate*Rel), bits kept (Posterize), threshold (Solarize), added value (SolarizeAdd),
-    or the distance of the enhance factor from 1 (the factor is max(0.1, 1 +- level)). None for the plain ops."""
-    f = m / 10.0
-    return {'Rotate': 30.0 * f, 'ShearX': 0.3 * f, 'ShearY': 0.3 * f, 'TranslateXRel': 0.45 * f,
-            'TranslateYRel': 0.45 * f, 'PosterizeIncreasing': 4 - int(f * 4), 'SolarizeIncreasing': 256 - int(f * 256),
-            'SolarizeAdd': int(f * 110), 'ColorIncreasing': 0.9 * f, 'ContrastIncreasing': 0.9 * f,
-            'BrightnessIncreasing': 0.9 * f, 'SharpnessIncreasing': 0.9 * f}.get(name)
-
-
-def ra_apply(img, name, level, fill=(124, 116, 104)):
-    """One RandAugment op on a PIL image with its signed level (ra_level, sign applied), as timm's op functions."""
-    F, bicubic = v2.functional, v2.InterpolationMode.BICUBIC
-    if name in ('AutoContrast', 'Equalize', 'Invert'):
-        return {'AutoContrast': F.autocontrast, 'Equalize': F.equalize, 'Invert': F.invert}[name](img)
-    if name == 'Rotate':
-        return F.rotate(img, level, interpolation=bicubic, fill=list(fill))
-    if name in ('ShearX', 'ShearY'):  # PIL affine (1, s, 0, 0, 1, 0) about the top-left corner
-        a = math.degrees(math.atan(level))
-        return F.affine(img, angle=0.0, translate=[0, 0], scale=1.0, shear=[a, 0.0] if name == 'ShearX' else [0.0, a],
-                        center=[0, 0], interpolation=bicubic, fill=list(fill))
-    if name in ('TranslateXRel', 'TranslateYRel'):
-        t = [level * img.size[0], 0.0] if name == 'TranslateXRel' else [0.0, level * img.size[1]]
-        return F.affine(img, angle=0.0, translate=t, scale=1.0, shear=[0.0, 0.0], interpolation=bicubic,
-                        fill=list(fill))
-    if name == 'PosterizeIncreasing':
-        if level <= 0:  # keep 0 bits (magnitude 10): black, what PIL gave before it refused bits=0
-            return Image.new(img.mode, img.size)
-        return img if level >= 8 else F.posterize(img, level)
-    if name == 'SolarizeIncreasing':
-        return F.solarize(img, level)
-    if name == 'SolarizeAdd':  # pixels below 128 get `level` added (saturating)
-        return img.point([min(255, i + level) if i < 128 else i for i in range(256)] * len(img.getbands()))
-    factor = max(0.1, 1.0 + level)
-    return {'ColorIncreasing': F.adjust_saturation, 'ContrastIncreasing': F.adjust_contrast,
-            'BrightnessIncreasing': F.adjust_brightness, 'SharpnessIncreasing': F.adjust_sharpness}[name](img, factor)
-
-
-class RandAugment:
-    """timm rand-m{magnitude}-mstd{magnitude_std}-inc1 with num_ops ops, each applied with probability `prob`.
-    uint8 image tensor (3, H, W) in and out; randomness from torch's RNG (seeded per sample by Seeded)."""
-
-    def __init__(self, num_ops=2, magnitude=9, magnitude_std=0.5, prob=0.5):
-        self.num_ops, self.magnitude, self.magnitude_std, self.prob = num_ops, magnitude, magnitude_std, prob
-
-    def __call__(self, img):
-        pil = v2.functional.to_pil_image(img)
-        for _ in range(self.num_ops):
-            name = RA_OPS[int(torch.randint(len(RA_OPS), ()))]  # with replacement, as np.random.choice in timm
-            if torch.rand(()).item() > self.prob:
-                continue
-            m = self.magnitude + (self.magnitude_std * torch.randn(()).item() if self.magnitude_std > 0 else 0.0)
-            level = ra_level(name, min(max(m, 0.0), 10.0))
-            if name in RA_SIGNED and torch.rand(()).item() > 0.5:
-                level = -level
-            pil = ra_apply(pil, name, level)
-        return tv_tensors.Image(v2.functional.pil_to_tensor(pil))
-
-
-def finetune_transform(img_size, rand_augment=(2, 9), reprob=0.25):
-    """MAE fine-tuning train transform (timm create_transform as main_finetune.py calls it): RRC (0.08, 1) bicubic +
-    flip + RandAugment rand-m9-mstd0.5-inc1 (n ops, magnitude m) + normalize + random erasing (p reprob, mode
-    'pixel': the box is filled with per-pixel N(0, 1) noise in normalized units, scale (0.02, 1/3), log-uniform
-    aspect (0.3, 1/0.3), one box). Mixup/CutMix act on batches (v2.MixUp / v2.CutMix in finetune.py)."""
-    t = [v2.ToImage(), v2.RandomResizedCrop(img_size, interpolation=v2.InterpolationMode.BICUBIC, antialias=True),
-         v2.RandomHorizontalFlip()]
-    if rand_augment:
-        t.append(RandAugment(num_ops=rand_augment[0], magnitude=rand_augment[1]))
-    t += _to_tensor()[1:]
-    if reprob > 0:
-        t.append(v2.RandomErasing(p=reprob, scale=(0.02, 1 / 3), ratio=(0.3, 1 / 0.3), value='random'))
-    return v2.Compose(t)
 
 
 def eval_transform(img_size, crop_pct=0.875, normalize=True):
@@ -751,29 +611,6 @@ def block_mask(h, w, num_masking, rng, min_patches=16, max_patches=None, min_asp
     return mask
 
 
-def ibot_mask(h, w, rng, ratio=(0.1, 0.5), no_mask_prob=0.5, min_patches=None):
-    """iBOT recipe (`--pred_ratio 0 0.3 --pred_ratio_var 0 0.2`): with probability no_mask_prob no mask at all,
-    else a blockwise mask of at most r*h*w cells with r ~ U(ratio). Returns bool (h, w)."""
-    if rng.random() < no_mask_prob:
-        return np.zeros((h, w), dtype=bool)
-    r = rng.uniform(*ratio)
-    min_patches = (min(h, w) // 3) ** 2 if min_patches is None else min_patches
-    return block_mask(h, w, r * h * w, rng, min_patches=max(1, min_patches))
-
-
-def exact_block_mask(h, w, num_masking, rng, min_patches=16):
-    """BEiT v2 / DTM: blockwise mask, then random cells are added or removed so that exactly num_masking are
-    masked. Returns bool (h, w)."""
-    mask = block_mask(h, w, num_masking, rng, min_patches=min(min_patches, num_masking), max_patches=num_masking)
-    flat = mask.reshape(-1)
-    delta = num_masking - int(flat.sum())
-    if delta > 0:
-        flat[rng.choice(np.flatnonzero(~flat), delta, replace=False)] = True
-    elif delta < 0:
-        flat[rng.choice(np.flatnonzero(flat), -delta, replace=False)] = False
-    return flat.reshape(h, w)
-
-
 # -----------------------------------------------------------------------------
 # loading: per-sample seeding, sampler, loader
 
@@ -881,6 +718,10 @@ def batches(loader, sampler, start_step):
         for b in loader:
             yield epoch, b
         epoch, skip = epoch + 1, 0
+
+
+# -----------------------------------------------------------------------------
+# pictures and progress lines
 
 
 def save_image_grid(images, ncol, path, titles=(), caption=''):

@@ -40,11 +40,13 @@ import time
 from contextlib import nullcontext
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
+from torchvision.transforms import v2
 
 import data
 import vit
@@ -182,16 +184,40 @@ def check_config(cfg, error):
     if cfg.loss_type not in LOSS_TYPES:
         error(f'--loss_type must be one of {", ".join(LOSS_TYPES)}')
 
+# -----------------------------------------------------------------------------
+# recipe: augmentation and masking (official utils/datasets.py DataAugmentationForBEiT, masking_generator.py)
+
+
+def dtm_transform(img_size, scale=(0.2, 1.0), normalize=True):
+    """DTM / BEiT pre-training view (student and teacher see the same one): colour jitter (0.4, 0.4, 0.4),
+    flip, RandomResizedCrop bicubic. normalize=False: uint8 out (to_device)."""
+    return v2.Compose([v2.ToImage(), v2.ColorJitter(0.4, 0.4, 0.4), v2.RandomHorizontalFlip(),
+                       v2.RandomResizedCrop(img_size, scale=scale, interpolation=v2.InterpolationMode.BICUBIC,
+                                            antialias=True)] + data._finish(normalize))
+
+
+def exact_block_mask(h, w, num_masking, rng, min_patches=16):
+    """BEiT v2 / DTM: blockwise mask, then random cells are added or removed so that exactly num_masking are
+    masked. Returns bool (h, w)."""
+    mask = data.block_mask(h, w, num_masking, rng, min_patches=min(min_patches, num_masking), max_patches=num_masking)
+    flat = mask.reshape(-1)
+    delta = num_masking - int(flat.sum())
+    if delta > 0:
+        flat[rng.choice(np.flatnonzero(~flat), delta, replace=False)] = True
+    elif delta < 0:
+        flat[rng.choice(np.flatnonzero(flat), -delta, replace=False)] = False
+    return flat.reshape(h, w)
+
 
 class MaskedView:
     """transform(img, rng) -> (view (3, S, S), mask (L,) bool with exactly num_mask True): one augmented view that
     student and teacher share (BEiT / DTM), and a BEiT block mask with an exact count drawn from the sample's rng."""
 
     def __init__(self, img_size, grid, num_mask):
-        self.transform, self.grid, self.num_mask = data.dtm_transform(img_size, normalize=False), grid, num_mask
+        self.transform, self.grid, self.num_mask = dtm_transform(img_size, normalize=False), grid, num_mask
 
     def __call__(self, img, rng):
-        mask = data.exact_block_mask(self.grid, self.grid, self.num_mask, rng)
+        mask = exact_block_mask(self.grid, self.grid, self.num_mask, rng)
         return self.transform(img), torch.from_numpy(mask.reshape(-1))
 
 # -----------------------------------------------------------------------------

@@ -27,7 +27,7 @@ Measured on the embedded shapes (ViT-tiny/8, 64 px, 5000 train / 1000 val, CPU f
 top-1: random init 16.2 / 23.3; `python mae.py` (8 epochs) 17.9 / 27.9; `python lut.py --max_steps 200` 14.1 / 21.0.
 
 Deliberate differences from the official evaluation code (each small; what and why):
-- RandAugment: timm's 'rand-m9-mstd0.5-inc1' ops, ranges, noise and p 0.5 (data.RandAugment), called through
+- RandAugment: timm's 'rand-m9-mstd0.5-inc1' ops, ranges, noise and p 0.5 (the RandAugment class), called through
   torchvision's functional ops on PIL images (the same PIL calls, no timm dependency); random numbers come from
   torch's per-sample seeded RNG rather than Python's / NumPy's global ones; posterize to 0 bits (magnitude 10,
   which PIL now refuses) gives the black image older PIL gave.
@@ -62,7 +62,9 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
+from PIL import Image
 from torch.nn.parallel import DistributedDataParallel as DDP
+from torchvision import tv_tensors
 from torchvision.transforms import v2
 
 import data
@@ -226,6 +228,96 @@ def get_config(argv=None):
     if cfg.dtype not in ('', 'bf16', 'fp16', 'fp32'):
         p.error('--dtype must be bf16, fp16 or fp32')
     return cfg
+
+# -----------------------------------------------------------------------------
+# recipe: training augmentation (timm's create_transform as MAE's main_finetune.py calls it)
+
+# RandAugment as timm's 'rand-m9-mstd0.5-inc1' (MAE / BEiT / iBOT / DTM fine-tuning), with torchvision's functional ops
+# on PIL images, which call the same PIL code as timm's auto_augment.py. timm: magnitude m of _LEVEL_DENOM = 10 scales
+# each op's range, drawn per op as N(m, 0.5) clipped to [0, 10]; each of the 2 ops (drawn with replacement from the
+# 15 'increasing' ops) is applied with probability 0.5; signed ops take a random sign; geometric ops resample
+# bicubic (MAE passes interpolation='bicubic') and fill with the ImageNet mean colour (timm img_mean).
+RA_OPS = ('AutoContrast', 'Equalize', 'Invert', 'Rotate', 'PosterizeIncreasing', 'SolarizeIncreasing', 'SolarizeAdd',
+          'ColorIncreasing', 'ContrastIncreasing', 'BrightnessIncreasing', 'SharpnessIncreasing', 'ShearX', 'ShearY',
+          'TranslateXRel', 'TranslateYRel')  # timm _RAND_INCREASING_TRANSFORMS
+RA_SIGNED = ('Rotate', 'ShearX', 'ShearY', 'TranslateXRel', 'TranslateYRel', 'ColorIncreasing', 'ContrastIncreasing',
+             'BrightnessIncreasing', 'SharpnessIncreasing')  # timm _randomly_negate
+
+
+def ra_level(name, m):
+    """timm's level_to_arg at magnitude m in [0, 10], before the random sign: degrees (Rotate), shear factor,
+    fraction of the side (Translate*Rel), bits kept (Posterize), threshold (Solarize), added value (SolarizeAdd),
+    or the distance of the enhance factor from 1 (the factor is max(0.1, 1 +- level)). None for the plain ops."""
+    f = m / 10.0
+    return {'Rotate': 30.0 * f, 'ShearX': 0.3 * f, 'ShearY': 0.3 * f, 'TranslateXRel': 0.45 * f,
+            'TranslateYRel': 0.45 * f, 'PosterizeIncreasing': 4 - int(f * 4), 'SolarizeIncreasing': 256 - int(f * 256),
+            'SolarizeAdd': int(f * 110), 'ColorIncreasing': 0.9 * f, 'ContrastIncreasing': 0.9 * f,
+            'BrightnessIncreasing': 0.9 * f, 'SharpnessIncreasing': 0.9 * f}.get(name)
+
+
+def ra_apply(img, name, level, fill=(124, 116, 104)):
+    """One RandAugment op on a PIL image with its signed level (ra_level, sign applied), as timm's op functions."""
+    F, bicubic = v2.functional, v2.InterpolationMode.BICUBIC
+    if name in ('AutoContrast', 'Equalize', 'Invert'):
+        return {'AutoContrast': F.autocontrast, 'Equalize': F.equalize, 'Invert': F.invert}[name](img)
+    if name == 'Rotate':
+        return F.rotate(img, level, interpolation=bicubic, fill=list(fill))
+    if name in ('ShearX', 'ShearY'):  # PIL affine (1, s, 0, 0, 1, 0) about the top-left corner
+        a = math.degrees(math.atan(level))
+        return F.affine(img, angle=0.0, translate=[0, 0], scale=1.0, shear=[a, 0.0] if name == 'ShearX' else [0.0, a],
+                        center=[0, 0], interpolation=bicubic, fill=list(fill))
+    if name in ('TranslateXRel', 'TranslateYRel'):
+        t = [level * img.size[0], 0.0] if name == 'TranslateXRel' else [0.0, level * img.size[1]]
+        return F.affine(img, angle=0.0, translate=t, scale=1.0, shear=[0.0, 0.0], interpolation=bicubic,
+                        fill=list(fill))
+    if name == 'PosterizeIncreasing':
+        if level <= 0:  # keep 0 bits (magnitude 10): black, what PIL gave before it refused bits=0
+            return Image.new(img.mode, img.size)
+        return img if level >= 8 else F.posterize(img, level)
+    if name == 'SolarizeIncreasing':
+        return F.solarize(img, level)
+    if name == 'SolarizeAdd':  # pixels below 128 get `level` added (saturating)
+        return img.point([min(255, i + level) if i < 128 else i for i in range(256)] * len(img.getbands()))
+    factor = max(0.1, 1.0 + level)
+    return {'ColorIncreasing': F.adjust_saturation, 'ContrastIncreasing': F.adjust_contrast,
+            'BrightnessIncreasing': F.adjust_brightness, 'SharpnessIncreasing': F.adjust_sharpness}[name](img, factor)
+
+
+class RandAugment:
+    """timm rand-m{magnitude}-mstd{magnitude_std}-inc1 with num_ops ops, each applied with probability `prob`.
+    uint8 image tensor (3, H, W) in and out; randomness from torch's RNG (seeded per sample by Seeded)."""
+
+    def __init__(self, num_ops=2, magnitude=9, magnitude_std=0.5, prob=0.5):
+        self.num_ops, self.magnitude, self.magnitude_std, self.prob = num_ops, magnitude, magnitude_std, prob
+
+    def __call__(self, img):
+        pil = v2.functional.to_pil_image(img)
+        for _ in range(self.num_ops):
+            name = RA_OPS[int(torch.randint(len(RA_OPS), ()))]  # with replacement, as np.random.choice in timm
+            if torch.rand(()).item() > self.prob:
+                continue
+            m = self.magnitude + (self.magnitude_std * torch.randn(()).item() if self.magnitude_std > 0 else 0.0)
+            level = ra_level(name, min(max(m, 0.0), 10.0))
+            if name in RA_SIGNED and torch.rand(()).item() > 0.5:
+                level = -level
+            pil = ra_apply(pil, name, level)
+        return tv_tensors.Image(v2.functional.pil_to_tensor(pil))
+
+
+def finetune_transform(img_size, rand_augment=(2, 9), reprob=0.25):
+    """MAE fine-tuning train transform (timm create_transform as main_finetune.py calls it): RRC (0.08, 1) bicubic +
+    flip + RandAugment rand-m9-mstd0.5-inc1 (n ops, magnitude m) + normalize + random erasing (p reprob, mode
+    'pixel': the box is filled with per-pixel N(0, 1) noise in normalized units, scale (0.02, 1/3), log-uniform
+    aspect (0.3, 1/0.3), one box). Mixup/CutMix act on batches (v2.MixUp / v2.CutMix in finetune.py)."""
+    t = [v2.ToImage(), v2.RandomResizedCrop(img_size, interpolation=v2.InterpolationMode.BICUBIC, antialias=True),
+         v2.RandomHorizontalFlip()]
+    if rand_augment:
+        t.append(RandAugment(num_ops=rand_augment[0], magnitude=rand_augment[1]))
+    t += data._to_tensor()[1:]
+    if reprob > 0:
+        t.append(v2.RandomErasing(p=reprob, scale=(0.02, 1 / 3), ratio=(0.3, 1 / 0.3), value='random'))
+    return v2.Compose(t)
+
 
 # -----------------------------------------------------------------------------
 # model: the pre-trained ViT with a classifier (finetune), a frozen ViT with a BN + linear head (linprobe)
@@ -700,7 +792,7 @@ def run_finetune(cfg, env, backbone, base, val_set, num_classes):
     """--mode finetune (MAE main_finetune): the whole ViT with a fresh head, layer-wise lr decay, AdamW, RandAugment,
     random erasing, mixup / cutmix, label smoothing."""
     ra = (2, cfg.rand_augment) if cfg.rand_augment else None
-    dataset = data.Seeded(base, data.finetune_transform(cfg.img_size, ra, cfg.reprob))
+    dataset = data.Seeded(base, finetune_transform(cfg.img_size, ra, cfg.reprob))
     model = backbone
     model.pos_embed.requires_grad_(True)  # trainable from the pre-trained values, as in timm / MAE fine-tuning
     nn.init.trunc_normal_(model.head.weight, std=2e-5)

@@ -43,6 +43,7 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
+from torchvision.transforms import v2
 
 import data
 import vit
@@ -195,6 +196,64 @@ def check_config(cfg, error):
         error('--out_dim and --head_hidden must be >= 1')
 
 # -----------------------------------------------------------------------------
+# recipe: augmentation and masking (official main_ibot.py DataAugmentationiBOT, loader.py ImageFolderMask)
+
+
+class MultiCropTransform:
+    """iBOT/DINO multi-crop: 2 global crops (global 1 blur p 1.0; global 2 blur p 0.1 + solarize p 0.2) and
+    `n_local` local crops (blur p 0.5), all with flip + colour jitter (p 0.8) + grayscale (p 0.2), RRC bicubic.
+    Returns a list of 2 + n_local tensors, uint8 with normalize=False (to_device)."""
+
+    def __init__(self, global_size, local_size, n_local, global_scale=(0.25, 1.0), local_scale=(0.05, 0.25),
+                 normalize=True):
+        def crop(size, scale, *extra):
+            return v2.Compose([v2.ToImage(), v2.RandomResizedCrop(size, scale=scale, antialias=True,
+                                                                  interpolation=v2.InterpolationMode.BICUBIC),
+                               v2.RandomHorizontalFlip(), data.color_jitter(), v2.RandomGrayscale(0.2), *extra]
+                              + data._finish(normalize))
+        self.global1 = crop(global_size, global_scale, data.gaussian_blur(global_size, 1.0))
+        self.global2 = crop(global_size, global_scale, data.gaussian_blur(global_size, 0.1),
+                            v2.RandomSolarize(128, p=0.2))
+        self.local = crop(local_size, local_scale, data.gaussian_blur(local_size, 0.5))
+        self.n_local = n_local
+
+    def __call__(self, img):
+        return [self.global1(img), self.global2(img)] + [self.local(img) for _ in range(self.n_local)]
+
+
+def ibot_mask(h, w, rng, ratio=(0.1, 0.5), no_mask_prob=0.5, min_patches=None):
+    """iBOT recipe (`--pred_ratio 0 0.3 --pred_ratio_var 0 0.2`): with probability no_mask_prob no mask at all,
+    else a blockwise mask of at most r*h*w cells with r ~ U(ratio). Returns bool (h, w)."""
+    if rng.random() < no_mask_prob:
+        return np.zeros((h, w), dtype=bool)
+    r = rng.uniform(*ratio)
+    min_patches = (min(h, w) // 3) ** 2 if min_patches is None else min_patches
+    return data.block_mask(h, w, r * h * w, rng, min_patches=max(1, min_patches))
+
+
+class MultiCropMasks:
+    """(img, rng) -> (crops, masks): 2 global + n local crops (MultiCropTransform) and one blockwise mask
+    per global crop, bool (2, h, w), drawn from the sample's rng (recipe: no mask with p 0.5, else at most
+    r*h*w patches, r ~ U(0.1, 0.5)), so masks, like crops, are a pure function of (seed, epoch, index)."""
+
+    def __init__(self, cfg):
+        self.multicrop = MultiCropTransform(cfg.img_size, cfg.local_size, cfg.local_crops_number,
+                                            global_scale=(cfg.global_scale_min, 1.0),
+                                            local_scale=(cfg.local_scale_min, cfg.global_scale_min),
+                                            normalize=False)  # uint8 crops, normalised on the device
+        self.grid = cfg.img_size // cfg.patch_size
+        self.ratio = (cfg.pred_ratio - cfg.pred_ratio_var, cfg.pred_ratio + cfg.pred_ratio_var)
+        self.no_mask_prob = cfg.no_mask_prob
+
+    def masks(self, rng):
+        """(2, h, w) bool, each global crop decided independently."""
+        return torch.from_numpy(np.stack([ibot_mask(self.grid, self.grid, rng, self.ratio, self.no_mask_prob)
+                                          for _ in range(2)]))
+
+    def __call__(self, img, rng):
+        return self.multicrop(img), self.masks(rng)
+
+# -----------------------------------------------------------------------------
 # model: ViT backbone with a mask token + iBOT head (paper sec. 3.2, official models/head.py)
 
 
@@ -272,29 +331,6 @@ def build_teacher(model):
         blk.drop_path = 0.0
     teacher.head.last_layer = teacher.head.last_layer2  # a no-op when the student's head is shared
     return teacher
-
-
-class MultiCropMasks:
-    """(img, rng) -> (crops, masks): 2 global + n local crops (data.MultiCropTransform) and one blockwise mask
-    per global crop, bool (2, h, w), drawn from the sample's rng (recipe: no mask with p 0.5, else at most
-    r*h*w patches, r ~ U(0.1, 0.5)), so masks, like crops, are a pure function of (seed, epoch, index)."""
-
-    def __init__(self, cfg):
-        self.multicrop = data.MultiCropTransform(cfg.img_size, cfg.local_size, cfg.local_crops_number,
-                                                 global_scale=(cfg.global_scale_min, 1.0),
-                                                 local_scale=(cfg.local_scale_min, cfg.global_scale_min),
-                                                 normalize=False)  # uint8 crops, normalised on the device
-        self.grid = cfg.img_size // cfg.patch_size
-        self.ratio = (cfg.pred_ratio - cfg.pred_ratio_var, cfg.pred_ratio + cfg.pred_ratio_var)
-        self.no_mask_prob = cfg.no_mask_prob
-
-    def masks(self, rng):
-        """(2, h, w) bool, each global crop decided independently."""
-        return torch.from_numpy(np.stack([data.ibot_mask(self.grid, self.grid, rng, self.ratio, self.no_mask_prob)
-                                          for _ in range(2)]))
-
-    def __call__(self, img, rng):
-        return self.multicrop(img), self.masks(rng)
 
 # -----------------------------------------------------------------------------
 # loss: softmaxes, cross-entropies and centers in fp32 (called outside autocast)

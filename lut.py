@@ -4,14 +4,16 @@ Learners"), one file: MAE plus a broader-contextualization loss on the unmasked 
 
 MAE's loss only touches masked tokens. LUT also pulls the pooled *unmasked* tokens of a masked view towards a
 momentum encoder's pooled view of the *whole* image (the other view), so visible tokens carry global context.
-Per image: two views, each its own simple resized crop and flip, so they differ by up to 4 px and by their flips;
-view 1 has no colour augmentation, view 2 colour jitter and one of grayscale / solarize / blur (official
-TwoGlobalViewAugmentation; --shared_crop true draws one crop for both). One noise draw keeps patches
-ids_shuffle[:K] of view 1 and the disjoint ids_shuffle[K:2K] of view 2: disjoint patch indices, each on its own
-view's grid, as in the official code (the crops are not aligned, so the content is not exactly disjoint). The
-online encoder runs on both masked views; the MAE decoder and pixel loss on view 1 only; q_v = predictor(head(mean
-of kept patch tokens)); a momentum (EMA) copy of encoder + head sees both full views, z_v = head(mean of all patch
-tokens); L_BC = (d(q1, z2) + d(q2, z1)) / 2 with d(a, b) = 2 - 2 cos(a, b); total = w_mae L_MAE + w_bc L_BC.
+Per image: two views, each its own simple resized crop and flip (shorter side to img_size, random crop with 4-px
+padding), so they differ by their flips and by an offset of up to 8 px on a square image, more along the longer
+side of a photo (up to 82 px on a 500x375 one at 224 px); view 1 has no colour augmentation, view 2 colour jitter
+and one of grayscale / solarize / blur (official TwoGlobalViewAugmentation; --shared_crop true draws one crop for
+both). One noise draw keeps patches ids_shuffle[:K] of view 1 and the disjoint ids_shuffle[K:2K] of view 2:
+disjoint patch indices, each on its own view's grid, as in the official code (the crops are not aligned, so the
+content is not exactly disjoint). The online encoder runs on both masked views; the MAE decoder and pixel loss on
+view 1 only; q_v = predictor(head(mean of kept patch tokens)); a momentum (EMA) copy of encoder + head sees both
+full views, z_v = head(mean of all patch tokens); L_BC = (d(q1, z2) + d(q2, z1)) / 2 with d(a, b) = 2 - 2 cos(a, b);
+total = w_mae L_MAE + w_bc L_BC.
 As the official main_lut.py / models_lut.py: lr = blr * sqrt(effective batch) / 4 (equal to MAE's linear rule at
 batch 4096), xavier-uniform on every Linear (head and predictor included), weight decay on everything but biases
 and 1-D params (the [CLS] and mask tokens are decayed).
@@ -51,6 +53,7 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
+from torchvision.transforms import v2
 
 import data
 import vit
@@ -178,6 +181,44 @@ def check_config(cfg, error):
         error(f'--crop must be src or rrc, got {cfg.crop!r}')
     if not 0.0 <= cfg.ema_momentum <= 1.0 or cfg.w_mae < 0 or cfg.w_bc < 0 or cfg.head_dim < 1:
         error('--ema_momentum must be in [0, 1], --w_mae and --w_bc >= 0, --head_dim >= 1')
+
+# -----------------------------------------------------------------------------
+# recipe: augmentation (two views, as the official TwoGlobalViewAugmentation)
+
+
+def src_crop(img_size):
+    """Simple resized crop (DeiT-III / LUT): shorter side -> img_size, random crop with 4-px reflect pad, flip."""
+    return v2.Compose([v2.ToImage(), v2.Resize(img_size, interpolation=v2.InterpolationMode.BICUBIC, antialias=True),
+                       v2.RandomCrop(img_size, padding=4, padding_mode='reflect'), v2.RandomHorizontalFlip()])
+
+
+class LUTTransform:
+    """Two views of one image, as the official LUT TwoGlobalViewAugmentation: each view draws its own geometry
+    (SRC by default: shorter side -> img_size, random crop with 4-px reflect padding, flip, so the views differ by
+    their flips and an offset of up to 8 px along the shorter side and up to 8 px plus the excess of the longer
+    side along it: 8 px on a square image, 82 px on a 500x375 photo at 224 px; RRC with crop='rrc'). View 1 gets
+    no colour augmentation (it is reconstructed); view 2 colour jitter (p 0.8) followed by one of grayscale /
+    solarize / blur (asymmetric, BYOL-like). shared=True draws one geometry for both views (they then differ in
+    colour only; not the recipe). Returns (view1, view2), uint8 with normalize=False (to_device)."""
+
+    def __init__(self, img_size, crop='src', shared=False, normalize=True):
+        if crop == 'src':
+            self.geometry = src_crop(img_size)
+        elif crop == 'rrc':
+            self.geometry = v2.Compose([v2.ToImage(), v2.RandomResizedCrop(
+                img_size, scale=(0.2, 1.0), interpolation=v2.InterpolationMode.BICUBIC, antialias=True),
+                v2.RandomHorizontalFlip()])
+        else:
+            raise ValueError(f'--crop must be src or rrc, got {crop!r}')
+        self.strong = v2.Compose([data.color_jitter(), v2.RandomChoice([
+            v2.Grayscale(3), v2.RandomSolarize(128, p=1.0), data.gaussian_blur(img_size, 1.0)])])
+        self.finish = v2.Compose(data._finish(normalize)) if normalize else v2.Identity()
+        self.shared = shared
+
+    def __call__(self, img):
+        g1 = self.geometry(img)  # uint8 (3, S, S)
+        g2 = g1 if self.shared else self.geometry(img)  # the official code crops each view on its own
+        return self.finish(g1), self.finish(self.strong(g2))
 
 # -----------------------------------------------------------------------------
 # model: MAE (ViT encoder on the kept patches + light decoder) + projection head and predictor; momentum branch
@@ -589,7 +630,7 @@ def main(argv=None):
     except (FileNotFoundError, ValueError) as e:
         sys.exit(f'error: {e}')
     num_patches = (cfg.img_size // cfg.patch_size) ** 2
-    views = data.LUTTransform(cfg.img_size, cfg.crop, shared=cfg.shared_crop, normalize=False)  # uint8
+    views = LUTTransform(cfg.img_size, cfg.crop, shared=cfg.shared_crop, normalize=False)  # uint8
     dataset = data.Seeded(base, data.WithNoise(views, num_patches))
     try:
         loader, sampler = data.make_loader(dataset, cfg.batch_size, world, rank, cfg.seed, cfg.num_workers)

@@ -1,11 +1,13 @@
-"""finetune.py: layer-decay groups, kNN vote, linear probe, checkpoint formats, position embeddings, distributed
-counting, end-to-end fine-tuning / probing / kNN, resume, and bad input."""
+"""finetune.py: RandAugment and random erasing as timm's, layer-decay groups, kNN vote, linear probe, checkpoint
+formats, position embeddings, distributed counting, end-to-end fine-tuning / probing / kNN, resume, and bad input."""
 import json
 import os
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from PIL import Image, ImageEnhance
 
 import finetune
 import mae
@@ -22,6 +24,80 @@ def small_vit(**kw):
 def results(out):
     with open(os.path.join(out, 'results.json')) as f:
         return json.load(f)
+
+# -----------------------------------------------------------------------------
+# recipe: timm's rand-m9-mstd0.5-inc1 and random erasing in 'pixel' mode
+
+
+def test_randaugment_magnitudes_are_timms():
+    # timm auto_augment.py, _LEVEL_DENOM = 10: rotate 30 m/10 deg, shear 0.3 m/10, translate 0.45 m/10 of the side,
+    # posterize keeps 4 - int(4 m/10) bits, solarize threshold 256 - int(256 m/10), solarize-add int(110 m/10),
+    # enhance factors 1 +- 0.9 m/10 (floor 0.1). At m9: rotate 27 deg, shear 0.27, translate 0.405, 1 bit, 26, 99.
+    official_m9 = {'Rotate': 27.0, 'ShearX': 0.27, 'ShearY': 0.27, 'TranslateXRel': 0.405, 'TranslateYRel': 0.405,
+                   'PosterizeIncreasing': 1, 'SolarizeIncreasing': 26, 'SolarizeAdd': 99, 'ColorIncreasing': 0.81,
+                   'ContrastIncreasing': 0.81, 'BrightnessIncreasing': 0.81, 'SharpnessIncreasing': 0.81,
+                   'AutoContrast': None, 'Equalize': None, 'Invert': None}
+    assert set(finetune.RA_OPS) == set(official_m9) and len(finetune.RA_OPS) == 15  # _RAND_INCREASING_TRANSFORMS
+    for name, want in official_m9.items():
+        assert finetune.ra_level(name, 9) == (pytest.approx(want) if want is not None else None), name
+    assert finetune.ra_level('Rotate', 10) == 30.0 and finetune.ra_level('PosterizeIncreasing', 10) == 0
+    assert finetune.ra_level('SolarizeIncreasing', 0) == 256 and finetune.ra_level('PosterizeIncreasing', 0) == 4
+    # torchvision's RandAugment(2, 9) with 31 bins, for contrast, is 3x weaker: rotate 9 deg, shear 0.09
+    assert finetune.ra_level('Rotate', 9) == pytest.approx(3 * 9.0)
+
+
+def test_randaugment_ops_match_the_pil_calls_of_timm():
+    rng = np.random.RandomState(0)
+    img = Image.fromarray(rng.randint(0, 256, (24, 32, 3), dtype=np.uint8))
+    fill = (124, 116, 104)  # timm img_mean: round(255 * ImageNet mean)
+    a = lambda im: np.asarray(im).astype(int)
+    for s in (0.27, -0.27):  # timm shear_x / shear_y: PIL affine about the top-left corner
+        for name, coeffs in (('ShearX', (1, s, 0, 0, 1, 0)), ('ShearY', (1, 0, 0, s, 1, 0))):
+            ref = img.transform(img.size, Image.AFFINE, coeffs, resample=Image.BICUBIC, fillcolor=fill)
+            got = [finetune.ra_apply(img, name, lv) for lv in (s, -s)]  # the sign convention may differ: one of them
+            assert min(np.abs(a(g) - a(ref)).max() for g in got) == 0, (name, s)
+    ref = img.rotate(27.0, resample=Image.BICUBIC, fillcolor=fill)
+    assert np.abs(a(finetune.ra_apply(img, 'Rotate', 27.0)) - a(ref)).max() == 0
+    ref = img.transform(img.size, Image.AFFINE, (1, 0, -0.405 * 32, 0, 1, 0), resample=Image.BICUBIC, fillcolor=fill)
+    assert np.abs(a(finetune.ra_apply(img, 'TranslateXRel', 0.405)) - a(ref)).max() <= 1  # 13 px of 32, sub-pixel part
+    x = a(img)
+    assert np.array_equal(a(finetune.ra_apply(img, 'SolarizeAdd', 99)), np.where(x < 128, np.minimum(x + 99, 255), x))
+    assert np.array_equal(a(finetune.ra_apply(img, 'PosterizeIncreasing', 1)), x & 0x80)
+    assert np.array_equal(a(finetune.ra_apply(img, 'SolarizeIncreasing', 26)), np.where(x >= 26, 255 - x, x))
+    assert np.array_equal(a(finetune.ra_apply(img, 'BrightnessIncreasing', -0.81)),
+                          a(ImageEnhance.Brightness(img).enhance(0.19)))
+    assert np.array_equal(a(finetune.ra_apply(img, 'ContrastIncreasing', -0.95)),
+                          a(ImageEnhance.Contrast(img).enhance(0.1)))  # factor floored at 0.1
+
+
+def test_randaugment_draws_two_ops_each_with_p_half_and_noisy_magnitude(monkeypatch):
+    calls = []
+    monkeypatch.setattr(finetune, 'ra_apply', lambda im, name, level: calls.append((name, level)) or im)
+    ra, img = finetune.RandAugment(2, 9), torch.zeros(3, 8, 8, dtype=torch.uint8)
+    torch.manual_seed(0)
+    n = 6000
+    for _ in range(n):
+        ra(img)
+    assert abs(len(calls) / (2 * n) - 0.5) < 0.02  # each of the 2 ops applied with probability 0.5
+    rot = torch.tensor([lv for name, lv in calls if name == 'Rotate'])
+    assert 0.4 < (rot > 0).float().mean() < 0.6  # random sign
+    mag = rot.abs() / 3.0  # back to magnitude units: N(9, 0.5) clipped to [0, 10]
+    assert abs(mag.mean() - 9.0) < 0.1 and abs(mag.std() - 0.5) < 0.08 and mag.max() <= 10.0
+    assert {name for name, _ in calls} == set(finetune.RA_OPS)
+
+
+def test_random_erasing_fills_pixel_noise():
+    # timm RandomErasing(mode='pixel') as the official fine-tuning uses: N(0, 1) per pixel and channel, not zeros
+    tf = finetune.finetune_transform(32, rand_augment=None, reprob=1.0)
+    torch.manual_seed(0)
+    erase = tf.transforms[-1]
+    x = torch.full((3, 32, 32), 7.0)
+    out = erase(x)
+    box = out != 7.0
+    assert box.any() and box.float().mean() <= 1 / 3 + 1e-6
+    vals = out[box]
+    assert abs(vals.mean()) < 0.3 and 0.7 < vals.std() < 1.3  # normal noise in normalized units
+    assert torch.equal(box[0], box[1]) and torch.equal(box[0], box[2])  # one box across the channels
 
 # -----------------------------------------------------------------------------
 # pure functions

@@ -43,7 +43,16 @@ def tiny_cfg(**kw):
     return SimpleNamespace(**cfg)
 
 
-# ----------------------------------------------------------------------------- masks
+# ----------------------------------------------------------------------------- recipe: crops and masks
+
+
+def test_ibot_mask_no_mask_probability_and_ratio():
+    rng = np.random.default_rng(0)
+    draws = np.array([ibot.ibot_mask(14, 14, rng).sum() for _ in range(2000)])
+    # no-mask probability 0.5: binomial std over 2000 draws is 0.011
+    assert abs((draws == 0).mean() - 0.5) < 0.05
+    masked = draws[draws > 0]
+    assert masked.max() <= 0.5 * 196 and 40 < masked.mean() < 75  # official code: mean about 57.6
 
 
 def test_masks_shapes_counts_and_no_mask_probability():

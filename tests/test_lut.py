@@ -1,5 +1,6 @@
-"""lut.py: disjoint two-view masks, EMA update and momentum schedule, L_BC against hand-computed values, no
-gradient into the target branch, global-batch BatchNorm, learning, resume, DDP == one process, bad input."""
+"""lut.py: the two views (independent crops, colour on view 2 only), disjoint two-view masks, EMA update and
+momentum schedule, L_BC against hand-computed values, no gradient into the target branch, global-batch BatchNorm,
+learning, resume, DDP == one process, bad input."""
 import json
 import math
 import os
@@ -8,7 +9,9 @@ import shutil
 import pytest
 import torch
 import torch.nn as nn
+from torchvision.transforms import v2
 
+import data
 import lut
 import vit
 from conftest import load_ckpt, run_torchrun
@@ -25,6 +28,81 @@ def run(out, *extra):
 
 def tiny_model():
     return lut.LUT(lut.get_config(TINY))
+
+# -----------------------------------------------------------------------------
+# recipe: the two views (official TwoGlobalViewAugmentation)
+
+
+def src_params(view, img):
+    """(dy, dx, flip) such that the normalised `view` is exactly `img` (uint8 (3, S, S)) reflect-padded by 4 px,
+    cropped at offset (4 + dy, 4 + dx) and flipped if `flip`; None if no such shift / flip exists."""
+    pixels = (data.denormalize(view[None])[0] * 255).round()  # back to the uint8 values, exactly
+    padded = torch.nn.functional.pad(img[None].float(), (4, 4, 4, 4), mode='reflect')[0]
+    S = img.shape[-1]
+    for flip in (False, True):
+        for dy in range(9):
+            for dx in range(9):
+                crop = padded[:, dy:dy + S, dx:dx + S]
+                if torch.equal(crop.flip(-1) if flip else crop, pixels):
+                    return dy - 4, dx - 4, flip
+    return None
+
+
+def test_lut_views_independent_shift_and_flip_view1_colour_untouched():
+    """Official TwoGlobalViewAugmentation: each view is its own simple resized crop (an S x S image: resize is a
+    no-op, then a random crop of the 4-px reflect-padded image and a flip), so each view is the image shifted by
+    at most 4 px and maybe flipped, the two drawn independently; view 1 has no colour change at all."""
+    img = torch.randint(0, 256, (3, 32, 32), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    tf = lut.LUTTransform(32)
+    geometry_only = lut.LUTTransform(32)
+    geometry_only.strong = v2.Identity()  # view 2 without its colour augmentation: its geometry alone
+    same, colour_changed = 0, 0
+    for seed in range(20):
+        torch.manual_seed(seed)
+        v1, v2_ = geometry_only(img)
+        p1, p2 = src_params(v1, img), src_params(v2_, img)
+        assert p1 is not None and p2 is not None  # each view: a <= 4 px shift, maybe flipped, exact pixels
+        same += p1 == p2
+        torch.manual_seed(seed)
+        w1, w2 = tf(img)
+        assert torch.equal(w1, v1)  # view 1: the same crop and flip, colour untouched
+        colour_changed += src_params(w2, img) is None
+    assert same <= 2  # independent draws: 1 chance in 162 to coincide
+    assert colour_changed >= 15  # view 2: colour jitter (p 0.8), then always grayscale / solarize / blur
+
+
+def test_src_crop_slides_along_the_longer_side_of_a_photo():
+    """Resize keeps the aspect ratio: on a 4:3 image the shorter side becomes S and the longer one 4S/3, and the
+    4-px padded random crop may start anywhere along it, so two views are up to 8 px + (4S/3 - S) apart there, not
+    8 px as on a square image. 100x75 at S = 24: resized 32 x 24, column offsets 0..16 in the padded image (rows
+    0..8); 500x375 at 224: resized 298 wide, offsets 0..82."""
+    img = torch.randint(0, 256, (3, 75, 100), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    crop = lut.src_crop(24)
+    resized = crop.transforms[1](img)  # the Resize step alone: (3, 24, 32)
+    assert resized.shape == (3, 24, 32)
+    padded = torch.nn.functional.pad(resized[None].float(), (4, 4, 4, 4), mode='reflect')[0]  # (3, 32, 40)
+    offsets = []
+    for seed in range(40):
+        torch.manual_seed(seed)
+        view = crop(img).float()
+        found = [(dy, dx) for dy in range(9) for dx in range(17) for flip in (False, True)
+                 if torch.equal(view, padded[:, dy:dy + 24, dx:dx + 24].flip(-1) if flip
+                                else padded[:, dy:dy + 24, dx:dx + 24])]
+        assert found  # every view is a 24 x 24 window of the padded resized image, maybe flipped
+        offsets.append(found[0])
+    dx = [x for _, x in offsets]
+    assert max(dx) - min(dx) > 8  # farther apart than any two views of a square image
+    assert lut.src_crop(224).transforms[1](torch.zeros(3, 375, 500, dtype=torch.uint8)).shape[-1] + 8 - 224 == 82
+
+
+def test_lut_shared_crop_option():
+    img = torch.randint(0, 256, (3, 32, 32), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    tf = lut.LUTTransform(32, shared=True)
+    tf.strong = v2.Identity()
+    for seed in range(5):
+        torch.manual_seed(seed)
+        v1, v2_ = tf(img)
+        assert torch.equal(v1, v2_) and src_params(v1, img) is not None
 
 # -----------------------------------------------------------------------------
 # masks
