@@ -23,6 +23,8 @@ Sections, in file order:
   loading                Seeded, EpochSampler, make_loader, batches: one loader for every script; randomness per
                          sample is a pure function of (seed, epoch, index), so DDP == single process and resume ==
                          uninterrupted; default_workers caps a script's worker count at the CPUs it may use
+  kNN                    knn_sets, knn_top1: the weighted kNN vote of finetune.py --mode knn and of the
+                         pre-training monitor (a fixed labelled subset scored at epoch ends)
   pictures and progress  save_image_grid (captioned PNG grids), Progress (plain progress lines for long phases)
 
 Every transform is called with the image only; per-sample randomness comes from torch's RNG, which the loader
@@ -40,6 +42,8 @@ from typing import NamedTuple
 
 import numpy as np
 import torch
+import torch.distributed as dist
+import torch.nn.functional as F
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset, Sampler, get_worker_info
 from torch.utils.data._utils.collate import collate, default_collate_fn_map
@@ -782,3 +786,131 @@ class Progress:
             dt = time.time() - self.t0
             print(f'{self.desc}: done, {self.done} {self.unit} in {dt:.0f} s ({self.done / max(dt, 1e-9):.1f} '
                   f'{self.unit}/s)', flush=True)
+
+
+# -----------------------------------------------------------------------------
+# kNN (DINO eval_knn): finetune.py --mode knn and the kNN monitor of the pre-training scripts share this code, so
+# the monitor's figure is finetune.py's on the same checkpoint, subset and features
+
+KNN_K, KNN_T = 20, 0.07  # neighbours and vote temperature (finetune.py --knn_k / --knn_t defaults)
+
+
+def subset(ds, n):
+    """A fixed random subset of n items, in index order (class-balanced in expectation); n <= 0 = all. The choice
+    depends on (len(ds), n) only: its own generator, seed 0, never a run's seed or RNG."""
+    if n <= 0 or n >= len(ds):
+        return ds
+    idx = torch.randperm(len(ds), generator=torch.Generator().manual_seed(0))[:n].sort().values
+    return torch.utils.data.Subset(ds, idx.tolist())
+
+
+@torch.no_grad()
+def embed(features, loader, device, autocast, dim, desc='features', verbose=True):
+    """features(x (B, 3, H, W)) -> (B, dim) over this rank's share of the loader, in sampler order: (n_r, dim)
+    float32 and labels (n_r,). features None: the normalised image itself, flattened (dim = 3 H W). A progress
+    line at most every 10 s with `verbose`."""
+    feats, labels = [], []
+    prog = Progress(desc, len(loader.sampler), enabled=verbose)
+    for x, y in loader:
+        x = x.to(device, non_blocking=True)
+        if features is None:
+            feats.append(x.flatten(1).float())  # (B, 3*H*W)
+        else:
+            with autocast:
+                feats.append(features(x).float())  # (B, dim)
+        labels.append(y.to(device))
+        prog.update(len(y))
+    prog.close()
+    return (torch.cat(feats) if feats else torch.zeros(0, dim, device=device),
+            torch.cat(labels) if labels else torch.zeros(0, dtype=torch.long, device=device))
+
+
+def gather_rows(x, n, world):
+    """Rows split over ranks as rank r <- rows r::world (evaluation EpochSampler) -> all n rows in dataset order,
+    on every rank. Shares differ by at most one row: padded for all_gather, the padding is dropped."""
+    if world == 1:
+        return x
+    m = math.ceil(n / world)
+    pad = torch.zeros((m - x.shape[0],) + x.shape[1:], dtype=x.dtype, device=x.device)
+    parts = [torch.empty((m,) + x.shape[1:], dtype=x.dtype, device=x.device) for _ in range(world)]
+    dist.all_gather(parts, torch.cat([x, pad]))
+    out = torch.empty((n,) + x.shape[1:], dtype=x.dtype, device=x.device)
+    for r in range(world):
+        k = len(range(r, n, world))
+        out[r::world] = parts[r][:k]
+    return out
+
+
+def count_correct(scores, y):
+    """Scores (B, C), labels (B,) -> float tensor [top-1 hits, top-5 hits, B] (summed over ranks by the caller)."""
+    top = scores.topk(min(5, scores.shape[1]), dim=1).indices  # (B, 5)
+    hit = top == y[:, None]
+    return torch.stack([hit[:, 0].sum(), hit.any(dim=1).sum(), torch.tensor(len(y), device=y.device)]).float()
+
+
+@torch.no_grad()
+def knn_scores(train_f, train_y, test_f, num_classes, k=KNN_K, t=KNN_T):
+    """Weighted kNN vote (DINO eval_knn). Rows L2-normalised: train_f (N, D), test_f (M, D). Each test row's k
+    most cosine-similar train rows vote for their class with weight exp(sim / t). Returns scores (M, C)."""
+    sim = test_f @ train_f.T  # (M, N) cosine similarities
+    sim, idx = sim.topk(min(k, train_f.shape[0]), dim=1)  # (M, k)
+    votes = torch.zeros(test_f.shape[0], num_classes, device=test_f.device)
+    return votes.scatter_add_(1, train_y[idx], (sim / t).exp())  # (M, C)
+
+
+@torch.no_grad()
+def knn_counts(train_f, train_y, test_f, test_y, num_classes, k=KNN_K, t=KNN_T, chunk=256):
+    """kNN hits of this rank's test rows (M_r, D) against all train rows (N, D), features L2-normalised here:
+    float tensor [top-1 hits, top-5 hits, M_r]; (chunk, N) similarities at a time."""
+    train_f, test_f = F.normalize(train_f, dim=1), F.normalize(test_f, dim=1)
+    counts = torch.zeros(3, device=test_f.device)
+    for i in range(0, len(test_f), chunk):
+        scores = knn_scores(train_f, train_y, test_f[i:i + chunk], num_classes, k, t)  # (chunk, C)
+        counts += count_correct(scores, test_y[i:i + chunk])
+    return counts
+
+
+def knn_sets(spec, img_size, n_train, n_val):
+    """The kNN monitor's fixed labelled subsets of --data: n_train training and n_val held-out images (subset: the
+    same images in every run and for finetune.py --train_samples / --eval_samples), center crops as finetune.py
+    evaluates them. Returns (train set, val set, number of classes), or a string saying why there is no monitor
+    (a folder without labelled train/ and val/ class folders)."""
+    if is_folder(spec) and not all(os.path.isdir(os.path.join(spec, s)) for s in ('train', 'val')):
+        return f'{spec} has no train/ and val/ class folders (labels)'
+    try:
+        train, val = build_dataset(spec, 'train', img_size), build_dataset(spec, 'val', img_size)
+    except (FileNotFoundError, ValueError) as e:
+        return str(e)
+    if len(train.classes) < 2:
+        return f'{spec}/train has {len(train.classes)} class folder (no labels to vote with)'
+    crop = eval_transform(img_size, 0.875 if img_size <= 224 else 1.0)  # finetune.eval_transform (MAE's)
+    return Seeded(subset(train, n_train), crop), Seeded(subset(val, n_val), crop), len(train.classes)
+
+
+@torch.no_grad()
+def knn_top1(encoder, sets, batch_size, world, rank, device, autocast, num_workers=0):
+    """kNN top-1 (%) of `encoder` (a vit.VisionTransformer) on knn_sets' subsets, as finetune.py --mode knn computes
+    it: [CLS] after the final norm, k 20, T 0.07. Each rank embeds its share, the train features are gathered once,
+    each rank scores its val share and the hits are summed: the same figure on every rank. Draws nothing from the
+    global RNGs (torch, numpy, random: saved and restored) and leaves every module's train / eval mode as it was."""
+    train_set, val_set, num_classes = sets
+    modes = [m.training for m in encoder.modules()]
+    py_state, np_state = random.getstate(), np.random.get_state()
+    devices = [torch.device(device).index or 0] if str(device).startswith('cuda') else []
+    with torch.random.fork_rng(devices=devices):
+        encoder.eval()
+        feats = []
+        for ds in (train_set, val_set):
+            loader, _ = make_loader(ds, batch_size, world, rank, 0, num_workers, train=False)
+            feats.append(embed(lambda x: encoder.forward_features(x)[:, 0], loader, device, autocast,
+                               encoder.embed_dim, verbose=False))  # (n_r, D) [CLS] features, labels (n_r,)
+            del loader
+        train_f, train_y = (gather_rows(x, len(train_set), world) for x in feats[0])  # (N, D), (N,)
+        counts = knn_counts(train_f, train_y, *feats[1], num_classes)
+        if world > 1:
+            dist.all_reduce(counts)
+    random.setstate(py_state)
+    np.random.set_state(np_state)
+    for m, mode in zip(encoder.modules(), modes):
+        m.training = mode
+    return 100 * counts[0].item() / max(counts[2].item(), 1)

@@ -408,51 +408,15 @@ class Features(torch.utils.data.Dataset):
         return self.feats[i], self.labels[i]
 
 
-def subset(ds, n):
-    """A fixed random subset of n items, in index order (class-balanced in expectation); n <= 0 = all."""
-    if n <= 0 or n >= len(ds):
-        return ds
-    idx = torch.randperm(len(ds), generator=torch.Generator().manual_seed(0))[:n].sort().values
-    return torch.utils.data.Subset(ds, idx.tolist())
-
-
-@torch.no_grad()
 def extract_features(backbone, loader, pool, device, autocast, dim, protocol='mae', desc='features'):
     """Frozen features (probe_features) of this rank's share of the loader, in sampler order: (n_r, dim) float32,
     labels (n_r,). backbone None: the normalised image itself, flattened (dim = 3 S S), for the raw-pixel rows.
-    Rank 0 prints a progress line at most every 10 s."""
+    Rank 0 prints a progress line at most every 10 s (data.embed, which the pre-training kNN monitor runs too)."""
     if backbone is not None:
         backbone.eval()
-    feats, labels = [], []
-    prog = data.Progress(desc, len(loader.sampler), enabled=rank0())
-    for x, y in loader:
-        x = x.to(device, non_blocking=True)
-        if backbone is None:
-            feats.append(x.flatten(1).float())  # (B, 3*S*S)
-        else:
-            with autocast:
-                feats.append(probe_features(backbone, x, pool, protocol).float())
-        labels.append(y.to(device))
-        prog.update(len(y))
-    prog.close()
-    return (torch.cat(feats) if feats else torch.zeros(0, dim, device=device),
-            torch.cat(labels) if labels else torch.zeros(0, dtype=torch.long, device=device))
+    features = None if backbone is None else (lambda x: probe_features(backbone, x, pool, protocol))
+    return data.embed(features, loader, device, autocast, dim, desc, rank0())
 
-
-def gather_rows(x, n, world):
-    """Rows split over ranks as rank r <- rows r::world (evaluation EpochSampler) -> all n rows in dataset order,
-    on every rank. Shares differ by at most one row: padded for all_gather, the padding is dropped."""
-    if world == 1:
-        return x
-    m = math.ceil(n / world)
-    pad = torch.zeros((m - x.shape[0],) + x.shape[1:], dtype=x.dtype, device=x.device)
-    parts = [torch.empty((m,) + x.shape[1:], dtype=x.dtype, device=x.device) for _ in range(world)]
-    dist.all_gather(parts, torch.cat([x, pad]))
-    out = torch.empty((n,) + x.shape[1:], dtype=x.dtype, device=x.device)
-    for r in range(world):
-        k = len(range(r, n, world))
-        out[r::world] = parts[r][:k]
-    return out
 
 # -----------------------------------------------------------------------------
 # loss, accuracy and kNN
@@ -478,35 +442,6 @@ def batch_mixer(mixup, cutmix, num_classes):
     return v2.RandomChoice(ops) if len(ops) == 2 else (ops[0] if ops else None)
 
 
-def count_correct(scores, y):
-    """Scores (B, C), labels (B,) -> float tensor [top-1 hits, top-5 hits, B] (summed over ranks by the caller)."""
-    top = scores.topk(min(5, scores.shape[1]), dim=1).indices  # (B, 5)
-    hit = top == y[:, None]
-    return torch.stack([hit[:, 0].sum(), hit.any(dim=1).sum(), torch.tensor(len(y), device=y.device)]).float()
-
-
-@torch.no_grad()
-def knn_scores(train_f, train_y, test_f, num_classes, k=20, t=0.07):
-    """Weighted kNN vote (DINO eval_knn). Rows L2-normalised: train_f (N, D), test_f (M, D). Each test row's k
-    most cosine-similar train rows vote for their class with weight exp(sim / t). Returns scores (M, C)."""
-    sim = test_f @ train_f.T  # (M, N) cosine similarities
-    sim, idx = sim.topk(min(k, train_f.shape[0]), dim=1)  # (M, k)
-    votes = torch.zeros(test_f.shape[0], num_classes, device=test_f.device)
-    return votes.scatter_add_(1, train_y[idx], (sim / t).exp())  # (M, C)
-
-
-@torch.no_grad()
-def knn_counts(train_f, train_y, test_f, test_y, num_classes, k=20, t=0.07, chunk=256):
-    """kNN hits of this rank's test rows (M_r, D) against all train rows (N, D), features L2-normalised here:
-    float tensor [top-1 hits, top-5 hits, M_r]; (chunk, N) similarities at a time."""
-    train_f, test_f = F.normalize(train_f, dim=1), F.normalize(test_f, dim=1)
-    counts = torch.zeros(3, device=test_f.device)
-    for i in range(0, len(test_f), chunk):
-        scores = knn_scores(train_f, train_y, test_f[i:i + chunk], num_classes, k, t)  # (chunk, C)
-        counts += count_correct(scores, test_y[i:i + chunk])
-    return counts
-
-
 @torch.no_grad()
 def evaluate(model, loader, device, autocast, ddp):
     """Top-1 / top-5 (%) and the number of images: every rank counts its own share (the evaluation sampler gives
@@ -519,7 +454,7 @@ def evaluate(model, loader, device, autocast, ddp):
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
         with autocast:
             logits = model(x)  # (B, C)
-        counts += count_correct(logits.float(), y)
+        counts += data.count_correct(logits.float(), y)
         prog.update(len(y))
     prog.close()
     if ddp:
@@ -729,7 +664,7 @@ def cached_features(cfg, env, backbone, dataset, val_set):
         return extract_features(None if pixels else backbone, loader, cfg.pool, env.device, env.autocast, dim,
                                 cfg.protocol, desc)
     t_feat = time.time()
-    train_f, train_y = (gather_rows(t, len(dataset), env.world) for t in features(dataset, 'train features'))
+    train_f, train_y = (data.gather_rows(t, len(dataset), env.world) for t in features(dataset, 'train features'))
     val_f, val_y = features(val_set, 'val features')
     if env.master:
         print(f'features: {len(dataset)} train, {len(val_set)} val images, dim {train_f.shape[1]}, '
@@ -739,7 +674,7 @@ def cached_features(cfg, env, backbone, dataset, val_set):
 
 def knn_eval(cfg, env, train_f, train_y, val_f, val_y, num_classes):
     """kNN top-1 / top-5 of this rank's val rows against all train rows, summed over ranks; rank 0 prints."""
-    counts = knn_counts(train_f, train_y, val_f, val_y, num_classes, cfg.knn_k, cfg.knn_t)
+    counts = data.knn_counts(train_f, train_y, val_f, val_y, num_classes, cfg.knn_k, cfg.knn_t)
     if env.ddp:
         dist.all_reduce(counts)
     c1, c5, n = counts.tolist()
@@ -776,7 +711,8 @@ def run_linprobe(cfg, env, backbone, base, val_set, num_classes):
             knn = knn_eval(cfg, env, train_f, train_y, val_f, val_y, num_classes)
         n_val = len(val_set)
         dataset = Features(train_f.cpu(), train_y.cpu())
-        val_set = Features(gather_rows(val_f, n_val, env.world).cpu(), gather_rows(val_y, n_val, env.world).cpu())
+        val_set = Features(data.gather_rows(val_f, n_val, env.world).cpu(),
+                           data.gather_rows(val_y, n_val, env.world).cpu())
         model = Probe(None, train_f.shape[1], num_classes, cfg.pool, cfg.protocol).to(env.device)
     else:
         dataset = data.Seeded(base, data.mae_transform(cfg.img_size, scale=(0.08, 1.0)))  # RandomResizedCrop + flip
@@ -968,7 +904,7 @@ def main(argv=None):
     except (FileNotFoundError, ValueError) as e:
         sys.exit(f'error: {e}')
     num_classes = len(base.classes)
-    base, val_base = subset(base, cfg.train_samples), subset(val_base, cfg.eval_samples)
+    base, val_base = data.subset(base, cfg.train_samples), data.subset(val_base, cfg.eval_samples)
     val_set = data.Seeded(val_base, eval_transform(cfg.img_size))
 
     # the pre-trained backbone (same initial weights on every rank: the frozen ones are never broadcast)

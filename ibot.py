@@ -28,13 +28,15 @@ D encoder width, K prototypes (out_dim).
 import argparse
 import copy
 import dataclasses
+import errno
 import inspect
 import json
 import math
 import os
+import shutil
 import sys
 import time
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 
 import numpy as np
@@ -97,6 +99,12 @@ class Config:
     out_dir: str = 'out/ibot'  # checkpoint.pt, log.jsonl
     resume: str = ''           # '' fresh; 'auto' = out_dir/checkpoint.pt if present; or a checkpoint path
     save_every: int = 0        # optimizer steps between checkpoints; 0 = once per epoch (always at the end)
+    keep_every: int = -1       # keep out_dir/checkpoint-EPOCH.pt (encoder, config, step) after every this many epochs
+    #                            (0 = off)
+    knn_every: int = -1        # kNN monitor: top-1 of the encoder (as finetune.py --mode knn) on a fixed labelled set
+    #                            at step 0, every this many epochs and at the last step, logged as knn_top1 (0 = off)
+    knn_train: int = 0         # kNN monitor: training images that vote (a fixed subset, the same in every run)
+    knn_val: int = 0           # kNN monitor: held-out images it scores (a fixed subset, the same in every run)
     dtype: str = ''            # bf16|fp16|fp32; '' = bf16 on CUDA, fp32 on CPU
     compile: bool = False      # torch.compile student and teacher (eager is what the tests run)
     seed: int = 0              # data order, augmentation, masks and drop path are pure functions of (seed, step)
@@ -111,13 +119,16 @@ class Config:
 REGIMES = {
     'embedded': dict(model='tiny', img_size=64, local_size=32, patch_size=8, local_crops_number=2, out_dim=1024,
                      head_hidden=512, warmup_teacher_temp_epochs=2, epochs=2, batch_size=32, blr=2e-3,
-                     warmup_epochs=0.5, num_workers=2),
+                     warmup_epochs=0.5, num_workers=2,
+                     knn_every=0, knn_train=100, knn_val=50, keep_every=0),
     'small': dict(model='mini', img_size=32, local_size=16, patch_size=4, local_crops_number=2, out_dim=1024,
                   head_hidden=512, warmup_teacher_temp_epochs=1, epochs=1, batch_size=128, blr=2e-3,
-                  warmup_epochs=0.1, num_workers=2),
+                  warmup_epochs=0.1, num_workers=2,
+                  knn_every=1, knn_train=1000, knn_val=500, keep_every=0),
     'folder': dict(model='base', img_size=224, local_size=96, patch_size=0, local_crops_number=10, out_dim=8192,
                    head_hidden=2048, warmup_teacher_temp_epochs=30, epochs=400, batch_size=128, blr=5e-4,
-                   warmup_epochs=10, num_workers=10),
+                   warmup_epochs=10, num_workers=10,
+                   knn_every=1, knn_train=20000, knn_val=5000, keep_every=20),
 }
 ARCH_KEYS = ('model', 'img_size', 'patch_size', 'out_dim', 'head_hidden', 'shared_head')  # must match on resume
 
@@ -171,6 +182,8 @@ def get_config(argv=None):
         p.error(f'--dtype must be bf16, fp16 or fp32, got {cfg.dtype!r}')
     if min(cfg.epochs, cfg.batch_size, cfg.accum_iter, cfg.log_every) < 1 or cfg.save_every < 0:
         p.error('--epochs, --batch_size, --accum_iter and --log_every must be >= 1, --save_every >= 0')
+    if min(cfg.knn_every, cfg.keep_every) < 0 or min(cfg.knn_train, cfg.knn_val) < 1:
+        p.error('--knn_every and --keep_every must be >= 0, --knn_train and --knn_val >= 1')
     cfg.num_workers = data.default_workers(cfg.num_workers)
     check_config(cfg, p.error)
     return cfg
@@ -566,6 +579,47 @@ def save_checkpoint(path, state):
             os.remove(tmp)
 
 
+def state_bytes(obj, trainable=False):
+    """Bytes of the tensors of obj.state_dict(), or with trainable=True of a module's trainable parameters (AdamW keeps
+    two moments of each): what the start-up check of the room on disk adds up."""
+    if trainable:
+        return sum(p.numel() * p.element_size() for p in obj.parameters() if p.requires_grad)
+    return sum(t.numel() * t.element_size() for t in obj.state_dict().values() if torch.is_tensor(t))
+
+
+def check_room(out_dir, ckpt_bytes, snap_bytes, n_snaps):
+    """One warning line when out_dir's filesystem has room for fewer than two checkpoints (the one kept and the
+    temporary file of the next) plus the snapshots the run will keep."""
+    need, free = 2 * ckpt_bytes + n_snaps * snap_bytes, shutil.disk_usage(out_dir).free
+    if free < need:
+        print(f'warning: {out_dir} has {free / 2**20:.1f} MB free, less than two checkpoints ({ckpt_bytes / 2**20:.1f} '
+              f'MB each) and {n_snaps} snapshots ({snap_bytes / 2**20:.1f} MB each) take; a save that does not fit '
+              f'ends the run, the previous checkpoint stays', file=sys.stderr)
+
+
+@contextmanager
+def exit_on_failed_write(path, saved, need=0):
+    """A failed write of `path` (a full disk, a quota, a read-only folder) ends the run with one line: the file, the
+    error (no space: about `need` bytes needed and how many are free) and the checkpoint that stays intact, `saved`
+    = (path, step) or None. torch.save reports a failed write as a RuntimeError whose context is the OSError."""
+    try:
+        yield
+    except (OSError, RuntimeError) as e:
+        err = e
+        while err is not None and not isinstance(err, OSError):
+            err = err.__cause__ or err.__context__
+        if err is None or isinstance(err, (ConnectionError, TimeoutError)):  # not a write: a real error
+            raise
+        why = err.strerror or str(err)
+        if err.errno in (errno.ENOSPC, errno.EDQUOT):
+            free = shutil.disk_usage(os.path.dirname(os.path.abspath(path))).free
+            why += (f': needs about {need / 2**20:.1f} MB, ' if need else ': ') + f'{free / 2**20:.1f} MB free'
+        prev = (f'{saved[0]} (step {saved[1]}) is intact; resume from it with --resume {saved[0]}' if saved
+                else 'no checkpoint was written yet')
+        print(f'error: cannot write {path} ({why}); {prev}', file=sys.stderr)
+        sys.exit(1)
+
+
 def load_checkpoint(path, cfg):
     """Load a checkpoint to resume from; refuses another method's or another architecture's checkpoint."""
     try:
@@ -721,11 +775,49 @@ def main(argv=None):
         for t in teacher.state_dict().values():  # DDP synced the student from rank 0; the teacher copy must match
             dist.broadcast(t, 0)
 
+    encoder = teacher.backbone  # what the checkpoint's 'encoder', the kNN monitor and the snapshots hold
+    # watching the run: the kNN monitor at step 0, after every knn_every-th epoch and at the last step, each point
+    # logged before that step's checkpoint (a resumed run never repeats one); snapshots of the encoder after every
+    # keep_every-th epoch; a write that fails ends the run with one line naming the checkpoint that is intact
+    log_path, saved = os.path.join(cfg.out_dir, 'log.jsonl'), (resume, step) if step else None
+    ckpt_bytes = sum(state_bytes(v) for v in stateful.values()) + 2 * state_bytes(model, True) + state_bytes(encoder)
+    knn = data.knn_sets(cfg.data, cfg.img_size, cfg.knn_train, cfg.knn_val) if cfg.knn_every else None
+    kept = [e for e in range(step // steps_per_epoch + 1, end_step // steps_per_epoch + 1)
+            if cfg.keep_every and e % cfg.keep_every == 0]  # the epochs whose snapshot this run writes
+    if master:
+        check_room(cfg.out_dir, ckpt_bytes, state_bytes(encoder), len(kept))
+        if isinstance(knn, str):
+            print(f'knn monitor off: {knn}')
+    knn = None if isinstance(knn, str) else knn
+
+    def knn_point():  # every rank embeds its share of the subsets; rank 0 logs
+        t = time.time()
+        top1 = data.knn_top1(encoder, knn, cfg.batch_size, world, rank, device, autocast, cfg.num_workers)
+        if master:
+            rec = {'step': step, 'epoch': step / steps_per_epoch, 'knn_top1': top1, 'knn_seconds': time.time() - t}
+            print(f"step {step}/{end_step} ep {rec['epoch']:.2f} knn_top1 {top1:.2f} ({len(knn[0])} train, "
+                  f"{len(knn[1])} val images, {rec['knn_seconds']:.1f} s)", flush=True)
+            with exit_on_failed_write(log_path, saved), open(log_path, 'a') as f:
+                f.write(json.dumps(rec) + '\n')
+
+    def snapshot(epoch):  # the encoder only, small: loads in vit.load_vit, finetune.py, eval_seg.py and timm
+        path = os.path.join(cfg.out_dir, f'checkpoint-{epoch:04d}.pt')
+        with exit_on_failed_write(path, saved, state_bytes(encoder)):
+            save_checkpoint(path, {'method': METHOD, 'encoder': vit.backbone_state_dict(encoder),
+                                   'config': dataclasses.asdict(cfg), 'step': step})
+
+    if knn and step == 0:
+        knn_point()  # the random-init point of the curve
+
     def checkpoint():
+        nonlocal saved
         state = {'method': METHOD, **{k: v.state_dict() for k, v in stateful.items()}, 'step': step,
                  'epoch': step / steps_per_epoch, 'config': dataclasses.asdict(cfg),
                  'encoder': vit.backbone_state_dict(teacher.backbone)}  # iBOT evaluates the teacher
-        save_checkpoint(os.path.join(cfg.out_dir, 'checkpoint.pt'), state)
+        path = os.path.join(cfg.out_dir, 'checkpoint.pt')
+        with exit_on_failed_write(path, saved, ckpt_bytes):
+            save_checkpoint(path, state)
+        saved = (path, step)
 
     # the loop: one optimizer step = accum_iter micro-batches
     model.train()
@@ -750,9 +842,15 @@ def main(argv=None):
             n, dt = step - step_start, time.time() - t0
             rec = {'step': step, 'end_step': end_step, 'epoch': step / steps_per_epoch, 'n': n, **sched,
                    'img_per_s': n * eff_batch / dt, 'eta_min': (end_step - step) * dt / n / 60}
-            log_stats(stats_sum, STATS, rec, ddp, master, cfg.out_dir)
+            with exit_on_failed_write(log_path, saved):
+                log_stats(stats_sum, STATS, rec, ddp, master, cfg.out_dir)
             stats_sum.zero_()
             t0, step_start = time.time(), step
+        epoch = step // steps_per_epoch if step % steps_per_epoch == 0 else 0  # the epoch that ends here, if one does
+        if knn and (epoch and epoch % cfg.knn_every == 0 or step == end_step):
+            knn_point()
+        if master and epoch and cfg.keep_every and epoch % cfg.keep_every == 0:
+            snapshot(epoch)
         if save_now and master:
             checkpoint()
     if master:

@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, ImageEnhance
 
+import data
 import finetune
 import mae
 import vit
@@ -129,19 +130,19 @@ def test_knn_vote_hand_computed():
     train = torch.stack([ang.cos(), ang.sin()], 1)
     labels = torch.tensor([0, 0, 1, 1])
     test = torch.tensor([[1.0, 0.0], [0.0, 1.0]])  # at 0 and 90 degrees
-    s = finetune.knn_scores(train, labels, test, 2, k=2, t=0.5)
+    s = data.knn_scores(train, labels, test, 2, k=2, t=0.5)
     c10 = torch.tensor(10.0).deg2rad().cos()
     # test 0: neighbours 0 deg (sim 1) and 10 deg (sim cos 10), both class 0
     assert torch.allclose(s[0], torch.stack([torch.exp(torch.tensor(2.0)) + torch.exp(c10 / 0.5), torch.tensor(0.0)]))
     assert s.argmax(1).tolist() == [0, 1]
-    counts = finetune.knn_counts(3 * train, labels, 5 * test, torch.tensor([0, 0]), 2, k=2, t=0.5, chunk=1)
+    counts = data.knn_counts(3 * train, labels, 5 * test, torch.tensor([0, 0]), 2, k=2, t=0.5, chunk=1)
     assert counts.tolist() == [1.0, 2.0, 2.0]  # features are normalised inside; top-5 of 2 classes always hits
     # weighting beats counting: one class-0 neighbour at sim 1.0 vs two class-1 neighbours at sim 0.9
     train = torch.tensor([[1.0, 0.0], [0.9, 0.19 ** 0.5], [0.9, -(0.19 ** 0.5)]])
     labels = torch.tensor([0, 1, 1])
     q = torch.tensor([[1.0, 0.0]])
-    sharp = finetune.knn_scores(train, labels, q, 2, k=3, t=0.07)  # e^(1/.07) > 2 e^(.9/.07)
-    flat = finetune.knn_scores(train, labels, q, 2, k=3, t=1.0)  # e^1 < 2 e^.9
+    sharp = data.knn_scores(train, labels, q, 2, k=3, t=0.07)  # e^(1/.07) > 2 e^(.9/.07)
+    flat = data.knn_scores(train, labels, q, 2, k=3, t=1.0)  # e^1 < 2 e^.9
     assert sharp.argmax().item() == 0 and flat.argmax().item() == 1
     assert torch.allclose(flat[0], torch.tensor([torch.e, 2 * torch.exp(torch.tensor(0.9))]), rtol=1e-5)
 
@@ -149,7 +150,7 @@ def test_knn_vote_hand_computed():
 def test_count_correct_top1_top5():
     scores = torch.tensor([[0.0, 1, 2, 3, 4, 5, 6], [6.0, 5, 4, 3, 2, 1, 0], [0.0, 1, 9, 8, 7, 2, 0.5]])
     y = torch.tensor([6, 5, 4])  # top-1 hit; rank 6 (miss); rank 3 (top-5 hit)
-    c = finetune.count_correct(scores, y)
+    c = data.count_correct(scores, y)
     assert c.tolist() == [1.0, 2.0, 3.0]
 
 
@@ -199,10 +200,10 @@ def test_linear_probe_separates_a_linearly_separable_set():
 
 def test_gather_rows_single_process_and_subset():
     x = torch.arange(10).float()[:, None]
-    assert finetune.gather_rows(x, 10, 1) is x
+    assert data.gather_rows(x, 10, 1) is x
     ds = list(range(100))
-    s = finetune.subset(ds, 30)
-    assert len(s) == 30 and list(s) == sorted(set(s)) and finetune.subset(ds, 0) is ds
+    s = data.subset(ds, 30)
+    assert len(s) == 30 and list(s) == sorted(set(s)) and data.subset(ds, 0) is ds
 
 # -----------------------------------------------------------------------------
 # checkpoint formats and position embeddings
@@ -357,7 +358,7 @@ def test_raw_pixel_knn_matches_a_brute_force_vote(tmp_path):
                           '--knn_k', '5', '--out_dir', out])
     tf = data.eval_transform(32)
     def feats(split, n):
-        ds = finetune.subset(data.build_dataset('', split, 32), n)
+        ds = data.subset(data.build_dataset('', split, 32), n)
         x = torch.stack([tf(ds[i][0]).flatten() for i in range(len(ds))])
         return F.normalize(x, dim=1), [int(ds[i][1]) for i in range(len(ds))]
     (ftr, ytr), (fte, yte) = feats('train', 40), feats('val', 12)

@@ -17,7 +17,8 @@ SHARED_FUNCTIONS = {
                                           'save_checkpoint', 'restore')},
     'field_help': METHODS + EVALS + ('analyze.py',),
     **{name: METHODS + ('finetune.py',) for name in ('lr_at', 'log_stats')},
-    **{name: METHODS for name in ('get_config', 'load_checkpoint')},
+    **{name: METHODS for name in ('get_config', 'load_checkpoint', 'state_bytes', 'check_room',
+                                  'exit_on_failed_write')},
     'ema_update': ('lut.py', 'ibot.py', 'dtm.py', 'finetune.py'),
     'momentum_at': ('lut.py', 'ibot.py', 'dtm.py'),
     **{name: ('mae.py', 'lut.py') for name in ('random_masking', 'mask_from_ids', 'pixel_target', 'mae_loss')},
@@ -30,6 +31,8 @@ SHARED_BLOCKS = {
     'main: resume': ('    step = 0\n', '        del ckpt\n'),
     'main: DDP / compile wrapping': ('    # DDP first, then compile', '    fwd = torch.compile(fwd) if cfg.compile else fwd\n'),
     'main: log / save cadence': ('        step += 1\n', '            checkpoint()\n'),
+    'main: watching the run (kNN monitor, snapshots, failed writes)': (
+        '    # watching the run', '        knn_point()  # the random-init point of the curve\n'),
 }
 
 
