@@ -79,6 +79,7 @@ class Config:
     clip_grad: float = 3.0     # global gradient-norm clip; 0 = off
     out_dir: str = 'out/dtm'   # checkpoint.pt, log.jsonl
     resume: str = ''           # '' fresh; 'auto' = out_dir/checkpoint.pt if present; or a checkpoint path
+    trust_checkpoint: bool = False  # load a file that is more than data (its unpickling can run code); only if trusted
     save_every: int = 0        # optimizer steps between checkpoints; 0 = once per epoch (always at the end)
     dtype: str = ''            # bf16|fp16|fp32; '' = bf16 on CUDA, fp32 on CPU
     compile: bool = False      # torch.compile the model (eager is what the tests run)
@@ -319,11 +320,11 @@ class CLIPVisual(nn.Module):
         return self.ln_post(x[:, 1:]) @ self.proj.to(x.dtype)  # (B, L, C), [CLS] dropped
 
 
-def load_clip_visual(path, img_size):
+def load_clip_visual(path, img_size, trust=False):
     """CLIPVisual from an OpenAI-format state_dict (full model with 'visual.' keys, or the visual tower alone);
     width, depth, patch and output width are read from the tensors, the position embedding is resized to img_size."""
     try:
-        sd = vit.read_checkpoint(path)
+        sd = vit.read_checkpoint(path, trust=trust)
     except (FileNotFoundError, ValueError) as e:
         sys.exit(f'error: teacher {e}')
     sd = sd.get('state_dict', sd) if isinstance(sd, dict) else sd
@@ -355,7 +356,8 @@ def build_teacher(cfg, student_encoder=None, verbose=True):
         teacher = ViTTeacher(copy.deepcopy(student_encoder))
     elif kind == 'vit':  # the ViT the file holds (size, patch, layer scale from its tensors), at the student's size
         try:
-            enc, arch = vit.load_vit(path, img_size=cfg.img_size, num_classes=0, verbose=False)
+            enc, arch = vit.load_vit(path, img_size=cfg.img_size, num_classes=0, verbose=False,
+                                     trust=cfg.trust_checkpoint)
         except (FileNotFoundError, ValueError) as e:
             sys.exit(f'error: teacher {e}')
         if enc.grid != cfg.img_size // cfg.patch_size:
@@ -370,7 +372,7 @@ def build_teacher(cfg, student_encoder=None, verbose=True):
                   f"missing: {arch['missing'] or 'none'}")
         teacher = ViTTeacher(enc)
     else:
-        teacher = load_clip_visual(path, cfg.img_size)
+        teacher = load_clip_visual(path, cfg.img_size, cfg.trust_checkpoint)
     return teacher.requires_grad_(False).eval()
 
 
@@ -542,7 +544,14 @@ def schedules(step, cfg, base_lr, warmup_steps, total_steps, rank=0):
 
 def resolve_device(flag, local_rank, ddp, cuda_available):
     """--device -> a device string with an index for CUDA ('cuda' -> 'cuda:LOCAL_RANK'; under torchrun every
-    process takes its own GPU), without touching CUDA."""
+    process takes its own GPU), without touching CUDA. Another value than cuda, cuda:N or cpu, or CUDA asked for
+    where there is none, stops with one line."""
+    kind, colon, index = flag.partition(':')
+    if flag not in ('', 'cpu', 'cuda') and not (kind == 'cuda' and colon and index.isdigit()):
+        sys.exit(f'error: --device must be cuda, cuda:N or cpu, got {flag!r}')
+    if kind == 'cuda' and not cuda_available:
+        sys.exit(f'error: --device {flag}: CUDA is not available here (torch {torch.__version__}, '
+                 f'{"built without CUDA" if torch.version.cuda is None else "no GPU visible"}); use --device cpu')
     device = flag or ('cuda' if cuda_available else 'cpu')
     if device.startswith('cuda') and (ddp or device == 'cuda'):
         device = f'cuda:{local_rank}'
@@ -597,9 +606,9 @@ def save_checkpoint(path, state):
 def load_checkpoint(path, cfg):
     """Load a checkpoint to resume from; refuses another method's or another architecture's checkpoint."""
     try:
-        ckpt = torch.load(path, map_location='cpu', weights_only=False)
-    except Exception as e:
-        sys.exit(f'error: cannot read checkpoint {path} ({type(e).__name__}: {e})')
+        ckpt = vit.safe_load(path, cfg.trust_checkpoint)  # weights only, unless --trust_checkpoint
+    except ValueError as e:
+        sys.exit(f'error: {e}')
     if not isinstance(ckpt, dict) or ckpt.get('method') != METHOD:
         kind = ckpt.get('method', 'non-nanoMIM') if isinstance(ckpt, dict) else 'non-nanoMIM'
         sys.exit(f'error: {path} is a {kind} checkpoint, not {METHOD}')
