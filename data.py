@@ -401,7 +401,8 @@ class MultiCropTransform:
 
 def dtm_transform(img_size, scale=(0.2, 1.0), normalize=True):
     """DTM / BEiT pre-training view (student and teacher see the same one): colour jitter (0.4, 0.4, 0.4),
-    flip, RandomResizedCrop bicubic. normalize=False: uint8 out (to_device)."""
+    flip, RandomResizedCrop bicubic with scale (0.2, 1): BEiT v2's published --min_crop_scale 0.2, which the official
+    DTM command leaves a placeholder (its code default is 0.08). normalize=False: uint8 out (to_device)."""
     return v2.Compose([v2.ToImage(), v2.ColorJitter(0.4, 0.4, 0.4), v2.RandomHorizontalFlip(),
                        v2.RandomResizedCrop(img_size, scale=scale, interpolation=v2.InterpolationMode.BICUBIC,
                                             antialias=True)] + _finish(normalize))
