@@ -15,6 +15,8 @@ patch layer then has no teacher counterpart (the EMA pairs parameters by name); 
 
   python ibot.py                                                # embedded data, CPU: tiny ViT, 312 steps
   torchrun --nproc_per_node=8 ibot.py --data /path/to/imagenet  # recipe: ViT-B/16, 400 ep, batch 1024, 2+10 crops
+  torchrun --nproc_per_node=8 ibot.py --data /path/to/imagenet --model small --epochs 800
+                                                                # the official ViT-S/16 command (norm_last_layer false)
   python ibot.py --help                                         # every knob, with its default
 
 Measured (shared 2-core Xeon CPU, torch 2.15, fp32, embedded shapes): the default step (batch 32, 2x64 px + 2x32 px
@@ -70,7 +72,8 @@ class Config:
     out_dim: int = 0           # K prototypes of the head
     head_hidden: int = 0       # width of the head's 3-layer MLP
     shared_head: bool = True   # student: [CLS] and patches share the head's last layer (recipe: true; teacher: always)
-    norm_last_layer: bool = True  # freeze the weight-norm gain g = 1 (recipe: true ViT-B, false ViT-S)
+    norm_last_layer: bool = None  # freeze the weight-norm gain g = 1; unset = the official commands': false for
+    #                               ViT-S (--model small), true for the other sizes
     freeze_last_layer: int = 1  # epochs during which the last layer gets no update
     drop_path: float = 0.1     # stochastic depth of the student (the teacher has none)
     ema_momentum: float = 0.996  # EMA momentum of the teacher at step 0, half cosine to 1 at the end
@@ -178,6 +181,8 @@ def get_config(argv=None):
 
 def check_config(cfg, error):
     """iBOT's own checks, after the defaults are filled; error(msg) exits with the usage line."""
+    if cfg.norm_last_layer is None:  # the official ViT-S/16 command passes --norm_last_layer false, ViT-B true
+        cfg.norm_last_layer = cfg.model != 'small'
     if cfg.local_size % cfg.patch_size:
         error(f'--local_size {cfg.local_size} is not divisible by --patch_size {cfg.patch_size}')
     if cfg.local_crops_number < 0:
