@@ -50,6 +50,7 @@ WHAT = ('aad', 'attn', 'spectrum', 'recon')
 class Config:
     what: str = 'aad'          # comma list of aad|attn|spectrum|recon, or 'all'
     checkpoint: list = field(default_factory=list)  # repeatable: a path, or 'none' (random init); default: none
+    trust_checkpoint: bool = False  # load a file that is more than data (its unpickling can run code); only if trusted
     data: str = ''             # '' = embedded shapes; fashion-mnist | mnist | idx:DIR; or an image folder
     split: str = 'val'         # split of --data the images come from
     model: str = ''            # mini|tiny|small|base|large|huge; '' = the checkpoint's (config, else weights)
@@ -110,8 +111,10 @@ def get_config(argv=None):
         else:
             picked = '; '.join(f'{r} {v[f.name]!r}' for r, v in REGIMES.items() if f.name in v)
             default = f'default {f.default!r}' + (f' = picked by --data: {picked}' if picked else '')
-            p.add_argument(f'--{f.name}', type=f.type, default=f.default,
-                           help=f'{helps.get(f.name, "")} ({default})'.replace('%', '%%'))
+            kind = dict(type=lambda s: s.lower() in ('1', 'true', 'yes', 'on'), nargs='?', const=True,
+                        metavar='BOOL') if f.type is bool else dict(type=f.type)
+            p.add_argument(f'--{f.name}', default=f.default,
+                           help=f'{helps.get(f.name, "")} ({default})'.replace('%', '%%'), **kind)
     cfg = Config(**vars(p.parse_args(argv)))
     cfg.checkpoint = cfg.checkpoint or ['none']
     cfg.what = ','.join(WHAT) if cfg.what == 'all' else cfg.what
@@ -134,18 +137,34 @@ def get_config(argv=None):
         p.error(f'--mask_ratio must be in [0, 1), got {cfg.mask_ratio}')
     return cfg
 
+
+def resolve_device(flag, local_rank, ddp, cuda_available):
+    """--device -> a device string with an index for CUDA ('cuda' -> 'cuda:LOCAL_RANK'; under torchrun every
+    process takes its own GPU), without touching CUDA. Another value than cuda, cuda:N or cpu, or CUDA asked for
+    where there is none, stops with one line."""
+    kind, colon, index = flag.partition(':')
+    if flag not in ('', 'cpu', 'cuda') and not (kind == 'cuda' and colon and index.isdigit()):
+        sys.exit(f'error: --device must be cuda, cuda:N or cpu, got {flag!r}')
+    if kind == 'cuda' and not cuda_available:
+        sys.exit(f'error: --device {flag}: CUDA is not available here (torch {torch.__version__}, '
+                 f'{"built without CUDA" if torch.version.cuda is None else "no GPU visible"}); use --device cpu')
+    device = flag or ('cuda' if cuda_available else 'cpu')
+    if device.startswith('cuda') and (ddp or device == 'cuda'):
+        device = f'cuda:{local_rank}'
+    return device
+
 # -----------------------------------------------------------------------------
 # checkpoints: architecture, encoder, decoder
 
 
-def read_checkpoint(path):
+def read_checkpoint(path, trust=False):
     """'none' -> None; a path -> the loaded dict. One error line when it is missing or unreadable."""
     if path == 'none':
         return None
     if not os.path.exists(path):
         sys.exit(f'error: checkpoint {path} does not exist')
     try:
-        ckpt = vit.read_checkpoint(path)
+        ckpt = vit.read_checkpoint(path, trust=trust)
     except ValueError as e:
         sys.exit(f'error: {e}')
     if not isinstance(ckpt, dict):
@@ -444,11 +463,11 @@ def safe_name(label):
 def main(argv=None):
     cfg = get_config(argv)
     what = cfg.what.split(',')
-    device = cfg.device or ('cuda' if torch.cuda.is_available() else 'cpu')
+    device = resolve_device(cfg.device, 0, False, torch.cuda.is_available())
     defaults = REGIMES[data.regime(cfg.data)]
 
     # checkpoints and the one architecture / resolution they are all measured at
-    ckpts = [read_checkpoint(path) for path in cfg.checkpoint]
+    ckpts = [read_checkpoint(path, cfg.trust_checkpoint) for path in cfg.checkpoint]
     try:
         archs = [tuple(vit.checkpoint_arch(ck)[k] for k in ('model', 'patch_size', 'img_size')) if ck is not None
                  else None for ck in ckpts]

@@ -506,7 +506,7 @@ def mae_run(run_args, device, out_dir):
     mae.main(run_args + ['--device', device, '--out_dir', out_dir])
     wall = time.time() - t
     recs = [json.loads(line) for line in open(log)]
-    ckpt = torch.load(os.path.join(out_dir, 'checkpoint.pt'), weights_only=False)  # tensors where they were saved
+    ckpt = torch.load(os.path.join(out_dir, 'checkpoint.pt'), weights_only=True)  # tensors where they were saved
     cfg = ckpt['config']
     return {'what': f"mae.py {' '.join(run_args)}", 'model': f"{cfg['model']}/{cfg['patch_size']}@{cfg['img_size']}",
             'batch': cfg['batch_size'], 'dtype': cfg['dtype'] or ('bf16' if device.startswith('cuda') else 'fp32'),

@@ -9,13 +9,15 @@ iterated bipartite soft matching (ToMe) into a random number of clusters ("dynam
 grouping averages the student's tokens, and the two sets of cluster means are aligned with a size-weighted
 smooth L1 loss. Supervision thus ranges from token level (no merge) to nearly image level (a few clusters).
 
-Teachers (--teacher): clip:PATH (the paper: an OpenAI-format CLIP ViT state_dict), vit:PATH (a checkpoint of
-this project, or an official MAE / iBOT / BEiT-layout backbone), ema (an EMA copy of the student; the default).
+Teachers (--teacher): clip (the paper's CLIP ViT-B/16, from ~/.cache/clip/ViT-B-16.pt where OpenAI's clip package
+keeps it; the default on an image folder) or clip:PATH (an OpenAI-format CLIP ViT state_dict or TorchScript file),
+vit:PATH (a checkpoint of this project, or an official MAE / iBOT / BEiT-layout backbone), ema (an EMA copy of the
+student; the default on the embedded and idx data, which no CLIP model fits).
 
   python dtm.py                                                  # embedded data, EMA teacher, CPU, minutes
   python dtm.py --teacher vit:out/mae/checkpoint.pt              # distil from this project's MAE encoder
-  torchrun --nproc_per_node=8 dtm.py --data /path/to/imagenet --teacher clip:/path/to/ViT-B-16.pt
-                                                                 # paper recipe: ViT-B/16, 300 ep, batch 2048
+  torchrun --nproc_per_node=8 dtm.py --data /path/to/imagenet    # paper recipe: ViT-B/16 from CLIP ViT-B/16,
+                                                                 # 300 ep, batch 2048
   python dtm.py --help                                           # every knob, with its default
 
 Deliberate differences from the official code (README "Equal to the official code"): the student is vit.py's ViT
@@ -65,7 +67,8 @@ class Config:
     model: str = ''            # student ViT size: mini|tiny|small|base|large|huge
     img_size: int = 0          # input resolution in pixels
     patch_size: int = 0        # patch side in pixels; 0 on a folder = the model's own (16, 14 for huge)
-    teacher: str = 'ema'       # ema | vit:PATH | clip:PATH; frozen, eval mode, sees the unmasked view
+    teacher: str = ''          # ema | vit:PATH | clip:PATH | clip (= ~/.cache/clip/ViT-B-16.pt); frozen, eval mode,
+    #                            sees the unmasked view
     num_mask: int = 0          # masked patches per image, exactly; 0 = 75 of 196 scaled to the grid, round(75 L / 196)
     drop_path: float = 0.1     # student stochastic depth (linear in depth)
     layer_scale: float = 0.1   # student layer-scale init (BEiT)
@@ -89,6 +92,7 @@ class Config:
     clip_grad: float = 3.0     # global gradient-norm clip; 0 = off
     out_dir: str = 'out/dtm'   # checkpoint.pt, log.jsonl
     resume: str = ''           # '' fresh; 'auto' = out_dir/checkpoint.pt if present; or a checkpoint path
+    trust_checkpoint: bool = False  # load a file that is more than data (its unpickling can run code); only if trusted
     save_every: int = 0        # optimizer steps between checkpoints; 0 = once per epoch (always at the end)
     keep_every: int = -1       # keep out_dir/checkpoint-EPOCH.pt (encoder, config, step) after every this many epochs
     #                            (0 = off)
@@ -109,16 +113,17 @@ class Config:
 # Results protocol), an image folder (the paper's recipe: ViT-B/16, 300 epochs, effective batch 2048 on 8 GPUs)
 REGIMES = {
     'embedded': dict(model='tiny', img_size=64, patch_size=8, epochs=1, batch_size=32, blr=1e-2, warmup_epochs=0.2,
-                     num_workers=2, ema_momentum=0.99,
+                     num_workers=2, ema_momentum=0.99, teacher='ema',
                      knn_every=0, knn_train=100, knn_val=50, keep_every=0),
     'small': dict(model='mini', img_size=32, patch_size=4, epochs=1, batch_size=128, blr=5e-3, warmup_epochs=0.1,
-                  num_workers=2, ema_momentum=0.99,
+                  num_workers=2, ema_momentum=0.99, teacher='ema',
                   knn_every=1, knn_train=1000, knn_val=500, keep_every=0),
     'folder': dict(model='base', img_size=224, patch_size=0, epochs=300, batch_size=256, blr=1.5e-3,
-                   warmup_epochs=10, num_workers=10, ema_momentum=0.999,
+                   warmup_epochs=10, num_workers=10, ema_momentum=0.999, teacher='clip',
                    knn_every=1, knn_train=20000, knn_val=5000, keep_every=20),
 }
 ARCH_KEYS = ('model', 'img_size', 'patch_size', 'teacher')  # must match on resume
+CLIP_DEFAULT = '~/.cache/clip/ViT-B-16.pt'  # --teacher clip: where OpenAI's clip package downloads ViT-B/16
 LOSS_TYPES = ('smoothl1', 'l1', 'l2', 'cosine')
 
 
@@ -183,9 +188,11 @@ def check_config(cfg, error):
     L = (cfg.img_size // cfg.patch_size) ** 2
     cfg.num_mask = cfg.num_mask or round(75 * L / 196)
     cfg.morph_n = L if cfg.morph_n == -1 else cfg.morph_n
+    if cfg.teacher == 'clip':  # the paper's teacher, where OpenAI's clip package keeps it (clip.load('ViT-B/16'))
+        cfg.teacher = 'clip:' + os.path.expanduser(CLIP_DEFAULT)
     kind, _, path = cfg.teacher.partition(':')
     if not (cfg.teacher == 'ema' or (kind in ('vit', 'clip') and path)):
-        error(f'--teacher must be ema, vit:PATH or clip:PATH, got {cfg.teacher!r}')
+        error(f'--teacher must be ema, vit:PATH, clip or clip:PATH, got {cfg.teacher!r}')
     if not 0 < cfg.num_mask < L:
         error(f'--num_mask must be in [1, {L - 1}] for {L} patches, got {cfg.num_mask}')
     if not 0 <= cfg.morph_n <= L:
@@ -203,7 +210,8 @@ def check_config(cfg, error):
 
 def dtm_transform(img_size, scale=(0.2, 1.0), normalize=True):
     """DTM / BEiT pre-training view (student and teacher see the same one): colour jitter (0.4, 0.4, 0.4),
-    flip, RandomResizedCrop bicubic. normalize=False: uint8 out (to_device)."""
+    flip, RandomResizedCrop bicubic with scale (0.2, 1): BEiT v2's published --min_crop_scale 0.2, which the official
+    DTM command leaves a placeholder (its code default is 0.08). normalize=False: uint8 out (to_device)."""
     return v2.Compose([v2.ToImage(), v2.ColorJitter(0.4, 0.4, 0.4), v2.RandomHorizontalFlip(),
                        v2.RandomResizedCrop(img_size, scale=scale, interpolation=v2.InterpolationMode.BICUBIC,
                                             antialias=True)] + data._finish(normalize))
@@ -227,6 +235,7 @@ class MaskedView:
     student and teacher share (BEiT / DTM), and a BEiT block mask with an exact count drawn from the sample's rng."""
 
     def __init__(self, img_size, grid, num_mask):
+        # crop scale (0.2, 1): BEiT v2's published --min_crop_scale 0.2 (the official DTM command leaves it blank)
         self.transform, self.grid, self.num_mask = dtm_transform(img_size, normalize=False), grid, num_mask
 
     def __call__(self, img, rng):
@@ -237,6 +246,16 @@ class MaskedView:
 # model: BEiT-style student (mask token inside the encoder) + Linear head to the teacher's width (paper sec. 3)
 
 
+def beit_trunc_normal_(t, std=0.02):
+    """The official models' trunc_normal_(t, std) (BEiT v2 / DTM redefine it as timm's with a=-std, b=std): a normal
+    cut at +-1 std, not at timm's default absolute bounds +-2, so the values drawn have std
+    std * sqrt(1 - 2 phi(1) / (2 Phi(1) - 1)) = 0.54 std: 0.0108 for std 0.02. Drawn as timm draws it (inverse CDF of
+    a uniform on [Phi(-1), Phi(1)]; torch's own trunc_normal_ rejection-samples, ~10x slower at this width)."""
+    with torch.no_grad():
+        edge = math.erf(1 / math.sqrt(2.0))  # 2 Phi(1) - 1
+        return t.uniform_(-edge, edge).erfinv_().mul_(std * math.sqrt(2.0)).clamp_(-std, std)
+
+
 class DTM(nn.Module):
     def __init__(self, cfg, target_dim=None):
         super().__init__()
@@ -245,10 +264,16 @@ class DTM(nn.Module):
                                layer_scale=cfg.layer_scale, drop_path_rate=cfg.drop_path)
         D = self.encoder.embed_dim
         self.head = nn.Linear(D, target_dim or D)  # the official lm_head, shared by all patch tokens
-        # BEiT init: mask token N(0, 0.02), residual branch outputs of block i scaled by 1/sqrt(2 i)
-        nn.init.trunc_normal_(self.encoder.mask_token, std=0.02)
-        nn.init.trunc_normal_(self.head.weight, std=0.02)
-        nn.init.zeros_(self.head.bias)
+        # the official init (BEiT v2 / DTM _init_weights): every Linear and the patch conv, [CLS], the mask token, the
+        # position embedding and the head drawn by beit_trunc_normal_ (std 0.0108 for 0.02), biases 0; then the
+        # residual branch outputs of block i scaled by 1/sqrt(2 i) (fix_init_weight)
+        for m in self.modules():
+            if isinstance(m, (nn.Linear, nn.Conv2d)):
+                beit_trunc_normal_(m.weight, std=0.02)
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
+        for p in (self.encoder.cls_token, self.encoder.mask_token, self.encoder.pos_embed):
+            beit_trunc_normal_(p, std=0.02)
         with torch.no_grad():
             for i, blk in enumerate(self.encoder.blocks, start=1):
                 blk.attn.proj.weight.div_(math.sqrt(2.0 * i))
@@ -364,11 +389,11 @@ class CLIPVisual(nn.Module):
         return self.ln_post(x[:, 1:]) @ self.proj.to(x.dtype)  # (B, L, C), [CLS] dropped
 
 
-def load_clip_visual(path, img_size):
+def load_clip_visual(path, img_size, trust=False):
     """CLIPVisual from an OpenAI-format state_dict (full model with 'visual.' keys, or the visual tower alone);
     width, depth, patch and output width are read from the tensors, the position embedding is resized to img_size."""
     try:
-        sd = vit.read_checkpoint(path)
+        sd = vit.read_checkpoint(path, trust=trust)
     except (FileNotFoundError, ValueError) as e:
         sys.exit(f'error: teacher {e}')
     sd = sd.get('state_dict', sd) if isinstance(sd, dict) else sd
@@ -394,13 +419,15 @@ def load_clip_visual(path, img_size):
 
 
 def build_teacher(cfg, student_encoder=None, verbose=True):
-    """--teacher ema (a copy of student_encoder) | vit:PATH | clip:PATH -> frozen module in eval mode with .dim."""
+    """--teacher ema (a copy of student_encoder) | vit:PATH | clip:PATH (clip: CLIP_DEFAULT) -> frozen module in eval
+    mode with .dim."""
     kind, _, path = cfg.teacher.partition(':')
     if kind == 'ema':
         teacher = ViTTeacher(copy.deepcopy(student_encoder))
     elif kind == 'vit':  # the ViT the file holds (size, patch, layer scale from its tensors), at the student's size
         try:
-            enc, arch = vit.load_vit(path, img_size=cfg.img_size, num_classes=0, verbose=False)
+            enc, arch = vit.load_vit(path, img_size=cfg.img_size, num_classes=0, verbose=False,
+                                     trust=cfg.trust_checkpoint)
         except (FileNotFoundError, ValueError) as e:
             sys.exit(f'error: teacher {e}')
         if enc.grid != cfg.img_size // cfg.patch_size:
@@ -415,7 +442,10 @@ def build_teacher(cfg, student_encoder=None, verbose=True):
                   f"missing: {arch['missing'] or 'none'}")
         teacher = ViTTeacher(enc)
     else:
-        teacher = load_clip_visual(path, cfg.img_size)
+        if path == os.path.expanduser(CLIP_DEFAULT) and not os.path.isfile(path):
+            sys.exit(f'error: --teacher clip: no CLIP ViT-B/16 at {path}; put OpenAI\'s ViT-B-16.pt there (the clip '
+                     f'package\'s clip.load("ViT-B/16") downloads it there) or pass --teacher clip:PATH')
+        teacher = load_clip_visual(path, cfg.img_size, cfg.trust_checkpoint)
     return teacher.requires_grad_(False).eval()
 
 
@@ -589,7 +619,14 @@ def schedules(step, cfg, base_lr, warmup_steps, total_steps, rank=0):
 
 def resolve_device(flag, local_rank, ddp, cuda_available):
     """--device -> a device string with an index for CUDA ('cuda' -> 'cuda:LOCAL_RANK'; under torchrun every
-    process takes its own GPU), without touching CUDA."""
+    process takes its own GPU), without touching CUDA. Another value than cuda, cuda:N or cpu, or CUDA asked for
+    where there is none, stops with one line."""
+    kind, colon, index = flag.partition(':')
+    if flag not in ('', 'cpu', 'cuda') and not (kind == 'cuda' and colon and index.isdigit()):
+        sys.exit(f'error: --device must be cuda, cuda:N or cpu, got {flag!r}')
+    if kind == 'cuda' and not cuda_available:
+        sys.exit(f'error: --device {flag}: CUDA is not available here (torch {torch.__version__}, '
+                 f'{"built without CUDA" if torch.version.cuda is None else "no GPU visible"}); use --device cpu')
     device = flag or ('cuda' if cuda_available else 'cpu')
     if device.startswith('cuda') and (ddp or device == 'cuda'):
         device = f'cuda:{local_rank}'
@@ -685,9 +722,9 @@ def exit_on_failed_write(path, saved, need=0):
 def load_checkpoint(path, cfg):
     """Load a checkpoint to resume from; refuses another method's or another architecture's checkpoint."""
     try:
-        ckpt = torch.load(path, map_location='cpu', weights_only=False)
-    except Exception as e:
-        sys.exit(f'error: cannot read checkpoint {path} ({type(e).__name__}: {e})')
+        ckpt = vit.safe_load(path, cfg.trust_checkpoint)  # weights only, unless --trust_checkpoint
+    except ValueError as e:
+        sys.exit(f'error: {e}')
     if not isinstance(ckpt, dict) or ckpt.get('method') != METHOD:
         kind = ckpt.get('method', 'non-nanoMIM') if isinstance(ckpt, dict) else 'non-nanoMIM'
         sys.exit(f'error: {path} is a {kind} checkpoint, not {METHOD}')

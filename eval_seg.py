@@ -101,6 +101,7 @@ class Config:
     eval_only: bool = False    # evaluate the model of --resume (or the loaded backbone) and exit
     out_dir: str = 'out/seg'   # checkpoint.pt, log.jsonl, seg.png
     resume: str = ''           # '' fresh, 'auto' = out_dir/checkpoint.pt if present, or a path
+    trust_checkpoint: bool = False  # load a file that is more than data (its unpickling can run code); only if trusted
     save_every: int = 4000     # steps between checkpoints (always saved at the end)
     dtype: str = ''            # bf16|fp16|fp32; '' = bf16 on CUDA, fp32 on CPU
     compile: bool = False      # torch.compile the model
@@ -696,7 +697,14 @@ def lr_at(step, base_lr, min_lr, warmup_steps, total_steps, power=1.0):
 
 def resolve_device(flag, local_rank, ddp, cuda_available):
     """--device -> a device string with an index for CUDA ('cuda' -> 'cuda:LOCAL_RANK'; under torchrun every
-    process takes its own GPU), without touching CUDA."""
+    process takes its own GPU), without touching CUDA. Another value than cuda, cuda:N or cpu, or CUDA asked for
+    where there is none, stops with one line."""
+    kind, colon, index = flag.partition(':')
+    if flag not in ('', 'cpu', 'cuda') and not (kind == 'cuda' and colon and index.isdigit()):
+        sys.exit(f'error: --device must be cuda, cuda:N or cpu, got {flag!r}')
+    if kind == 'cuda' and not cuda_available:
+        sys.exit(f'error: --device {flag}: CUDA is not available here (torch {torch.__version__}, '
+                 f'{"built without CUDA" if torch.version.cuda is None else "no GPU visible"}); use --device cpu')
     device = flag or ('cuda' if cuda_available else 'cpu')
     if device.startswith('cuda') and (ddp or device == 'cuda'):
         device = f'cuda:{local_rank}'
@@ -751,9 +759,9 @@ def save_checkpoint(path, state):
 def load_checkpoint(path, cfg, num_classes):
     """Load a checkpoint to resume from; refuses another method's, architecture's or label set's checkpoint."""
     try:
-        ckpt = torch.load(path, map_location='cpu', weights_only=False)
-    except Exception as e:
-        sys.exit(f'error: cannot read checkpoint {path} ({type(e).__name__}: {e})')
+        ckpt = vit.safe_load(path, cfg.trust_checkpoint)  # weights only, unless --trust_checkpoint
+    except ValueError as e:
+        sys.exit(f'error: {e}')
     method = ckpt.get('method') if isinstance(ckpt, dict) else None
     if method != METHOD:
         sys.exit(f'error: {path} is a {method or "non-nanoMIM"} checkpoint, not {METHOD}; '
@@ -790,10 +798,10 @@ def pretrained_backbone(cfg, verbose=True):
               drop_path_rate=0.0 if cfg.head == 'linear' else cfg.drop_path)
     try:
         if own:
-            backbone, arch = vit.load_vit(cfg.checkpoint, verbose=verbose, **kw)
+            backbone, arch = vit.load_vit(cfg.checkpoint, verbose=verbose, trust=cfg.trust_checkpoint, **kw)
             method = arch['method']
         elif resume and os.path.isfile(resume):  # unreadable or foreign files: load_checkpoint says why
-            ckpt = vit.read_checkpoint(resume)
+            ckpt = vit.read_checkpoint(resume, trust=cfg.trust_checkpoint)
             if isinstance(ckpt, dict) and ckpt.get('method') == METHOD and 'encoder' in ckpt:
                 backbone, _ = vit.load_vit(ckpt, verbose=False, **kw)
                 old = ckpt.get('config') or {}

@@ -111,6 +111,7 @@ class Config:
     weight_decay: float = -1   # AdamW / LARS weight decay (none on biases, norms, tokens, pos_embed)
     out_dir: str = ''          # checkpoint.pt, log.jsonl, results.json; '' = out/<mode>
     resume: str = ''           # '' fresh, 'auto' = out_dir/checkpoint.pt if present, or a path
+    trust_checkpoint: bool = False  # load a file that is more than data (its unpickling can run code); only if trusted
     save_every: int = 0        # optimizer steps between checkpoints; 0 = once per epoch (always at the end)
     dtype: str = ''            # bf16|fp16|fp32; '' = bf16 on CUDA, fp32 on CPU
     compile: bool = False      # torch.compile the model
@@ -338,7 +339,7 @@ def build_backbone(cfg, num_classes, verbose=True):
         return vit.vit(cfg.model, patch_size=cfg.patch_size, **kw)
     try:
         return vit.load_vit(cfg.checkpoint, cfg.checkpoint_key, model=cfg.model, patch_size=cfg.patch_size,
-                            verbose=verbose, **kw)[0]
+                            verbose=verbose, trust=cfg.trust_checkpoint, **kw)[0]
     except (FileNotFoundError, ValueError) as e:
         sys.exit(f'error: {e}')
 
@@ -546,7 +547,14 @@ def ema_update(teacher, student, m):
 
 def resolve_device(flag, local_rank, ddp, cuda_available):
     """--device -> a device string with an index for CUDA ('cuda' -> 'cuda:LOCAL_RANK'; under torchrun every
-    process takes its own GPU), without touching CUDA."""
+    process takes its own GPU), without touching CUDA. Another value than cuda, cuda:N or cpu, or CUDA asked for
+    where there is none, stops with one line."""
+    kind, colon, index = flag.partition(':')
+    if flag not in ('', 'cpu', 'cuda') and not (kind == 'cuda' and colon and index.isdigit()):
+        sys.exit(f'error: --device must be cuda, cuda:N or cpu, got {flag!r}')
+    if kind == 'cuda' and not cuda_available:
+        sys.exit(f'error: --device {flag}: CUDA is not available here (torch {torch.__version__}, '
+                 f'{"built without CUDA" if torch.version.cuda is None else "no GPU visible"}); use --device cpu')
     device = flag or ('cuda' if cuda_available else 'cpu')
     if device.startswith('cuda') and (ddp or device == 'cuda'):
         device = f'cuda:{local_rank}'
@@ -601,9 +609,9 @@ def save_checkpoint(path, state):
 def load_checkpoint(path, cfg):
     """Load a checkpoint to resume from; refuses another method's or another architecture's checkpoint."""
     try:
-        ckpt = torch.load(path, map_location='cpu', weights_only=False)
-    except Exception as e:
-        sys.exit(f'error: cannot read checkpoint {path} ({type(e).__name__}: {e})')
+        ckpt = vit.safe_load(path, cfg.trust_checkpoint)  # weights only, unless --trust_checkpoint
+    except ValueError as e:
+        sys.exit(f'error: {e}')
     if ckpt.get('method') != METHOD:
         sys.exit(f'error: {path} is a {ckpt.get("method", "non-nanoMIM")} checkpoint, not {METHOD}')
     old = ckpt['config']

@@ -15,6 +15,8 @@ patch layer then has no teacher counterpart (the EMA pairs parameters by name); 
 
   python ibot.py                                                # embedded data, CPU: tiny ViT, 312 steps
   torchrun --nproc_per_node=8 ibot.py --data /path/to/imagenet  # recipe: ViT-B/16, 400 ep, batch 1024, 2+10 crops
+  torchrun --nproc_per_node=8 ibot.py --data /path/to/imagenet --model small --epochs 800
+                                                                # the official ViT-S/16 command (norm_last_layer false)
   python ibot.py --help                                         # every knob, with its default
 
 Measured (shared 2-core Xeon CPU, torch 2.15, fp32, embedded shapes): the default step (batch 32, 2x64 px + 2x32 px
@@ -73,7 +75,8 @@ class Config:
     out_dim: int = 0           # K prototypes of the head
     head_hidden: int = 0       # width of the head's 3-layer MLP
     shared_head: bool = True   # student: [CLS] and patches share the head's last layer (recipe: true; teacher: always)
-    norm_last_layer: bool = True  # freeze the weight-norm gain g = 1 (recipe: true ViT-B, false ViT-S)
+    norm_last_layer: bool = None  # freeze the weight-norm gain g = 1; unset = the official commands': false for
+    #                               ViT-S (--model small), true for the other sizes
     freeze_last_layer: int = 1  # epochs during which the last layer gets no update
     drop_path: float = 0.1     # stochastic depth of the student (the teacher has none)
     ema_momentum: float = 0.996  # EMA momentum of the teacher at step 0, half cosine to 1 at the end
@@ -98,6 +101,7 @@ class Config:
     clip_grad: float = 3.0     # max L2 norm of each parameter's gradient (per tensor, as the recipe); 0 = off
     out_dir: str = 'out/ibot'  # checkpoint.pt, log.jsonl
     resume: str = ''           # '' fresh; 'auto' = out_dir/checkpoint.pt if present; or a checkpoint path
+    trust_checkpoint: bool = False  # load a file that is more than data (its unpickling can run code); only if trusted
     save_every: int = 0        # optimizer steps between checkpoints; 0 = once per epoch (always at the end)
     keep_every: int = -1       # keep out_dir/checkpoint-EPOCH.pt (encoder, config, step) after every this many epochs
     #                            (0 = off)
@@ -191,6 +195,8 @@ def get_config(argv=None):
 
 def check_config(cfg, error):
     """iBOT's own checks, after the defaults are filled; error(msg) exits with the usage line."""
+    if cfg.norm_last_layer is None:  # the official ViT-S/16 command passes --norm_last_layer false, ViT-B true
+        cfg.norm_last_layer = cfg.model != 'small'
     if cfg.local_size % cfg.patch_size:
         error(f'--local_size {cfg.local_size} is not divisible by --patch_size {cfg.patch_size}')
     if cfg.local_crops_number < 0:
@@ -224,10 +230,10 @@ class MultiCropTransform:
                                                                   interpolation=v2.InterpolationMode.BICUBIC),
                                v2.RandomHorizontalFlip(), data.color_jitter(), v2.RandomGrayscale(0.2), *extra]
                               + data._finish(normalize))
-        self.global1 = crop(global_size, global_scale, data.gaussian_blur(global_size, 1.0))
-        self.global2 = crop(global_size, global_scale, data.gaussian_blur(global_size, 0.1),
+        self.global1 = crop(global_size, global_scale, data.gaussian_blur(1.0))
+        self.global2 = crop(global_size, global_scale, data.gaussian_blur(0.1),
                             v2.RandomSolarize(128, p=0.2))
-        self.local = crop(local_size, local_scale, data.gaussian_blur(local_size, 0.5))
+        self.local = crop(local_size, local_scale, data.gaussian_blur(0.5))
         self.n_local = n_local
 
     def __call__(self, img):
@@ -527,7 +533,14 @@ def schedules(step, cfg, base_lr, warmup_steps, total_steps, steps_per_epoch):
 
 def resolve_device(flag, local_rank, ddp, cuda_available):
     """--device -> a device string with an index for CUDA ('cuda' -> 'cuda:LOCAL_RANK'; under torchrun every
-    process takes its own GPU), without touching CUDA."""
+    process takes its own GPU), without touching CUDA. Another value than cuda, cuda:N or cpu, or CUDA asked for
+    where there is none, stops with one line."""
+    kind, colon, index = flag.partition(':')
+    if flag not in ('', 'cpu', 'cuda') and not (kind == 'cuda' and colon and index.isdigit()):
+        sys.exit(f'error: --device must be cuda, cuda:N or cpu, got {flag!r}')
+    if kind == 'cuda' and not cuda_available:
+        sys.exit(f'error: --device {flag}: CUDA is not available here (torch {torch.__version__}, '
+                 f'{"built without CUDA" if torch.version.cuda is None else "no GPU visible"}); use --device cpu')
     device = flag or ('cuda' if cuda_available else 'cpu')
     if device.startswith('cuda') and (ddp or device == 'cuda'):
         device = f'cuda:{local_rank}'
@@ -623,9 +636,9 @@ def exit_on_failed_write(path, saved, need=0):
 def load_checkpoint(path, cfg):
     """Load a checkpoint to resume from; refuses another method's or another architecture's checkpoint."""
     try:
-        ckpt = torch.load(path, map_location='cpu', weights_only=False)
-    except Exception as e:
-        sys.exit(f'error: cannot read checkpoint {path} ({type(e).__name__}: {e})')
+        ckpt = vit.safe_load(path, cfg.trust_checkpoint)  # weights only, unless --trust_checkpoint
+    except ValueError as e:
+        sys.exit(f'error: {e}')
     if not isinstance(ckpt, dict) or ckpt.get('method') != METHOD:
         kind = ckpt.get('method', 'non-nanoMIM') if isinstance(ckpt, dict) else 'non-nanoMIM'
         sys.exit(f'error: {path} is a {kind} checkpoint, not {METHOD}')

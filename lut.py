@@ -85,7 +85,7 @@ class Config:
     w_bc: float = -1           # weight of the broader-contextualization loss L_BC; -1 = 1.0 up to small, 0.25 base+
     epochs: int = 0            # pre-training epochs
     batch_size: int = 0        # per process (effective batch = batch_size * accum_iter * processes)
-    accum_iter: int = 1        # gradient accumulation: micro-batches per optimizer step
+    accum_iter: int = 0        # gradient accumulation: micro-batches per optimizer step
     blr: float = 0.0           # base learning rate: lr = blr * sqrt(effective_batch) / 4 (official main_lut.py)
     lr: float = 0.0            # absolute learning rate; overrides blr when > 0
     min_lr: float = 0.0        # end of the cosine schedule
@@ -93,6 +93,7 @@ class Config:
     weight_decay: float = 0.05  # AdamW; none on biases and norms (1-D); [CLS] and mask tokens decayed (official)
     out_dir: str = 'out/lut'   # checkpoint.pt, log.jsonl, recon.png
     resume: str = ''           # '' fresh; 'auto' = out_dir/checkpoint.pt if present; or a checkpoint path
+    trust_checkpoint: bool = False  # load a file that is more than data (its unpickling can run code); only if trusted
     save_every: int = 0        # optimizer steps between checkpoints; 0 = once per epoch (always at the end)
     keep_every: int = -1       # keep out_dir/checkpoint-EPOCH.pt (encoder, config, step) after every this many epochs
     #                            (0 = off)
@@ -110,16 +111,19 @@ class Config:
 
 
 # what 0 / '' / -1 resolve to: the embedded shapes (CPU, minutes), the small idx datasets (the README's CPU-scale
-# Results protocol), an image folder (the paper's recipe: ViT-B/16, 1600 epochs, effective batch 4096 on 8 GPUs)
+# Results protocol), an image folder (the paper's recipe: ViT-B/16, 1600 epochs, effective batch 4096 on 8 GPUs as
+# the official command makes it, 128 per GPU x --accum_iter 4 (docs/PRETRAIN.md): the BatchNorm of the head and
+# predictor normalises each view over one micro-batch, 128 x 8 = 1024 images, not 4096, and the momentum branch's
+# running statistics are EMA'd from those)
 REGIMES = {
     'embedded': dict(model='tiny', img_size=64, patch_size=8, decoder_dim=128, decoder_depth=2, decoder_heads=4,
-                     epochs=8, batch_size=64, blr=1.5e-4, warmup_epochs=1, num_workers=2,
+                     epochs=8, batch_size=64, accum_iter=1, blr=1.5e-4, warmup_epochs=1, num_workers=2,
                      knn_every=0, knn_train=100, knn_val=50, keep_every=0),  # lr 3e-4 at batch 64
     'small': dict(model='mini', img_size=32, patch_size=4, decoder_dim=128, decoder_depth=2, decoder_heads=4,
-                  epochs=1, batch_size=128, blr=1.5e-4, warmup_epochs=0.1, num_workers=2,
+                  epochs=1, batch_size=128, accum_iter=1, blr=1.5e-4, warmup_epochs=0.1, num_workers=2,
                   knn_every=1, knn_train=1000, knn_val=500, keep_every=0),
     'folder': dict(model='base', img_size=224, patch_size=0, decoder_dim=512, decoder_depth=8, decoder_heads=16,
-                   epochs=1600, batch_size=512, blr=1.5e-4, warmup_epochs=40, num_workers=10,
+                   epochs=1600, batch_size=128, accum_iter=4, blr=1.5e-4, warmup_epochs=40, num_workers=10,
                    knn_every=1, knn_train=20000, knn_val=5000, keep_every=20),
 }
 ARCH_KEYS = ('model', 'img_size', 'patch_size', 'decoder_dim', 'decoder_depth', 'decoder_heads', 'head_dim')
@@ -224,7 +228,7 @@ class LUTTransform:
         else:
             raise ValueError(f'--crop must be src or rrc, got {crop!r}')
         self.strong = v2.Compose([data.color_jitter(), v2.RandomChoice([
-            v2.Grayscale(3), v2.RandomSolarize(128, p=1.0), data.gaussian_blur(img_size, 1.0)])])
+            v2.Grayscale(3), v2.RandomSolarize(128, p=1.0), data.gaussian_blur(1.0)])])
         self.finish = v2.Compose(data._finish(normalize)) if normalize else v2.Identity()
         self.shared = shared
 
@@ -472,7 +476,14 @@ def schedules(step, cfg, base_lr, warmup_steps, total_steps):
 
 def resolve_device(flag, local_rank, ddp, cuda_available):
     """--device -> a device string with an index for CUDA ('cuda' -> 'cuda:LOCAL_RANK'; under torchrun every
-    process takes its own GPU), without touching CUDA."""
+    process takes its own GPU), without touching CUDA. Another value than cuda, cuda:N or cpu, or CUDA asked for
+    where there is none, stops with one line."""
+    kind, colon, index = flag.partition(':')
+    if flag not in ('', 'cpu', 'cuda') and not (kind == 'cuda' and colon and index.isdigit()):
+        sys.exit(f'error: --device must be cuda, cuda:N or cpu, got {flag!r}')
+    if kind == 'cuda' and not cuda_available:
+        sys.exit(f'error: --device {flag}: CUDA is not available here (torch {torch.__version__}, '
+                 f'{"built without CUDA" if torch.version.cuda is None else "no GPU visible"}); use --device cpu')
     device = flag or ('cuda' if cuda_available else 'cpu')
     if device.startswith('cuda') and (ddp or device == 'cuda'):
         device = f'cuda:{local_rank}'
@@ -568,9 +579,9 @@ def exit_on_failed_write(path, saved, need=0):
 def load_checkpoint(path, cfg):
     """Load a checkpoint to resume from; refuses another method's or another architecture's checkpoint."""
     try:
-        ckpt = torch.load(path, map_location='cpu', weights_only=False)
-    except Exception as e:
-        sys.exit(f'error: cannot read checkpoint {path} ({type(e).__name__}: {e})')
+        ckpt = vit.safe_load(path, cfg.trust_checkpoint)  # weights only, unless --trust_checkpoint
+    except ValueError as e:
+        sys.exit(f'error: {e}')
     if not isinstance(ckpt, dict) or ckpt.get('method') != METHOD:
         kind = ckpt.get('method', 'non-nanoMIM') if isinstance(ckpt, dict) else 'non-nanoMIM'
         sys.exit(f'error: {path} is a {kind} checkpoint, not {METHOD}')

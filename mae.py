@@ -60,6 +60,7 @@ class Config:
     weight_decay: float = 0.05  # AdamW; none on biases and norms (1-D); [CLS] and mask tokens decayed (official)
     out_dir: str = 'out/mae'   # checkpoint.pt, log.jsonl, recon.png
     resume: str = ''           # '' fresh; 'auto' = out_dir/checkpoint.pt if present; or a checkpoint path
+    trust_checkpoint: bool = False  # load a file that is more than data (its unpickling can run code); only if trusted
     save_every: int = 0        # optimizer steps between checkpoints; 0 = once per epoch (always at the end)
     keep_every: int = -1       # keep out_dir/checkpoint-EPOCH.pt (encoder, config, step) after every this many epochs
     #                            (0 = off)
@@ -270,7 +271,14 @@ def schedules(step, cfg, base_lr, warmup_steps, total_steps):
 
 def resolve_device(flag, local_rank, ddp, cuda_available):
     """--device -> a device string with an index for CUDA ('cuda' -> 'cuda:LOCAL_RANK'; under torchrun every
-    process takes its own GPU), without touching CUDA."""
+    process takes its own GPU), without touching CUDA. Another value than cuda, cuda:N or cpu, or CUDA asked for
+    where there is none, stops with one line."""
+    kind, colon, index = flag.partition(':')
+    if flag not in ('', 'cpu', 'cuda') and not (kind == 'cuda' and colon and index.isdigit()):
+        sys.exit(f'error: --device must be cuda, cuda:N or cpu, got {flag!r}')
+    if kind == 'cuda' and not cuda_available:
+        sys.exit(f'error: --device {flag}: CUDA is not available here (torch {torch.__version__}, '
+                 f'{"built without CUDA" if torch.version.cuda is None else "no GPU visible"}); use --device cpu')
     device = flag or ('cuda' if cuda_available else 'cpu')
     if device.startswith('cuda') and (ddp or device == 'cuda'):
         device = f'cuda:{local_rank}'
@@ -366,9 +374,9 @@ def exit_on_failed_write(path, saved, need=0):
 def load_checkpoint(path, cfg):
     """Load a checkpoint to resume from; refuses another method's or another architecture's checkpoint."""
     try:
-        ckpt = torch.load(path, map_location='cpu', weights_only=False)
-    except Exception as e:
-        sys.exit(f'error: cannot read checkpoint {path} ({type(e).__name__}: {e})')
+        ckpt = vit.safe_load(path, cfg.trust_checkpoint)  # weights only, unless --trust_checkpoint
+    except ValueError as e:
+        sys.exit(f'error: {e}')
     if not isinstance(ckpt, dict) or ckpt.get('method') != METHOD:
         kind = ckpt.get('method', 'non-nanoMIM') if isinstance(ckpt, dict) else 'non-nanoMIM'
         sys.exit(f'error: {path} is a {kind} checkpoint, not {METHOD}')

@@ -19,10 +19,14 @@ Forward paths (small methods, one per use):
   forward_attention(x)            per-layer attention maps (B, H, 1+L, 1+L), explicit softmax (analysis only)
   forward(x)                      pooled features -> head (fine-tuning / probing)
 """
+import argparse
 import math
 import os
+import pickle
+import re
 import time
 import warnings
+import zipfile
 
 import numpy as np
 import torch
@@ -410,25 +414,65 @@ def extract_backbone(ckpt):
     return sd, fmt
 
 
-def read_checkpoint(path, verbose=True):
-    """torch.load a checkpoint file on the CPU. FileNotFoundError (missing) or ValueError (unreadable) with one
-    line naming the file; a TorchScript archive (OpenAI's released CLIP files) gives its state_dict. A file over
-    256 MB gets a line before and after (with verbose), since torch.load cannot report its progress."""
+# the globals a weights-only load may build besides tensors, dtypes and plain containers: the argparse.Namespace
+# ('args') of the official MAE / LUT / iBOT / DINO / BEiT / DTM checkpoints. nanoMIM's own checkpoints need none.
+SAFE_GLOBALS = (argparse.Namespace,)
+TRUST_HINT = 'if you trust the file, pass --trust_checkpoint'
+
+
+def safe_load(path, trust=False):
+    """torch.load(path) on the CPU, as data: weights_only=True with SAFE_GLOBALS allowed, so unpickling builds
+    tensors, containers, numbers, strings and those classes, and nothing the file names can run. A file that asks
+    for any other global is refused with one ValueError line naming the file, the global and the flag;
+    trust=True (--trust_checkpoint, for a file you trust) uses Python's full unpickler, which runs whatever
+    callable the file names. Any other read failure: ValueError naming the file."""
+    try:
+        with torch.serialization.safe_globals(list(SAFE_GLOBALS)):
+            return torch.load(path, map_location='cpu', weights_only=not trust)
+    except pickle.UnpicklingError as e:
+        asked = re.search(r'GLOBAL ([\w.]+)', str(e))
+        if trust or not asked:
+            raise ValueError(f'cannot read checkpoint {path} ({type(e).__name__}: {str(e).strip()[:300]})') from None
+        raise ValueError(f'checkpoint {path} needs {asked.group(1)}, which is not data (unpickling it could run '
+                         f'code), so it was not loaded; {TRUST_HINT}') from None
+    except Exception as e:
+        raise ValueError(f'cannot read checkpoint {path} ({type(e).__name__}: {str(e).strip()[:300]})') from None
+
+
+def is_torchscript(path):
+    """A TorchScript archive (torch.jit.save; OpenAI's released CLIP files): a zip with a constants.pkl record."""
+    if not zipfile.is_zipfile(path):
+        return False
+    with zipfile.ZipFile(path) as z:
+        return any(name.split('/', 1)[-1] == 'constants.pkl' for name in z.namelist())
+
+
+def read_checkpoint(path, verbose=True, trust=False):
+    """Load a checkpoint file on the CPU through safe_load (weights only; trust=True: the full unpickler, see there).
+    FileNotFoundError (missing) or ValueError (unreadable, or refused) with one line naming the file.
+    A TorchScript archive (OpenAI's released CLIP files) gives its state_dict through torch.jit.load: that runs no
+    Python pickle (TorchScript's own unpickler builds tensors and TorchScript objects only, and the model code is
+    compiled but never called here), yet it trusts torch.jit.load's parser with the file, which PyTorch does not
+    document as safe for untrusted input: take CLIP files from OpenAI's own download. A file over 256 MB gets a line
+    before and after (with verbose), since torch.load cannot report its progress."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f'checkpoint {path} does not exist')
     size, t0 = os.path.getsize(path), time.time()
     if verbose and size > 256 * 2 ** 20:
         print(f'loading {path} ({size / 2 ** 30:.2f} GB) ...', flush=True)
-    try:
-        with warnings.catch_warnings():  # torch.load hands TorchScript archives to torch.jit.load, with two warnings
-            warnings.filterwarnings('ignore', message='.*TorchScript')
-            warnings.filterwarnings('ignore', message='.*torch.jit.load.*deprecated')
-            obj = torch.load(path, map_location='cpu', weights_only=False)
-    except Exception as e:
-        raise ValueError(f'cannot read checkpoint {path} ({type(e).__name__}: {e})') from None
+    if is_torchscript(path):
+        try:
+            with warnings.catch_warnings():
+                warnings.filterwarnings('ignore', message='.*torch.jit.load.*deprecated')
+                warnings.filterwarnings('ignore', message='.*TorchScript')
+                obj = torch.jit.load(path, map_location='cpu').state_dict()
+        except Exception as e:
+            raise ValueError(f'cannot read TorchScript checkpoint {path} ({type(e).__name__}: {e})') from None
+    else:
+        obj = safe_load(path, trust)
     if verbose and size > 256 * 2 ** 20:
         print(f'loaded {path} in {time.time() - t0:.0f} s ({size / 2 ** 20 / max(time.time() - t0, 1e-9):.0f} MB/s)')
-    return obj.state_dict() if isinstance(obj, torch.jit.ScriptModule) else obj
+    return obj
 
 
 def checkpoint_arch(ckpt, num_heads=0):
@@ -464,14 +508,15 @@ def checkpoint_arch(ckpt, num_heads=0):
                 method=method or ('ibot' if fmt.startswith('ibot') else None))
 
 
-def load_vit(src, key='', img_size=0, model='', patch_size=0, num_heads=0, verbose=True, **kw):
+def load_vit(src, key='', img_size=0, model='', patch_size=0, num_heads=0, verbose=True, trust=False, **kw):
     """The one way every script gets a pre-trained ViT: read `src` (a path or a loaded checkpoint; `key` picks one
     entry of it, e.g. model_ema or student), build the VisionTransformer its backbone holds (checkpoint_arch: width,
     depth, heads, patch, MLP ratio, qkv bias, layer scale) at `img_size` (0 = the checkpoint's own; the position
     embedding is interpolated) and load the weights (load_backbone). `model` / `patch_size`, when given, must match
-    the checkpoint. kw go to VisionTransformer (num_classes, global_pool, drop_path_rate, pos_embed, mask_token, ...).
+    the checkpoint. trust: read_checkpoint's (--trust_checkpoint). kw go to VisionTransformer (num_classes,
+    global_pool, drop_path_rate, pos_embed, mask_token, ...).
     Returns (model, arch with the missing / unexpected keys). FileNotFoundError / ValueError name the problem."""
-    ckpt = read_checkpoint(src, verbose) if isinstance(src, str) else src
+    ckpt = read_checkpoint(src, verbose, trust) if isinstance(src, str) else src
     if key:
         if not isinstance(ckpt, dict) or key not in ckpt:
             keys = ', '.join(map(str, ckpt)) if isinstance(ckpt, dict) else type(ckpt).__name__

@@ -50,4 +50,4 @@ def torchrun():
 
 
 def load_ckpt(out_dir):
-    return torch.load(os.path.join(out_dir, 'checkpoint.pt'), map_location='cpu', weights_only=False)
+    return torch.load(os.path.join(out_dir, 'checkpoint.pt'), map_location='cpu', weights_only=True)

@@ -132,6 +132,7 @@ def test_cuda_device_runs_fp32_matmuls_in_tf32(monkeypatch):
     # the fp32 rows (and --compare's baseline) must run the TF32 math MFU's fp32 peak assumes
     saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
     monkeypatch.setattr(torch.cuda, 'set_device', lambda device: None)
+    monkeypatch.setattr(torch.cuda, 'is_available', lambda: True)  # a (pretended) GPU machine
     try:
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
         assert bench.setup_device('cpu') == 'cpu' and not torch.backends.cuda.matmul.allow_tf32

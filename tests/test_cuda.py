@@ -151,7 +151,7 @@ def test_checkpoint_resumes_on_the_other_device(first, second, tmp_path):
     4. The checkpoint's `encoder` loads as CPU tensors with no map_location; the optimizer moments move along."""
     out = str(tmp_path / 'run')
     mae.main(MAE_RUN + ['--device', first, '--max_steps', '2', '--out_dir', out])
-    ck = torch.load(os.path.join(out, 'checkpoint.pt'), weights_only=False)  # where each tensor was saved
+    ck = torch.load(os.path.join(out, 'checkpoint.pt'), weights_only=True)  # where each tensor was saved
     assert ck['encoder'] and all(v.device.type == 'cpu' for v in ck['encoder'].values())
     assert all(v.device.type == first for v in ck['model'].values())
     mae.main(MAE_RUN + ['--device', second, '--max_steps', '4', '--resume', 'auto', '--out_dir', out])

@@ -1,6 +1,7 @@
 """DTM: the exact-count block mask, token morphing, scheduler, loss, teachers (CLIP / ViT / EMA), and end-to-end
 training, resume, DDP."""
 import json
+import math
 import os
 import random
 
@@ -470,3 +471,51 @@ def test_bad_teacher_path_is_one_line(tmp_path):
     with pytest.raises(SystemExit) as e:
         run(tmp_path, 'bad', '--resume', str(tmp_path / 'teacher.pt'), '--max_steps', '1')
     assert str(e.value).startswith('error: cannot read checkpoint')
+
+
+def test_vit_b_student_starts_as_the_official_init():
+    """BEiT v2 / DTM's trunc_normal_(t, 0.02) cuts the normal at +-1 std: every Linear, the patch conv (bias 0), [CLS],
+    the mask token and the head have std 0.02 * sqrt(1 - 2 phi(1) / (2 Phi(1) - 1)) = 0.0108 and no value beyond
+    0.02; attn.proj and mlp.fc2 of block i are that divided by sqrt(2 i)."""
+    phi1, Phi1 = math.exp(-0.5) / math.sqrt(2 * math.pi), 0.5 * (1 + math.erf(1 / math.sqrt(2)))
+    expected = 0.02 * math.sqrt(1 - 2 * phi1 / (2 * Phi1 - 1))
+    assert abs(expected - 0.0108) < 1e-4
+    torch.manual_seed(0)
+    cfg = dtm.get_config(['--model', 'base', '--img_size', '224', '--patch_size', '16'])
+    model = dtm.DTM(cfg, target_dim=512)
+    enc = model.encoder
+    blocks = list(enc.blocks)
+    groups = {  # name: (values with the 1/sqrt(2 i) rescale undone, relative tolerance)
+        'patch conv': (enc.patch_embed.proj.weight, 0.01), 'cls token': (enc.cls_token, 0.08),
+        'mask token': (enc.mask_token, 0.08), 'head': (model.head.weight, 0.01),
+        'qkv': (torch.cat([b.attn.qkv.weight.flatten() for b in blocks]), 0.01),
+        'fc1': (torch.cat([b.mlp.fc1.weight.flatten() for b in blocks]), 0.01),
+        'attn.proj x sqrt(2i)': (torch.cat([b.attn.proj.weight.flatten() * math.sqrt(2 * i)
+                                            for i, b in enumerate(blocks, 1)]), 0.01),
+        'fc2 x sqrt(2i)': (torch.cat([b.mlp.fc2.weight.flatten() * math.sqrt(2 * i) for i, b in enumerate(blocks, 1)]),
+                           0.01),
+    }
+    for name, (w, tol) in groups.items():
+        w = w.detach().float()
+        assert abs(w.std().item() / expected - 1) < tol, f'{name}: std {w.std().item():.5f}, official {expected:.5f}'
+        assert w.abs().max().item() <= 0.02 * (1 + 1e-5), f'{name}: a value beyond +-1 std of the draw'
+    assert enc.patch_embed.proj.bias.abs().max() == 0 and model.head.bias.abs().max() == 0
+    assert all(b.attn.qkv.bias.abs().max() == 0 for b in blocks)
+
+
+def test_teacher_clip_default_on_a_folder(tmp_path, monkeypatch):
+    """The folder regime distils from CLIP ViT-B/16 (the paper); `--teacher clip` looks where OpenAI's clip package
+    keeps it and, when it is not there, stops with one line saying where to put it or how to pass clip:PATH."""
+    monkeypatch.setenv('HOME', str(tmp_path))
+    clip_file = tmp_path / '.cache' / 'clip' / 'ViT-B-16.pt'
+    assert dtm.get_config(['--data', os.path.dirname(__file__)]).teacher == f'clip:{clip_file}'
+    assert dtm.get_config([]).teacher == 'ema' and dtm.get_config(['--data', 'fashion-mnist']).teacher == 'ema'
+    with pytest.raises(SystemExit) as e:
+        dtm.build_teacher(tiny_cfg(teacher='clip'))
+    msg = str(e.value)
+    assert msg.startswith(f'error: --teacher clip: no CLIP ViT-B/16 at {clip_file}') and '\n' not in msg
+    assert 'clip:PATH' in msg
+    clip_file.parent.mkdir(parents=True)
+    torch.save(clip_state_dict(), clip_file)  # a tiny stand-in at that path
+    assert isinstance(dtm.build_teacher(tiny_cfg(teacher='clip')), dtm.CLIPVisual)
+    assert dtm.get_config(['--data', os.path.dirname(__file__), '--teacher', 'ema']).teacher == 'ema'

@@ -440,3 +440,31 @@ def test_bad_data_and_foreign_checkpoint(tmp_path):
     torch.save({'method': 'mae', 'config': {}}, tmp_path / 'x' / 'checkpoint.pt')
     with pytest.raises(SystemExit, match='mae checkpoint, not ibot'):
         ibot.main(TINY + ['--out_dir', str(tmp_path / 'x'), '--resume', 'auto', '--max_steps', '1'])
+
+
+def test_vit_s_readme_command_is_the_official_vit_s_command():
+    """The official ViT-S/16 command (iBOT README: --arch vit_small --teacher_temp 0.07 --warmup_teacher_temp_epochs 30
+    --norm_last_layer false --epochs 800 --batch_size_per_gpu 64 on 16 GPUs --shared_head true --out_dim 8192
+    --local_crops_number 10 --global_crops_scale 0.25 1 --local_crops_scale 0.05 0.25 --pred_ratio 0 0.3
+    --pred_ratio_var 0 0.2, parser defaults for the rest) is what the README's ViT-S line resolves to on 8 GPUs."""
+    readme = open(os.path.join(os.path.dirname(os.path.dirname(__file__)), 'README.md')).read()
+    line = next(l for l in readme.splitlines() if 'ibot.py' in l and '--model small' in l)
+    assert line.startswith('torchrun --nproc_per_node=8 ')
+    argv = line.split('ibot.py', 1)[1].split('#')[0].split()
+    argv[argv.index('--data') + 1] = os.path.dirname(__file__)  # any folder: the folder regime
+    cfg = ibot.get_config(argv)
+    official = dict(model='small', patch_size=16, img_size=224, local_size=96, teacher_temp=0.07,
+                    warmup_teacher_temp=0.04, warmup_teacher_temp_epochs=30, teacher_patch_temp=0.07,
+                    warmup_teacher_patch_temp=0.04, norm_last_layer=False, epochs=800, shared_head=True,
+                    out_dim=8192, head_hidden=2048, local_crops_number=10, global_scale_min=0.25, local_scale_min=0.05,
+                    pred_ratio=0.3, pred_ratio_var=0.2, no_mask_prob=0.5, blr=5e-4, min_lr=1e-6, warmup_epochs=10,
+                    weight_decay=0.04, weight_decay_end=0.4, ema_momentum=0.996, clip_grad=3.0, freeze_last_layer=1,
+                    drop_path=0.1, student_temp=0.1, center_momentum=0.9, lambda1=1.0, lambda2=1.0)
+    got = {k: getattr(cfg, k) for k in official}
+    assert got == official, {k: (got[k], v) for k, v in official.items() if got[k] != v}
+    assert cfg.batch_size * cfg.accum_iter * 8 == 64 * 16  # global batch 1024
+    # norm_last_layer follows the size unless given: ViT-B keeps the weight-norm gain frozen, as its command does
+    base = ibot.get_config(['--data', os.path.dirname(__file__)])
+    assert base.model == 'base' and base.norm_last_layer is True
+    assert ibot.get_config(['--data', os.path.dirname(__file__), '--model', 'small',
+                            '--norm_last_layer', 'true']).norm_last_layer is True

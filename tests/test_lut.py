@@ -379,3 +379,18 @@ def test_ddp_two_processes_equal_one_process(tmp_path, two_steps):
         # Adam turns round-off in gradients that are zero in exact arithmetic (the key bias: softmax ignores a
         # per-query constant) into steps of ~lr, so a few elements of millions may differ; anything else may not
         assert far <= 1e-5 * total, (part, far, total)
+
+
+def test_folder_regime_is_the_official_micro_batch_and_accumulation(capsys):
+    """docs/PRETRAIN.md: 128 images per GPU with --accum_iter 4 on 8 GPUs (effective 4096). BatchNorm in the head and
+    predictor normalises over one micro-batch, so the micro-batch (not only the effective batch) is the recipe."""
+    cfg = lut.get_config(['--data', os.path.dirname(__file__)])
+    assert (cfg.batch_size, cfg.accum_iter) == (128, 4)
+    assert cfg.batch_size * cfg.accum_iter * 8 == 4096
+    assert cfg.blr * math.sqrt(cfg.batch_size * cfg.accum_iter * 8) / 4 == pytest.approx(2.4e-3)  # main()'s rule
+    assert lut.get_config([]).accum_iter == lut.get_config(['--data', 'fashion-mnist']).accum_iter == 1
+    explicit = lut.get_config(['--data', os.path.dirname(__file__), '--accum_iter', '1', '--batch_size', '512'])
+    assert (explicit.batch_size, explicit.accum_iter) == (512, 1)
+    with pytest.raises(SystemExit):
+        lut.get_config(['--accum_iter', '-1'])
+    assert '--accum_iter' in capsys.readouterr().err

@@ -231,9 +231,9 @@ def test_killed_save_never_leaves_a_torn_checkpoint(tmp_path):
     time.sleep(6)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
-    ck = torch.load(path, weights_only=False)  # whatever step it reached, the file is whole
+    ck = torch.load(path, weights_only=True)  # whatever step it reached, the file is whole
     assert ck['w'].numel() in (10, 4_000_000) and bool((ck['w'] == ck['w'][0]).all())
     with pytest.raises(Exception):
         mae.save_checkpoint(str(path), {'bad': lambda: 0})  # an unpicklable state fails before the rename...
-    assert torch.load(path, weights_only=False)['step'] == ck['step']  # ...and the old checkpoint survives
+    assert torch.load(path, weights_only=True)['step'] == ck['step']  # ...and the old checkpoint survives
     assert not os.path.exists(f'{path}.tmp.{os.getpid()}')  # the failed save removed its temp file

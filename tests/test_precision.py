@@ -386,6 +386,26 @@ def test_resolve_device_indexes_cuda_without_touching_it(method, monkeypatch):
     assert resolve('', 0, False, False) == 'cpu' and resolve('cpu', 1, True, True) == 'cpu'
 
 
+@pytest.mark.parametrize('script', ['mae', 'lut', 'ibot', 'dtm', 'finetune', 'eval_seg', 'analyze', 'bench'])
+def test_a_device_that_is_not_there_or_not_a_device_stops_in_one_line(script, capsys):
+    """--device gpu (not a device) and --device cuda on this CPU machine: one `error:` line that lists the accepted
+    values or says CUDA is missing, from the first thing main() does, in every script that takes --device."""
+    import importlib
+    mod = importlib.import_module(script)
+    if torch.cuda.is_available():
+        pytest.skip('CUDA is available here')
+    for flag, expected in (('gpu', "--device must be cuda, cuda:N or cpu, got 'gpu'"),
+                           ('cuda:', "--device must be cuda, cuda:N or cpu, got 'cuda:'"),
+                           ('cuda', '--device cuda: CUDA is not available here'),
+                           ('cuda:1', '--device cuda:1: CUDA is not available here')):
+        argv = ['--device', flag] + (['--checkpoint', 'none'] if script in ('finetune', 'eval_seg') else [])
+        with pytest.raises(SystemExit) as e:
+            mod.main(argv)
+        msg = str(e.value)
+        assert msg.startswith('error: ' + expected) and '\n' not in msg, (script, flag, msg)
+        assert 'use --device cpu' in msg or 'cuda, cuda:N or cpu' in msg
+
+
 @pytest.fixture
 def keep_tf32():
     """Put back the TF32 switches a CUDA set-up turns on (they are global to the process)."""
@@ -491,7 +511,7 @@ def test_resume_switching_between_bf16_and_fp16(tmp_path):
     ck = load_ckpt(out)
     assert ck['step'] == 2 and ck['scaler']['scale'] > 0
     mae.main(common + ['--dtype', 'bf16', '--max_steps', '3', '--resume', 'auto'])
-    ck = torch.load(os.path.join(out, 'checkpoint.pt'), weights_only=False)
+    ck = torch.load(os.path.join(out, 'checkpoint.pt'), weights_only=True)
     assert ck['step'] == 3 and ck['scaler'] == {} and ck['config']['dtype'] == 'bf16'
     assert all(v.device.type == 'cpu' for v in ck['encoder'].values())
     assert all(torch.isfinite(v).all() for v in ck['model'].values())

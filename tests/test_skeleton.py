@@ -13,8 +13,9 @@ METHODS = ('mae.py', 'lut.py', 'ibot.py', 'dtm.py')
 # function name -> the files that carry it verbatim (the first one is the reference)
 EVALS = ('finetune.py', 'eval_seg.py')
 SHARED_FUNCTIONS = {
-    **{name: METHODS + EVALS for name in ('resolve_device', 'setup_distributed', 'setup_precision', 'step_seed',
-                                          'save_checkpoint', 'restore')},
+    **{name: METHODS + EVALS for name in ('setup_distributed', 'setup_precision', 'step_seed', 'save_checkpoint',
+                                          'restore')},
+    'resolve_device': METHODS + EVALS + ('analyze.py',),
     'field_help': METHODS + EVALS + ('analyze.py',),
     **{name: METHODS + ('finetune.py',) for name in ('lr_at', 'log_stats')},
     **{name: METHODS for name in ('get_config', 'load_checkpoint', 'state_bytes', 'check_room',
