@@ -19,6 +19,7 @@ import finetune
 import ibot
 import mae
 import vit
+from conftest import run_torchrun
 
 MAE = ['--model', 'mini', '--img_size', '32', '--patch_size', '8', '--decoder_dim', '32', '--decoder_depth', '1',
        '--decoder_heads', '2', '--batch_size', '8', '--epochs', '2', '--lr', '1e-3', '--warmup_epochs', '0',
@@ -100,6 +101,15 @@ def test_monitor_equals_finetune_knn_on_the_same_checkpoint_and_subset(tmp_path,
                    '--eval_samples', '10', '--num_workers', '0', '--device', 'cpu', '--out_dir', ft])
     with open(os.path.join(ft, 'results.json')) as f:
         assert json.load(f)['acc1'] == monitor['knn_top1']
+
+
+def test_distributed_monitor_equals_single_process(tmp_path, folder):
+    """Two ranks embed 13 / 12 train and 6 / 5 val images each (odd shares); the figure is the one-process one."""
+    args = MAE + ['--data', folder, '--epochs', '1', '--knn_every', '1', '--knn_train', '25', '--knn_val', '11']
+    run_torchrun('mae.py', args + ['--batch_size', '4', '--out_dir', str(tmp_path / 'ddp')])
+    mae.main(args + ['--batch_size', '8', '--out_dir', str(tmp_path / 'one')])
+    ddp, one = ([(r['step'], r['knn_top1']) for r in records(tmp_path / d) if 'knn_top1' in r] for d in ('ddp', 'one'))
+    assert ddp == one and [s for s, _ in one] == [0, 4]
 
 
 def test_knn_top1_draws_no_random_number_and_restores_modes(folder):
