@@ -9,10 +9,14 @@ analyze.py -- the measurements and pictures used to compare MIM encoders, for on
   spectrum  per-layer singular values of the feature covariance (LUT; Jing et al. 2022): table of log10 values,
             PNG with one panel per layer on a log axis.
   recon     MAE / LUT reconstructions of masked images, for checkpoints that hold a decoder (PNG grid).
+  curves    training curves of one or several runs (--log, no checkpoint): each logged training statistic (the
+            method's loss terms, grad norm) and the kNN monitor's top-1 against the epoch, one line per run, in
+            curves.png, and the kNN top-1 per epoch as a table in report.md.
 
   python analyze.py --checkpoint none --checkpoint out/mae/checkpoint.pt --what all   # embedded data, CPU
   python analyze.py --data /path/to/imagenet --what aad --layers 10,11,12 \\
       --checkpoint out/mae/checkpoint.pt --checkpoint out/lut/checkpoint.pt          # LUT's AAD figure, IN-1K val
+  python analyze.py --what curves --log out/mae --log out/lut/log.jsonl                  # training curves
   python analyze.py --help                                                            # every knob
 
 --checkpoint is repeatable; 'none' is a randomly initialised ViT of the same shape as the first real checkpoint.
@@ -48,7 +52,8 @@ WHAT = ('aad', 'attn', 'spectrum', 'recon')
 
 @dataclass
 class Config:
-    what: str = 'aad'          # comma list of aad|attn|spectrum|recon, or 'all'
+    what: str = 'aad'          # comma list of aad|attn|spectrum|recon, or 'all'; or curves (with --log)
+    log: list = field(default_factory=list)  # repeatable, --what curves: a run's log.jsonl or its out_dir
     checkpoint: list = field(default_factory=list)  # repeatable: a path, or 'none' (random init); default: none
     trust_checkpoint: bool = False  # load a file that is more than data (its unpickling can run code); only if trusted
     data: str = ''             # '' = embedded shapes; fashion-mnist | mnist | idx:DIR; or an image folder
@@ -108,6 +113,8 @@ def get_config(argv=None):
         if f.name == 'checkpoint':
             p.add_argument('--checkpoint', action='append', default=None, metavar='PATH|none',
                            help=helps.get('checkpoint', '').replace('%', '%%'))
+        elif f.name == 'log':
+            p.add_argument('--log', action='append', default=[], metavar='PATH', help=helps.get('log', ''))
         else:
             picked = '; '.join(f'{r} {v[f.name]!r}' for r, v in REGIMES.items() if f.name in v)
             default = f'default {f.default!r}' + (f' = picked by --data: {picked}' if picked else '')
@@ -118,9 +125,11 @@ def get_config(argv=None):
     cfg = Config(**vars(p.parse_args(argv)))
     cfg.checkpoint = cfg.checkpoint or ['none']
     cfg.what = ','.join(WHAT) if cfg.what == 'all' else cfg.what
-    bad = [w for w in cfg.what.split(',') if w not in WHAT]
+    bad = [w for w in cfg.what.split(',') if w not in WHAT] if cfg.what != 'curves' else []
     if bad:
-        p.error(f'--what {",".join(bad)}: choose from {", ".join(WHAT)} or all')
+        p.error(f'--what {",".join(bad)}: choose from {", ".join(WHAT)} or all, or curves')
+    if (cfg.what == 'curves') != bool(cfg.log):
+        p.error('--what curves takes the runs as --log PATH (a log.jsonl or its out_dir); --log needs --what curves')
     if cfg.model and cfg.model not in vit.SIZES:
         p.error(f'--model must be one of {", ".join(vit.SIZES)}')
     try:
@@ -460,8 +469,120 @@ def safe_name(label):
     return ''.join(ch if ch.isalnum() or ch in '-_' else '_' for ch in label)
 
 
+# -----------------------------------------------------------------------------
+# curves: the log.jsonl of training runs (no checkpoint, no images)
+
+BOOKKEEPING = ('step', 'end_step', 'epoch', 'img_per_s', 'eta_min', 'knn_seconds')
+
+
+def read_log(path):
+    """A run's log.jsonl (or its out_dir) -> (label, loss records, kNN records, statistic names). Records are sorted
+    by step; a step logged twice (a resumed run redoes the steps after its checkpoint) keeps the later record. The
+    statistics are the keys after eta_min in a loss record (the method's STATS, as log_stats writes them); the label
+    is the method (from checkpoint.pt beside the log, read as weights only) and the run's folder."""
+    file = os.path.join(path, 'log.jsonl') if os.path.isdir(path) else path
+    if not os.path.isfile(file):
+        raise ValueError(f'--log {path}: no log.jsonl there')
+    by_step, stats, skipped = ({}, {}), [], 0
+    with open(file) as f:
+        for line in f:
+            try:
+                rec = json.loads(line)
+                kind = 'knn_top1' in rec
+                by_step[kind][int(rec['step'])] = rec
+            except (ValueError, KeyError, TypeError):
+                skipped += 1  # a torn last line of a killed run, or not a record
+                continue
+            if not kind and 'eta_min' in rec:
+                keys = list(rec)
+                stats += [k for k in keys[keys.index('eta_min') + 1:] if k not in stats]
+    if skipped:
+        print(f'note: {file}: {skipped} line(s) that are not log records skipped')
+    run = os.path.basename(os.path.dirname(os.path.abspath(file)))
+    method = None
+    try:
+        method = torch.load(os.path.join(os.path.dirname(file), 'checkpoint.pt'), map_location='cpu',
+                            weights_only=True, mmap=True).get('method')
+    except Exception:  # no checkpoint (yet), or another kind of file: the folder name alone
+        pass
+    label = run if method in (None, run) else f'{method} ({run})'
+    return label, [by_step[0][k] for k in sorted(by_step[0])], [by_step[1][k] for k in sorted(by_step[1])], stats
+
+
+def curves_table(labels, knn):
+    """kNN top-1 per run (rows) and epoch (columns: every epoch any run has a point at)."""
+    epochs = sorted({round(r['epoch'], 4) for recs in knn for r in recs})
+    rows = []
+    for lb, recs in zip(labels, knn):
+        at = {round(r['epoch'], 4): r['knn_top1'] for r in recs}
+        secs = [r['knn_seconds'] for r in recs if 'knn_seconds' in r]
+        rows.append([lb] + [f'{at[e]:.2f}' if e in at else '-' for e in epochs]
+                    + [f'{sum(secs) / len(secs):.1f}' if secs else '-'])
+    return markdown_table(['run'] + [f'ep {e:g}' for e in epochs] + ['s / pass'], rows)
+
+
+def plot_curves(labels, losses, knn, stats, path, title):
+    plt = pyplot()
+    panels = (['knn_top1'] if any(knn) else []) + stats
+    ncols = min(3, len(panels))
+    nrows = math.ceil(len(panels) / ncols)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(4.5 * ncols, 3.4 * nrows + 0.8), squeeze=False)
+    for ax, key in zip(axes.flat, panels):
+        for i, (lb, recs) in enumerate(zip(labels, losses)):
+            recs = knn[i] if key == 'knn_top1' else [r for r in recs if key in r]
+            if recs:
+                ax.plot([r['epoch'] for r in recs], [r[key] for r in recs], marker='o' if len(recs) < 30 else None,
+                        ms=3, label=lb, color=f'C{i % 10}')
+        ax.set_title(key + (' (%)' if key == 'knn_top1' else ''), fontsize=10)
+        ax.set_xlabel('epoch', fontsize=8)
+        ax.tick_params(labelsize=8)
+        ax.grid(alpha=0.3)
+    for ax in list(axes.flat)[len(panels):]:
+        ax.axis('off')
+    axes.flat[0].legend(fontsize=8)
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    save_figure(fig, path)
+
+
+def run_curves(cfg):
+    """--what curves: read every --log, write curves.png (matplotlib) and report.md (the kNN table) to out_dir."""
+    try:
+        runs = [read_log(p) for p in cfg.log]
+    except ValueError as e:
+        sys.exit(f'error: {e}')
+    labels = [lb if [r[0] for r in runs].count(lb) == 1 else f'{lb} #{i + 1}' for i, (lb, *_) in enumerate(runs)]
+    losses, knn = [r[1] for r in runs], [r[2] for r in runs]
+    stats = [k for r in runs for k in r[3]]
+    stats = [k for i, k in enumerate(stats) if k not in stats[:i] and k not in BOOKKEEPING]
+    os.makedirs(cfg.out_dir, exist_ok=True)
+    table = curves_table(labels, knn)
+    rows = []
+    for lb, recs in zip(labels, losses):
+        end = recs[-1] if recs else {'step': 0, 'epoch': 0.0}
+        rows.append([lb, end['step'], f"{end['epoch']:.2f}"] + [f'{end[k]:.4g}' if k in end else '-' for k in stats])
+    last = markdown_table(['run', 'steps', 'epochs'] + stats, rows)
+    print('kNN top-1 (%) per epoch\n' + table + '\n\nlast logged statistics\n' + last)
+    report = ['# analyze.py: curves\n', markdown_table(['run', 'log'], [[lb, p] for lb, p in zip(labels, cfg.log)]),
+              '\n## kNN top-1 (%) per epoch (the monitor: k 20, T 0.07, fixed subset; ep 0 = random init)\n', table,
+              '\n## Last logged statistics\n', last]
+    written, plt = [], pyplot()
+    if plt and (any(knn) or stats):
+        path = os.path.join(cfg.out_dir, 'curves.png')
+        plot_curves(labels, losses, knn, stats, path, title='training curves: ' + textwrap.fill(', '.join(labels), 90))
+        written.append(path)
+    with open(os.path.join(cfg.out_dir, 'report.md'), 'w') as f:
+        files = (', '.join(written) or 'none') if plt else 'no PNGs (matplotlib is not installed)'
+        f.write('\n'.join(report) + f'\n\nfiles: {files}\n')
+    print('\nwrote ' + ', '.join(written + [os.path.join(cfg.out_dir, 'report.md')]))
+    if plt is None:
+        print('no PNGs: matplotlib is not installed; `pip install matplotlib` and rerun to get them')
+
+
 def main(argv=None):
     cfg = get_config(argv)
+    if cfg.what == 'curves':
+        return run_curves(cfg)
     what = cfg.what.split(',')
     device = resolve_device(cfg.device, 0, False, torch.cuda.is_available())
     defaults = REGIMES[data.regime(cfg.data)]

@@ -710,7 +710,7 @@ def exit_on_failed_write(path, saved, need=0):
         if err is None or isinstance(err, (ConnectionError, TimeoutError)):  # not a write: a real error
             raise
         why = err.strerror or str(err)
-        if err.errno in (errno.ENOSPC, errno.EDQUOT):
+        if err.errno in (errno.ENOSPC, errno.EDQUOT) and os.path.isdir(os.path.dirname(os.path.abspath(path))):
             free = shutil.disk_usage(os.path.dirname(os.path.abspath(path))).free
             why += (f': needs about {need / 2**20:.1f} MB, ' if need else ': ') + f'{free / 2**20:.1f} MB free'
         prev = (f'{saved[0]} (step {saved[1]}) is intact; resume from it with --resume {saved[0]}' if saved
