@@ -8,7 +8,9 @@
 #   bash results.sh mae & bash results.sh ibot &  # independent steps in parallel (dtm_mae needs mae's checkpoint)
 #   EPOCHS=20 FT_EPOCHS=10 FT_SAMPLES=0 bash results.sh    # a GPU-sized schedule
 #
-# Steps: mae lut ibot dtm_ema dtm_mae (pre-train + evaluate), random pixels (baselines), table.
+# Steps: mae lut ibot dtm_ema dtm_mae (pre-train + evaluate), random pixels (baselines), table;
+# curves (not in the default list): each method for CURVE_EPOCHS epochs with the kNN monitor at every epoch on a fixed
+# 10k-train / 2k-test subset, into $OUT/curves/NAME, then curves.png + report.md by analyze.py (resumable: run again).
 # Every run writes out/results/NAME/{pretrain,linprobe,finetune}/; a finished step is skipped when run again.
 # Model: ViT-mini (vit.SIZES['mini']: width 128, depth 6, 4 heads, 1.2M parameters), patch 4 -> 8x8 = 64 tokens.
 set -euo pipefail
@@ -21,6 +23,9 @@ FT_SAMPLES=${FT_SAMPLES:-10000}  # ... on this many training images (a fixed ran
 COMMON="--data fashion-mnist --model mini --img_size 32 --patch_size 4 --seed 0 --num_workers 1"
 PRE="$COMMON --batch_size 128 --epochs $EPOCHS --warmup_epochs 0.1 --log_every 50"
 DEC="--decoder_dim 128 --decoder_depth 2 --decoder_heads 4"   # the MAE / LUT decoder at this scale
+
+CURVE_EPOCHS=${CURVE_EPOCHS:-3}   # the curves step's pre-training epochs
+KNN="--knn_every 1 --knn_train 10000 --knn_val 2000"
 
 done_file() { [ -f "$1" ] && echo "skip: $1 exists"; }
 
@@ -54,6 +59,14 @@ step() {
     dtm_mae) [ -f "$OUT/mae/pretrain/done" ] || step mae
              pretrain dtm_mae dtm.py --blr 5e-3 --teacher "vit:$OUT/mae/pretrain/checkpoint.pt" &&
              evaluate dtm_mae "$OUT/dtm_mae/pretrain/checkpoint.pt" ;;
+    curves)  local C="$COMMON --batch_size 128 --epochs $CURVE_EPOCHS --warmup_epochs 0.1 --log_every 50 $KNN --resume auto"
+             $PY mae.py $C --out_dir "$OUT/curves/mae" $DEC --blr 1.5e-3
+             $PY lut.py $C --out_dir "$OUT/curves/lut" $DEC --blr 1.5e-4
+             $PY ibot.py $C --out_dir "$OUT/curves/ibot" --blr 2e-3 --local_size 16 --local_crops_number 2 \
+               --out_dim 1024 --head_hidden 512 --ema_momentum 0.99 --warmup_teacher_temp_epochs "$CURVE_EPOCHS"
+             $PY dtm.py $C --out_dir "$OUT/curves/dtm_ema" --blr 5e-3 --ema_momentum 0.99
+             $PY analyze.py --what curves --log "$OUT/curves/mae" --log "$OUT/curves/lut" --log "$OUT/curves/ibot" \
+               --log "$OUT/curves/dtm_ema" --out_dir "$OUT/curves" ;;
     random)  evaluate random none ;;
     pixels)  evaluate pixels pixels ;;
     table)   $PY - "$OUT" <<'EOF'
@@ -76,7 +89,7 @@ for name in ['pixels', 'random', 'mae', 'lut', 'ibot', 'dtm_ema', 'dtm_mae']:
           f"| {res(name, 'finetune', 'last_acc1')} |")
 EOF
     ;;
-    *) echo "unknown step $1 (mae lut ibot dtm_ema dtm_mae random pixels table)" >&2; exit 2 ;;
+    *) echo "unknown step $1 (mae lut ibot dtm_ema dtm_mae random pixels table curves)" >&2; exit 2 ;;
   esac
 }
 
