@@ -525,14 +525,14 @@ def momentum_at(step, base, total_steps):
 
 
 def schedules(step, cfg, base_lr, warmup_steps, total_steps, rank=0):
-    """Every scheduled value of optimizer step `step`: lr, EMA momentum, and the morph schedules of each
-    micro-batch (accum_iter x morph_levels lists, from an rng seeded by (seed, rank, step)); `clusters` is their
-    mean number of clusters left, for the log."""
+    """Every scheduled value of optimizer step `step`: lr, the EMA momentum (an EMA teacher only: a frozen one is
+    never updated, so it has none to log), and the morph schedules of each micro-batch (accum_iter x morph_levels
+    lists, from an rng seeded by (seed, rank, step)); `clusters` is their mean number of clusters left, for the log."""
     rng = random.Random(step_seed(cfg.seed, rank, step))
     L = (cfg.img_size // cfg.patch_size) ** 2
     morph = [morph_draws(L, rng, cfg) for _ in range(cfg.accum_iter)]
-    return {'lr': lr_at(step, base_lr, cfg.min_lr, warmup_steps, total_steps),
-            'momentum': momentum_at(step, cfg.ema_momentum, total_steps),
+    momentum = {'momentum': momentum_at(step, cfg.ema_momentum, total_steps)} if cfg.teacher == 'ema' else {}
+    return {'lr': lr_at(step, base_lr, cfg.min_lr, warmup_steps, total_steps), **momentum,
             'clusters': sum(L - sum(rs) for m in morph for rs in m) / (cfg.accum_iter * cfg.morph_levels),
             'morph': morph}
 
@@ -601,8 +601,8 @@ def load_checkpoint(path, cfg):
     except Exception as e:
         sys.exit(f'error: cannot read checkpoint {path} ({type(e).__name__}: {e})')
     if not isinstance(ckpt, dict) or ckpt.get('method') != METHOD:
-        kind = ckpt.get('method', 'non-nanoMIM') if isinstance(ckpt, dict) else 'non-nanoMIM'
-        sys.exit(f'error: {path} is a {kind} checkpoint, not {METHOD}')
+        kind = ckpt.get('method') if isinstance(ckpt, dict) else None
+        sys.exit(f'error: {path} is {vit.checkpoint_kind(kind)}, not {vit.checkpoint_kind(METHOD)}')
     old = ckpt['config']
     diff = [f'{k}={old.get(k)} (now {getattr(cfg, k)})' for k in ARCH_KEYS if old.get(k) != getattr(cfg, k)]
     if diff:
@@ -699,7 +699,8 @@ def main(argv=None):
     try:
         loader, sampler = data.make_loader(dataset, cfg.batch_size, world, rank, cfg.seed, cfg.num_workers)
     except ValueError as e:
-        sys.exit(f'error: {e}')
+        regime = data.regime(cfg.data)
+        sys.exit(f'error: {e} (the {regime} regime picks {REGIMES[regime]["batch_size"]})')
     steps_per_epoch = sampler.batches_per_epoch() // cfg.accum_iter
     total_steps = cfg.epochs * steps_per_epoch
     end_step = min(total_steps, cfg.max_steps) if cfg.max_steps > 0 else total_steps

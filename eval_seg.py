@@ -756,7 +756,7 @@ def load_checkpoint(path, cfg, num_classes):
         sys.exit(f'error: cannot read checkpoint {path} ({type(e).__name__}: {e})')
     method = ckpt.get('method') if isinstance(ckpt, dict) else None
     if method != METHOD:
-        sys.exit(f'error: {path} is a {method or "non-nanoMIM"} checkpoint, not {METHOD}; '
+        sys.exit(f'error: {path} is {vit.checkpoint_kind(method)}, not {vit.checkpoint_kind(METHOD)}; '
                  'pre-trained backbones go to --checkpoint')
     old = ckpt['config']
     diff = [f'{k}={old.get(k)} (now {getattr(cfg, k)})' for k in ARCH_KEYS if old.get(k) != getattr(cfg, k)]
@@ -863,7 +863,8 @@ def main(argv=None):
     try:
         loader, sampler = data.make_loader(dataset, cfg.batch_size, world, rank, cfg.seed, cfg.num_workers)
     except ValueError as e:
-        sys.exit(f'error: {e}')
+        regime = data.regime(cfg.data)
+        sys.exit(f'error: {e} (the {regime} regime picks {REGIMES[regime]["batch_size"]})')
     val_loader, _ = data.make_loader(val_set, cfg.batch_size, world, rank, cfg.seed, cfg.num_workers, train=False,
                                      collate_fn=collate_lists)
     steps_per_epoch = max(1, sampler.batches_per_epoch() // cfg.accum_iter)

@@ -578,7 +578,7 @@ def load_checkpoint(path, cfg):
     except Exception as e:
         sys.exit(f'error: cannot read checkpoint {path} ({type(e).__name__}: {e})')
     if ckpt.get('method') != METHOD:
-        sys.exit(f'error: {path} is a {ckpt.get("method", "non-nanoMIM")} checkpoint, not {METHOD}')
+        sys.exit(f'error: {path} is {vit.checkpoint_kind(ckpt.get("method"))}, not {vit.checkpoint_kind(METHOD)}')
     old = ckpt['config']
     diff = [f'{k}={old.get(k)} (now {getattr(cfg, k)})' for k in ARCH_KEYS if old.get(k) != getattr(cfg, k)]
     if diff:

@@ -537,8 +537,8 @@ def load_checkpoint(path, cfg):
     except Exception as e:
         sys.exit(f'error: cannot read checkpoint {path} ({type(e).__name__}: {e})')
     if not isinstance(ckpt, dict) or ckpt.get('method') != METHOD:
-        kind = ckpt.get('method', 'non-nanoMIM') if isinstance(ckpt, dict) else 'non-nanoMIM'
-        sys.exit(f'error: {path} is a {kind} checkpoint, not {METHOD}')
+        kind = ckpt.get('method') if isinstance(ckpt, dict) else None
+        sys.exit(f'error: {path} is {vit.checkpoint_kind(kind)}, not {vit.checkpoint_kind(METHOD)}')
     old = ckpt['config']
     diff = [f'{k}={old.get(k)} (now {getattr(cfg, k)})' for k in ARCH_KEYS if old.get(k) != getattr(cfg, k)]
     if diff:
@@ -642,7 +642,8 @@ def main(argv=None):
     try:
         loader, sampler = data.make_loader(dataset, cfg.batch_size, world, rank, cfg.seed, cfg.num_workers)
     except ValueError as e:
-        sys.exit(f'error: {e}')
+        regime = data.regime(cfg.data)
+        sys.exit(f'error: {e} (the {regime} regime picks {REGIMES[regime]["batch_size"]})')
     steps_per_epoch = sampler.batches_per_epoch() // cfg.accum_iter
     total_steps = cfg.epochs * steps_per_epoch
     end_step = min(total_steps, cfg.max_steps) if cfg.max_steps > 0 else total_steps

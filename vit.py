@@ -410,6 +410,15 @@ def extract_backbone(ckpt):
     return sd, fmt
 
 
+METHOD_NAMES = {'mae': 'an MAE', 'lut': 'a LUT', 'ibot': 'an iBOT', 'dtm': 'a DTM', 'finetune': 'a finetune.py',
+                'seg': 'an eval_seg.py'}  # the `method` a nanoMIM checkpoint records, as a message names it
+
+
+def checkpoint_kind(method):
+    """'an iBOT checkpoint' for method 'ibot', 'a non-nanoMIM checkpoint' for None: what an error line calls it."""
+    return f"{METHOD_NAMES.get(method, f'a {method}') if method else 'a non-nanoMIM'} checkpoint"
+
+
 def read_checkpoint(path, verbose=True):
     """torch.load a checkpoint file on the CPU. FileNotFoundError (missing) or ValueError (unreadable) with one
     line naming the file; a TorchScript archive (OpenAI's released CLIP files) gives its state_dict. A file over
