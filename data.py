@@ -305,6 +305,19 @@ def regime(spec):
     return 'folder' if is_folder(spec) else 'small'
 
 
+def data_from_checkpoint(spec, trained_on):
+    """--data of an evaluation run: `spec` when given; else the data the checkpoint was pre-trained on (`trained_on`,
+    its config's --data; None when the file does not say) when that is the embedded shapes or a named small set,
+    else the embedded shapes. Returns (spec, the line that says so, or '' when --data was given or nothing is known)."""
+    if spec or trained_on is None:
+        return spec, ''
+    if not is_folder(trained_on):
+        name = trained_on or 'the embedded shapes'
+        return trained_on, f'data: {name}, the data the checkpoint was pre-trained on (--data picks another)'
+    return '', (f'data: the embedded shapes; the checkpoint was pre-trained on --data {trained_on}, which this run '
+                f'does not read unless --data names it')
+
+
 def build_dataset(spec, split='train', img_size=64, with_mask=False, encoded=False, classes=None):
     """The dataset named by --data: '' or 'shapes' -> embedded Shapes at img_size; 'fashion-mnist' / 'mnist' /
     'idx:DIR' -> idx files resized to img_size; a folder -> ImageFolder of DIR/train or DIR/val if present
@@ -880,6 +893,17 @@ def default_workers(n):
     other processes torchrun starts on this machine, LOCAL_WORLD_SIZE), and at least 1 unless n is 0."""
     share = cpus() // int(os.environ.get('LOCAL_WORLD_SIZE', 1))
     return min(n, max(1, share))
+
+
+def warn_warmup(warmup_steps, end_step, flag):
+    """Print one line when the linear warm-up (warmup_steps) is as long as the steps this run takes (end_step, after
+    --max_steps) or longer: the lr never reaches its peak. flag names the setting, e.g. '--warmup_epochs 10'.
+    Returns whether it printed."""
+    if warmup_steps == 0 or warmup_steps < end_step:
+        return False
+    print(f'warning: the warm-up ({flag}: {warmup_steps} steps) is as long as this run ({end_step} steps) or '
+          f'longer: the lr never reaches its peak; shorten the warm-up to train at the lr asked for')
+    return True
 
 
 def make_loader(dataset, batch_size, world=1, rank=0, seed=0, num_workers=0, train=True, collate_fn=None,

@@ -18,6 +18,7 @@ import inspect
 import json
 import math
 import os
+import shlex
 import sys
 import time
 from contextlib import nullcontext
@@ -461,6 +462,7 @@ def main(argv=None):
         print(f'encoder {vit.count_params(model.encoder) / 1e6:.2f}M params, '
               f'total {vit.count_params(model) / 1e6:.2f}M, '
               f'{len(base)} images, {steps_per_epoch} steps/epoch')
+        data.warn_warmup(warmup_steps, end_step, f'--warmup_epochs {cfg.warmup_epochs:g}')
     # DDP first, then compile: dynamo splits the graph at DDP's buckets so the all-reduce overlaps backward
     fwd = DDP(model, device_ids=[local_rank] if device_type == 'cuda' else None) if ddp else model
     fwd = torch.compile(fwd) if cfg.compile else fwd
@@ -503,10 +505,12 @@ def main(argv=None):
             t0, step_start = time.time(), step
         if save_now and master:
             checkpoint()
+    evaluator = os.path.relpath(os.path.join(os.path.dirname(os.path.abspath(__file__)), 'finetune.py'))
     if master:
         print(f'done: {step} steps in {(time.time() - t_start) / 60:.1f} min; wrote {cfg.out_dir}/checkpoint.pt, '
-              f'log.jsonl, recon.png\nnext: python finetune.py --mode knn --checkpoint {cfg.out_dir}/checkpoint.pt'
-              f'{" --data " + cfg.data if cfg.data else ""}')
+              f'log.jsonl, recon.png\nnext: python {evaluator} --mode knn --checkpoint '
+              f'{shlex.quote(os.path.join(cfg.out_dir, "checkpoint.pt"))}'
+              f'{" --data " + shlex.quote(cfg.data) if cfg.data else ""}')
     if ddp:
         dist.destroy_process_group()
 
