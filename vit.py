@@ -504,7 +504,8 @@ def load_vit(src, key='', img_size=0, model='', patch_size=0, num_heads=0, verbo
     arch = checkpoint_arch(ckpt, num_heads)
     D, depth, p = arch['embed_dim'], arch['depth'], arch['patch_size']
     if (model and model != arch['model']) or (patch_size and patch_size != p):
-        asked = ' and '.join(f'{k}={v!r}' for k, v in (('model', model), ('patch_size', patch_size)) if v)
+        given = (('model', model, arch['model']), ('patch_size', patch_size, p))
+        asked = ' and '.join(f'{k}={v!r}' for k, v, own in given if v and v != own)  # what the checkpoint contradicts
         want = f'width {SIZES[model][0]}, depth {SIZES[model][1]}' if model in SIZES else f'ViT-{model}'
         raise ValueError(f'checkpoint backbone is width {D}, depth {depth}, patch {p} (ViT-{arch["model"] or "?"}); '
                          f'asked for {want}, patch {patch_size or p} ({asked}): drop {asked} to build the ViT the '
