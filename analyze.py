@@ -585,10 +585,16 @@ def main(argv=None):
         return run_curves(cfg)
     what = cfg.what.split(',')
     device = resolve_device(cfg.device, 0, False, torch.cuda.is_available())
-    defaults = REGIMES[data.regime(cfg.data)]
 
-    # checkpoints and the one architecture / resolution they are all measured at
+    # checkpoints and the one architecture / resolution they are all measured at; without --data, the images the
+    # first nanoMIM checkpoint was pre-trained on when they are the embedded or a small set (a line says which)
     ckpts = [read_checkpoint(path, cfg.trust_checkpoint) for path in cfg.checkpoint]
+    trained = next((ck['config'].get('data') for ck in ckpts if isinstance(ck, dict) and 'encoder' in ck
+                    and isinstance(ck.get('config'), dict)), None)
+    cfg.data, note = data.data_from_checkpoint(cfg.data, trained)
+    if note:
+        print(note)
+    defaults = REGIMES[data.regime(cfg.data)]
     try:
         archs = [tuple(vit.checkpoint_arch(ck)[k] for k in ('model', 'patch_size', 'img_size')) if ck is not None
                  else None for ck in ckpts]
@@ -607,7 +613,7 @@ def main(argv=None):
             enc = build_encoder(ck, name, img_size, p, cfg.seed).to(device)
             rec = build_reconstructor(ck, img_size) if 'recon' in what else None
         except ValueError as e:
-            sys.exit(f'error: {path}: {e}')
+            sys.exit(f'error: {path}: {vit.as_flags(e)}')
         labels.append(checkpoint_label(path, ck, labels))
         entries.append(SimpleNamespace(path=path, enc=enc, rec=rec.to(device) if rec is not None else None))
         print(f'{labels[-1]}: {path} -> ViT-{name} patch {p} at {img_size} px, {enc.num_heads} heads, depth {enc.depth}'

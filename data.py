@@ -36,6 +36,7 @@ import itertools
 import math
 import os
 import random
+import sys
 import time
 import warnings
 from typing import NamedTuple
@@ -162,26 +163,48 @@ def load_rgb(path):
     return img.convert('RGB')
 
 
+def skip_line(msg):
+    """One line on stderr for a skipped file (warnings.warn would echo its own source line beneath it)."""
+    print(f'warning: {msg}', file=sys.stderr, flush=True)
+
+
 class ImageFolder(Dataset):
-    """<root>/<class>/<image> with classes in sorted order. Unreadable or corrupt images are skipped: a warning
-    line names the file, `num_bad` counts them in this process, and the next readable image is returned."""
+    """<root>/<class>/<image> with classes in sorted order, or labelled by name through `classes` (the training
+    split's: a val/ folder's labels then mean what they mean in train/; a class folder not among them is a
+    ValueError; `absent` lists the given classes this folder has no image of). Empty class folders are named in one
+    line. Unreadable or corrupt images are skipped: one line names each file (once per process), `num_bad` counts
+    them, and the next readable image is returned; a folder where no file reads is a ValueError at construction."""
     load = staticmethod(load_rgb)  # path -> item; EncodedFolder reads bytes instead
 
-    def __init__(self, root):
+    def __init__(self, root, classes=None):
         if not os.path.isdir(root):
             raise FileNotFoundError(f'data folder {root} does not exist')
-        self.classes = sorted(d.name for d in os.scandir(root) if d.is_dir())
-        if not self.classes:
+        found = sorted(d.name for d in os.scandir(root) if d.is_dir())
+        if not found:
             raise ValueError(f'data folder {root} has no class sub-folders (expected {root}/<class>/<image>)')
-        self.samples = []
-        for ci, c in enumerate(self.classes):
+        if classes is not None:
+            extra = [c for c in found if c not in classes]
+            if extra:
+                raise ValueError(f'data folder {root}: class folder(s) {", ".join(extra[:5])}'
+                                 f'{" ..." if len(extra) > 5 else ""} not among the {len(classes)} training classes')
+        self.classes = list(found if classes is None else classes)
+        index = {c: i for i, c in enumerate(self.classes)}
+        self.samples, empty = [], []
+        for c in found:
+            n = len(self.samples)
             for dirpath, _, files in sorted(os.walk(os.path.join(root, c), followlinks=True)):
-                self.samples += [(os.path.join(dirpath, f), ci) for f in sorted(files)
+                self.samples += [(os.path.join(dirpath, f), index[c]) for f in sorted(files)
                                  if f.lower().endswith(IMG_EXTENSIONS)]
+            if len(self.samples) == n:
+                empty.append(c)
         if not self.samples:
             raise ValueError(f'data folder {root} holds no images ({", ".join(IMG_EXTENSIONS)})')
+        if empty:
+            skip_line(f'data folder {root}: {len(empty)} empty class folder(s) (no image files): {", ".join(empty)}')
+        self.absent = [c for c in self.classes if c not in found or c in empty]
         self.targets = [c for _, c in self.samples]
-        self.num_bad = 0
+        self.root, self.num_bad, self.bad = root, 0, set()
+        self[0]  # at least one file must read: a folder of unreadable files stops here, before any training
 
     def __len__(self):
         return len(self.samples)
@@ -189,13 +212,17 @@ class ImageFolder(Dataset):
     def __getitem__(self, i):
         for j in range(len(self.samples)):
             path, label = self.samples[(i + j) % len(self.samples)]
+            if path in self.bad:
+                continue
             try:
                 return self.load(path), label
             except Exception as e:
                 self.num_bad += 1
-                warnings.warn(f'skipping unreadable image {path} ({type(e).__name__}: {e}); '
-                              f'{self.num_bad} skipped so far in this process')
-        raise RuntimeError(f'no readable image in the dataset ({len(self.samples)} files)')
+                self.bad.add(path)
+                skip_line(f'skipping unreadable image {path} ({type(e).__name__}: {str(e).splitlines()[0][:200]}); '
+                          f'{self.num_bad} skipped so far in this process')
+        raise ValueError(f'no readable image in data folder {self.root} ({len(self.samples)} files, none opens as '
+                         f'an image)')
 
 
 # -----------------------------------------------------------------------------
@@ -292,10 +319,24 @@ def regime(spec):
     return 'folder' if is_folder(spec) else 'small'
 
 
-def build_dataset(spec, split='train', img_size=64, with_mask=False, encoded=False):
+def data_from_checkpoint(spec, trained_on):
+    """--data of an evaluation run: `spec` when given; else the data the checkpoint was pre-trained on (`trained_on`,
+    its config's --data; None when the file does not say) when that is the embedded shapes or a named small set,
+    else the embedded shapes. Returns (spec, the line that says so, or '' when --data was given or nothing is known)."""
+    if spec or trained_on is None:
+        return spec, ''
+    if not is_folder(trained_on):
+        name = trained_on or 'the embedded shapes'
+        return trained_on, f'data: {name}, the data the checkpoint was pre-trained on (--data picks another)'
+    return '', (f'data: the embedded shapes; the checkpoint was pre-trained on --data {trained_on}, which this run '
+                f'does not read unless --data names it')
+
+
+def build_dataset(spec, split='train', img_size=64, with_mask=False, encoded=False, classes=None):
     """The dataset named by --data: '' or 'shapes' -> embedded Shapes at img_size; 'fashion-mnist' / 'mnist' /
     'idx:DIR' -> idx files resized to img_size; a folder -> ImageFolder of DIR/train or DIR/val if present
-    (ImageNet layout), else DIR itself. encoded=True (--decode gpu): an EncodedFolder, folders only."""
+    (ImageNet layout), else DIR itself. encoded=True (--decode gpu): an EncodedFolder, folders only. classes: the
+    training split's .classes, so a folder's val/ is labelled by class name as train/ is (ImageFolder)."""
     if encoded and not is_folder(spec):
         raise ValueError(f'--decode gpu decodes image files: --data must be an image folder, not {spec or "shapes"!r}')
     if spec in ('', None, 'shapes'):
@@ -307,7 +348,7 @@ def build_dataset(spec, split='train', img_size=64, with_mask=False, encoded=Fal
     if not os.path.isdir(spec):
         raise FileNotFoundError(f'--data {spec}: folder does not exist')
     sub = os.path.join(spec, split)
-    return (EncodedFolder if encoded else ImageFolder)(sub if os.path.isdir(sub) else spec)
+    return (EncodedFolder if encoded else ImageFolder)(sub if os.path.isdir(sub) else spec, classes)
 
 
 # -----------------------------------------------------------------------------
@@ -688,7 +729,8 @@ class EpochSampler(Sampler):
         self.n, self.batch_size, self.world, self.rank, self.seed = n, batch_size, world, rank, seed
         self.shuffle, self.drop_last, self.epoch, self.skip = shuffle, drop_last, 0, 0
         if drop_last and n < batch_size * world:
-            raise ValueError(f'dataset of {n} images is smaller than one global batch ({batch_size} x {world})')
+            raise ValueError(f'dataset of {n} images is smaller than one global batch (--batch_size {batch_size} x '
+                             f'{world} process{"es" if world > 1 else ""}): pass a smaller --batch_size')
 
     def batches_per_epoch(self):
         if self.drop_last:
@@ -726,6 +768,17 @@ def default_workers(n):
     other processes torchrun starts on this machine, LOCAL_WORLD_SIZE), and at least 1 unless n is 0."""
     share = cpus() // int(os.environ.get('LOCAL_WORLD_SIZE', 1))
     return min(n, max(1, share))
+
+
+def warn_warmup(warmup_steps, end_step, flag):
+    """Print one line when the linear warm-up (warmup_steps) is as long as the steps this run takes (end_step, after
+    --max_steps) or longer: the lr never reaches its peak. flag names the setting, e.g. '--warmup_epochs 10'.
+    Returns whether it printed."""
+    if warmup_steps == 0 or warmup_steps < end_step:
+        return False
+    print(f'warning: the warm-up ({flag}: {warmup_steps} steps) is as long as this run ({end_step} steps) or '
+          f'longer: the lr never reaches its peak; shorten the warm-up to train at the lr asked for')
+    return True
 
 
 def make_loader(dataset, batch_size, world=1, rank=0, seed=0, num_workers=0, train=True, collate_fn=None,
@@ -912,7 +965,8 @@ def knn_sets(spec, img_size, n_train, n_val):
     if is_folder(spec) and not all(os.path.isdir(os.path.join(spec, s)) for s in ('train', 'val')):
         return f'{spec} has no train/ and val/ class folders (labels)'
     try:
-        train, val = build_dataset(spec, 'train', img_size), build_dataset(spec, 'val', img_size)
+        train = build_dataset(spec, 'train', img_size)
+        val = build_dataset(spec, 'val', img_size, classes=getattr(train, 'classes', None))  # labels by class name
     except (FileNotFoundError, ValueError) as e:
         return str(e)
     if len(train.classes) < 2:

@@ -37,6 +37,7 @@ import inspect
 import json
 import math
 import os
+import shlex
 import shutil
 import random
 import sys
@@ -602,14 +603,14 @@ def momentum_at(step, base, total_steps):
 
 
 def schedules(step, cfg, base_lr, warmup_steps, total_steps, rank=0):
-    """Every scheduled value of optimizer step `step`: lr, EMA momentum, and the morph schedules of each
-    micro-batch (accum_iter x morph_levels lists, from an rng seeded by (seed, rank, step)); `clusters` is their
-    mean number of clusters left, for the log."""
+    """Every scheduled value of optimizer step `step`: lr, the EMA momentum (an EMA teacher only: a frozen one is
+    never updated, so it has none to log), and the morph schedules of each micro-batch (accum_iter x morph_levels
+    lists, from an rng seeded by (seed, rank, step)); `clusters` is their mean number of clusters left, for the log."""
     rng = random.Random(step_seed(cfg.seed, rank, step))
     L = (cfg.img_size // cfg.patch_size) ** 2
     morph = [morph_draws(L, rng, cfg) for _ in range(cfg.accum_iter)]
-    return {'lr': lr_at(step, base_lr, cfg.min_lr, warmup_steps, total_steps),
-            'momentum': momentum_at(step, cfg.ema_momentum, total_steps),
+    momentum = {'momentum': momentum_at(step, cfg.ema_momentum, total_steps)} if cfg.teacher == 'ema' else {}
+    return {'lr': lr_at(step, base_lr, cfg.min_lr, warmup_steps, total_steps), **momentum,
             'clusters': sum(L - sum(rs) for m in morph for rs in m) / (cfg.accum_iter * cfg.morph_levels),
             'morph': morph}
 
@@ -726,8 +727,8 @@ def load_checkpoint(path, cfg):
     except ValueError as e:
         sys.exit(f'error: {e}')
     if not isinstance(ckpt, dict) or ckpt.get('method') != METHOD:
-        kind = ckpt.get('method', 'non-nanoMIM') if isinstance(ckpt, dict) else 'non-nanoMIM'
-        sys.exit(f'error: {path} is a {kind} checkpoint, not {METHOD}')
+        kind = ckpt.get('method') if isinstance(ckpt, dict) else None
+        sys.exit(f'error: {path} is {vit.checkpoint_kind(kind)}, not {vit.checkpoint_kind(METHOD)}')
     old = ckpt['config']
     diff = [f'{k}={old.get(k)} (now {getattr(cfg, k)})' for k in ARCH_KEYS if old.get(k) != getattr(cfg, k)]
     if diff:
@@ -824,7 +825,8 @@ def main(argv=None):
     try:
         loader, sampler = data.make_loader(dataset, cfg.batch_size, world, rank, cfg.seed, cfg.num_workers)
     except ValueError as e:
-        sys.exit(f'error: {e}')
+        regime = data.regime(cfg.data)
+        sys.exit(f'error: {e} (the {regime} regime picks {REGIMES[regime]["batch_size"]})')
     steps_per_epoch = sampler.batches_per_epoch() // cfg.accum_iter
     total_steps = cfg.epochs * steps_per_epoch
     end_step = min(total_steps, cfg.max_steps) if cfg.max_steps > 0 else total_steps
@@ -860,6 +862,7 @@ def main(argv=None):
               f'total {vit.count_params(model) / 1e6:.2f}M, '
               f'teacher {cfg.teacher} {vit.count_params(teacher) / 1e6:.2f}M ({teacher.dim}-d targets), '
               f'{len(base)} images, {steps_per_epoch} steps/epoch')
+        data.warn_warmup(warmup_steps, end_step, f'--warmup_epochs {cfg.warmup_epochs:g}')
     # DDP first, then compile: dynamo splits the graph at DDP's buckets so the all-reduce overlaps backward
     fwd = DDP(model, device_ids=[local_rank] if device_type == 'cuda' else None) if ddp else model
     fwd = torch.compile(fwd) if cfg.compile else fwd
@@ -941,10 +944,12 @@ def main(argv=None):
             snapshot(epoch)
         if save_now and master:
             checkpoint()
+    evaluator = os.path.relpath(os.path.join(os.path.dirname(os.path.abspath(__file__)), 'finetune.py'))
     if master:
         print(f'done: {step} steps in {(time.time() - t_start) / 60:.1f} min; wrote {cfg.out_dir}/checkpoint.pt, '
-              f'log.jsonl\nnext: python finetune.py --mode knn --checkpoint {cfg.out_dir}/checkpoint.pt'
-              f'{" --data " + cfg.data if cfg.data else ""}')
+              f'log.jsonl\nnext: python {evaluator} --mode knn --checkpoint '
+              f'{shlex.quote(os.path.join(cfg.out_dir, "checkpoint.pt"))}'
+              f'{" --data " + shlex.quote(cfg.data) if cfg.data else ""}')
     if ddp:
         dist.destroy_process_group()
 

@@ -74,9 +74,10 @@ IGNORE = 255  # label of pixels that count neither in the loss nor in the metric
 class Config:
     data: str = ''             # '' = embedded shapes; an ADE20K folder (ADEChallengeData2016 layout); voc:DIR
     checkpoint: str = ''       # pre-trained backbone (any format vit.load_backbone reads), or 'none' = random init
-    model: str = ''            # mini|tiny|small|base|large|huge; '' = tiny on embedded data, base on a folder
-    img_size: int = 0          # training crop and sliding window; 0 = 64 embedded, 512 folder
-    patch_size: int = 0        # 0 = 8 embedded, the model's own (16, 14 for huge) on a folder
+    model: str = ''            # mini|tiny|small|base|large|huge; '' = the checkpoint's (none: tiny embedded, base)
+    img_size: int = 0          # training crop and sliding window; 0 = the checkpoint's on the embedded shapes (none:
+    #                            64), 512 on a folder
+    patch_size: int = 0        # 0 = the checkpoint's (none: 8 embedded, the model's own on a folder)
     head: str = 'upernet'      # upernet (fine-tune everything) | linear (iBOT's probe: frozen backbone, 1x1 conv on the
     #                            4 tapped blocks' normed patch tokens concatenated)
     layers: str = ''           # 1-based blocks feeding the pyramid, e.g. 4,6,8,12; '' = 4,6,8,12 scaled to the depth
@@ -159,10 +160,26 @@ def get_config(argv=None):
         p.add_argument(f'--{f.name}', default=f.default, help=f'{helps.get(f.name, "")} ({default})'.replace('%', '%%'),
                        **kind)  # a bare --compile means --compile true
     cfg = Config(**vars(p.parse_args(argv)))
+    arch, trained = {}, {}  # the ViT the checkpoint holds, and the config of a nanoMIM checkpoint
+    if cfg.checkpoint.lower() not in ('', 'none'):
+        try:
+            arch, trained = vit.pretrained_arch(cfg.checkpoint, trust=cfg.trust_checkpoint)
+        except (FileNotFoundError, ValueError) as e:
+            sys.exit(f'error: {e}')
+    cfg.notes = []  # printed under the configuration line (not a flag)
+    if not cfg.data and trained.get('data'):  # segmentation masks exist only for the embedded shapes, ADE20K, VOC
+        cfg.notes.append(f'data: the embedded shapes with their masks; the checkpoint was pre-trained on --data '
+                         f'{trained["data"]}, which has no segmentation masks here')
     regime = data.regime(cfg.data)
     if regime not in REGIMES:
         p.error(f'--data {cfg.data}: no segmentation masks there; use the embedded shapes, an ADE20K folder or voc:DIR')
-    for k, v in REGIMES[regime].items():
+    defaults = dict(REGIMES[regime])
+    if arch:  # the checkpoint's ViT; on the embedded shapes at the resolution it was trained at (a folder keeps the
+        # recipe's 512 px crop, to which the ADE20K protocol interpolates its 224 px backbones)
+        defaults.update(model=arch['model'] or defaults['model'], patch_size=arch['patch_size'])
+        if regime == 'embedded':
+            defaults.update(img_size=arch['img_size'])
+    for k, v in defaults.items():
         if getattr(cfg, k) == Config.__dataclass_fields__[k].default:  # left at its 'pick by data' default
             setattr(cfg, k, v)
     cfg.num_workers = data.default_workers(cfg.num_workers)
@@ -764,7 +781,7 @@ def load_checkpoint(path, cfg, num_classes):
         sys.exit(f'error: {e}')
     method = ckpt.get('method') if isinstance(ckpt, dict) else None
     if method != METHOD:
-        sys.exit(f'error: {path} is a {method or "non-nanoMIM"} checkpoint, not {METHOD}; '
+        sys.exit(f'error: {path} is {vit.checkpoint_kind(method)}, not {vit.checkpoint_kind(METHOD)}; '
                  'pre-trained backbones go to --checkpoint')
     old = ckpt['config']
     diff = [f'{k}={old.get(k)} (now {getattr(cfg, k)})' for k in ARCH_KEYS if old.get(k) != getattr(cfg, k)]
@@ -806,7 +823,7 @@ def pretrained_backbone(cfg, verbose=True):
                 backbone, _ = vit.load_vit(ckpt, verbose=False, **kw)
                 old = ckpt.get('config') or {}
     except (FileNotFoundError, ValueError) as e:
-        sys.exit(f'error: {e}')
+        sys.exit(f'error: {vit.as_flags(e)}')
     if cfg.out_norm == -1:
         cfg.out_norm = old.get('out_norm', 1 if method == 'ibot' else 0)
     if cfg.lr == 0:
@@ -871,7 +888,8 @@ def main(argv=None):
     try:
         loader, sampler = data.make_loader(dataset, cfg.batch_size, world, rank, cfg.seed, cfg.num_workers)
     except ValueError as e:
-        sys.exit(f'error: {e}')
+        regime = data.regime(cfg.data)
+        sys.exit(f'error: {e} (the {regime} regime picks {REGIMES[regime]["batch_size"]})')
     val_loader, _ = data.make_loader(val_set, cfg.batch_size, world, rank, cfg.seed, cfg.num_workers, train=False,
                                      collate_fn=collate_lists)
     steps_per_epoch = max(1, sampler.batches_per_epoch() // cfg.accum_iter)
@@ -909,6 +927,9 @@ def main(argv=None):
               f'total {vit.count_params(model) / 1e6:.2f}M '
               f'({vit.count_params(model, trainable=True) / 1e6:.3g}M trained), {len(base)} train / {len(val)} val '
               f'images, {num_classes} classes, {cfg.head} head on blocks {model.layers}')
+        for note in getattr(cfg, 'notes', []):
+            print(note)
+        data.warn_warmup(warmup_steps, end_step, f'--warmup_iters {cfg.warmup_iters}')
     if ddp and device_type == 'cuda':  # the heads' BatchNorm sees 2 images per GPU in the recipe: statistics over all
         # GPUs (in place, same parameters); gloo/CPU keeps plain BN
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)

@@ -78,10 +78,11 @@ METHOD = 'finetune'
 
 @dataclass
 class Config:
-    data: str = ''             # '' = embedded shapes; fashion-mnist | mnist | idx:DIR; or an image folder
-    model: str = ''            # ViT size: mini|tiny|small|base|large|huge; must match the checkpoint
-    img_size: int = 0          # input resolution (position embedding interpolated); 0 = 64 embedded, 224 folder
-    patch_size: int = 0        # 0 = 8 embedded, the model's own (16, 14 for huge) on a folder
+    data: str = ''             # fashion-mnist | mnist | idx:DIR | an image folder; '' = the embedded shapes, or the
+    #                            small set a nanoMIM checkpoint was pre-trained on
+    model: str = ''            # ViT size: mini|tiny|small|base|large|huge; '' = the checkpoint's (must match it)
+    img_size: int = 0          # input resolution (position embedding interpolated); 0 = the checkpoint's, or by data
+    patch_size: int = 0        # 0 = the checkpoint's; for none / pixels 8 embedded, the model's own on a folder
     mode: str = 'finetune'     # finetune|linprobe|knn
     checkpoint: str = ''       # pre-trained backbone file, or 'none' for random init (required)
     checkpoint_key: str = ''   # take the backbone from this key of the file (e.g. model_ema, student); '' = detect
@@ -194,12 +195,22 @@ def get_config(argv=None):
     if not cfg.checkpoint:
         p.error('--checkpoint is required: a checkpoint file (nanoMIM, official MAE / iBOT / LUT / DTM, bare '
                 'state_dict), none for random init, or pixels (raw-pixel features; knn and cached linprobe)')
+    arch, trained = {}, {}  # the ViT the checkpoint holds, and the config of a nanoMIM checkpoint
+    if cfg.checkpoint not in ('none', 'pixels'):
+        try:
+            arch, trained = vit.pretrained_arch(cfg.checkpoint, cfg.checkpoint_key, cfg.trust_checkpoint)
+        except (FileNotFoundError, ValueError) as e:
+            sys.exit(f'error: {e}')
+    cfg.data, data_note = data.data_from_checkpoint(cfg.data, trained.get('data'))
+    cfg.notes = [data_note] if data_note else []  # printed under the first line (not a flag)
     regime = data.regime(cfg.data)
-    model = cfg.model or REGIMES[regime]['model']
+    model = cfg.model or arch.get('model') or REGIMES[regime]['model']
     defaults = dict(layer_decay=0.75 if model in ('large', 'huge') else 0.65,
                     drop_path={'large': 0.2, 'huge': 0.3}.get(model, 0.1), out_dir=f'out/{cfg.mode}',
                     pool='avg' if cfg.mode == 'finetune' else 'cls')
     defaults.update(**REGIMES[regime], **MODES[cfg.mode][regime])
+    if arch:  # the checkpoint's ViT at the resolution it was trained at, unless --model / --patch_size / --img_size
+        defaults.update(model=model, patch_size=arch['patch_size'], img_size=arch['img_size'])
     if regime == 'folder' and model in ('large', 'huge'):
         defaults.update(BIG[cfg.mode])
     if cfg.mode == 'linprobe' and cfg.protocol == 'ibot':
@@ -326,7 +337,8 @@ def finetune_transform(img_size, rand_augment=(2, 9), reprob=0.25):
 
 def build_backbone(cfg, num_classes, verbose=True):
     """The ViT to evaluate: the one the checkpoint holds (vit.load_vit: its width, depth, heads, patch and layer
-    scale, which must match --model / --patch_size), or a random init (none, pixels) from the current seed.
+    scale; get_config took --model / --patch_size / --img_size from it unless given, and given ones must match), or
+    a random init (none, pixels) from the current seed.
     Fine-tuning gives it a classifier head, pooling (avg: MAE global_pool + fc_norm) and drop path."""
     finetuning = cfg.mode == 'finetune'
     kw = dict(img_size=cfg.img_size, num_classes=num_classes if finetuning else 0,
@@ -341,7 +353,7 @@ def build_backbone(cfg, num_classes, verbose=True):
         return vit.load_vit(cfg.checkpoint, cfg.checkpoint_key, model=cfg.model, patch_size=cfg.patch_size,
                             verbose=verbose, trust=cfg.trust_checkpoint, **kw)[0]
     except (FileNotFoundError, ValueError) as e:
-        sys.exit(f'error: {e}')
+        sys.exit(f'error: {vit.as_flags(e)}')
 
 
 def rank0():
@@ -613,7 +625,7 @@ def load_checkpoint(path, cfg):
     except ValueError as e:
         sys.exit(f'error: {e}')
     if ckpt.get('method') != METHOD:
-        sys.exit(f'error: {path} is a {ckpt.get("method", "non-nanoMIM")} checkpoint, not {METHOD}')
+        sys.exit(f'error: {path} is {vit.checkpoint_kind(ckpt.get("method"))}, not {vit.checkpoint_kind(METHOD)}')
     old = ckpt['config']
     diff = [f'{k}={old.get(k)} (now {getattr(cfg, k)})' for k in ARCH_KEYS if old.get(k) != getattr(cfg, k)]
     if diff:
@@ -703,6 +715,7 @@ def run_knn(cfg, env, backbone, base, val_set, num_classes):
         with open(os.path.join(cfg.out_dir, 'results.json'), 'w') as f:
             json.dump({'mode': 'knn', 'checkpoint': cfg.checkpoint, 'pool': cfg.pool, 'acc1': knn['knn_acc1'],
                        'acc5': knn['knn_acc5'], **knn}, f)
+        print(f"done: kNN top-1 {knn['knn_acc1']:.2f}; wrote {cfg.out_dir}/results.json")
 
 
 def run_linprobe(cfg, env, backbone, base, val_set, num_classes):
@@ -790,17 +803,14 @@ def train(cfg, env, model, optimizer, backbone, dataset, val_set, num_classes, m
     try:
         loader, sampler = data.make_loader(dataset, cfg.batch_size, world, rank, cfg.seed, workers)
     except ValueError as e:
-        sys.exit(f'error: {e}')
+        sys.exit(f'error: {e} (the {data.regime(cfg.data)} regime picks {picked(cfg, "batch_size")} for '
+                 f'--mode {cfg.mode})')
     val_loader, _ = data.make_loader(val_set, cfg.batch_size, world, rank, cfg.seed, workers, train=False)
-    steps_per_epoch = sampler.batches_per_epoch() // cfg.accum_iter
+    steps_per_epoch, total_steps, end_step, eff_batch, base_lr, warmup_steps = plan(cfg, len(dataset), world)
+    assert steps_per_epoch == sampler.batches_per_epoch() // cfg.accum_iter
     if steps_per_epoch == 0:
         sys.exit(f'error: {len(dataset)} training images give no optimizer step per epoch at batch {cfg.batch_size} '
                  f'x accum_iter {cfg.accum_iter} x {world} processes')
-    total_steps = cfg.epochs * steps_per_epoch
-    end_step = min(total_steps, cfg.max_steps) if cfg.max_steps > 0 else total_steps
-    eff_batch = cfg.batch_size * cfg.accum_iter * world
-    base_lr = cfg.lr if cfg.lr > 0 else cfg.blr * eff_batch / 256
-    warmup_steps = int(cfg.warmup_epochs * steps_per_epoch)
     ema = copy.deepcopy(model).eval().requires_grad_(False) if cfg.ema > 0 else None
     step, best = 0, {'acc1': 0.0, 'ema_acc1': 0.0}
     resume = os.path.join(cfg.out_dir, 'checkpoint.pt') if cfg.resume == 'auto' else cfg.resume
@@ -815,8 +825,6 @@ def train(cfg, env, model, optimizer, backbone, dataset, val_set, num_classes, m
         del ckpt
     if master:
         os.makedirs(cfg.out_dir, exist_ok=True)
-        print(json.dumps({'method': METHOD, **dataclasses.asdict(cfg), 'world': world, 'device': device,
-                          'dtype': dtype, 'effective_batch': eff_batch, 'lr': base_lr, 'steps': total_steps}))
         print(f'backbone {vit.count_params(backbone) / 1e6:.2f}M params, '
               f'trainable {vit.count_params(model, True) / 1e6:.3f}M, '
               f'{len(dataset)} train / {len(val_set)} val images, {num_classes} classes, {steps_per_epoch} steps/epoch')
@@ -894,6 +902,54 @@ def train(cfg, env, model, optimizer, backbone, dataset, val_set, num_classes, m
               f"results.json, log.jsonl")
 
 
+MODE_KEYS = {  # the flags each mode uses (the first line shows these, resolved)
+    'knn': ('data', 'model', 'img_size', 'patch_size', 'mode', 'checkpoint', 'checkpoint_key', 'pool', 'knn_k',
+            'knn_t', 'train_samples', 'eval_samples', 'batch_size', 'out_dir', 'dtype', 'seed', 'num_workers',
+            'device'),
+    'train': ('epochs', 'accum_iter', 'blr', 'lr', 'min_lr', 'warmup_epochs', 'weight_decay', 'ema', 'resume',
+              'save_every', 'compile', 'log_every', 'max_steps'),
+    'finetune': ('layer_decay', 'drop_path', 'mixup', 'cutmix', 'smoothing', 'rand_augment', 'reprob'),
+}
+
+
+def plan(cfg, n_train, world):
+    """The step plan of a finetune / linprobe run on n_train images: (steps_per_epoch, total_steps, end_step (after
+    --max_steps), effective batch, base lr, warm-up steps)."""
+    steps_per_epoch = n_train // (cfg.batch_size * world) // cfg.accum_iter
+    total_steps = cfg.epochs * steps_per_epoch
+    end_step = min(total_steps, cfg.max_steps) if cfg.max_steps > 0 else total_steps
+    eff_batch = cfg.batch_size * cfg.accum_iter * world
+    base_lr = cfg.lr if cfg.lr > 0 else cfg.blr * eff_batch / 256
+    return steps_per_epoch, total_steps, end_step, eff_batch, base_lr, int(cfg.warmup_epochs * steps_per_epoch)
+
+
+def picked(cfg, key):
+    """What the regime of --data and the mode pick for `key` (MODES, IBOT_PROBE)."""
+    regime = data.regime(cfg.data)
+    table = IBOT_PROBE if cfg.mode == 'linprobe' and cfg.protocol == 'ibot' else MODES[cfg.mode]
+    return table[regime].get(key)
+
+
+def run_config(cfg, world, device, dtype, n_train, num_classes, absent=()):
+    """The first line of a run: the regime and the resolved values of the flags this mode uses (linprobe with
+    --cache 1 trains a head on fixed center-crop features: no augmentation, no layer decay, and the kNN of the same
+    features (mae) comes with it); for a training mode the effective batch, lr and steps."""
+    keys = MODE_KEYS['knn'] if cfg.mode == 'knn' else MODE_KEYS['knn'][:8] + MODE_KEYS['knn'][10:] + MODE_KEYS['train']
+    if cfg.mode == 'linprobe':
+        keys += ('cache', 'protocol') + (('knn_k', 'knn_t') if cfg.cache and cfg.protocol == 'mae' else ())
+    if cfg.mode == 'finetune':
+        keys += MODE_KEYS['finetune']
+    rec = {'method': METHOD, 'regime': data.regime(cfg.data), **{k: getattr(cfg, k) for k in keys}, 'world': world,
+           'device': device, 'dtype': dtype, 'train_images': n_train, 'classes': num_classes}
+    if absent:  # a val/ that covers fewer classes than train/: fine, and said here
+        rec['val_lacks_classes'] = list(absent)
+    if cfg.mode != 'knn':
+        _, total_steps, end_step, eff_batch, base_lr, warmup_steps = plan(cfg, n_train, world)
+        rec.update(effective_batch=eff_batch, lr=base_lr, steps=total_steps, end_step=end_step,
+                   warmup_steps=warmup_steps)
+    return rec
+
+
 def main(argv=None):
     cfg = get_config(argv)
 
@@ -908,12 +964,24 @@ def main(argv=None):
     # data: the train / val images; each mode picks its training transform
     try:
         base = data.build_dataset(cfg.data, 'train', cfg.img_size)
-        val_base = data.build_dataset(cfg.data, 'val', cfg.img_size)
+        val_base = data.build_dataset(cfg.data, 'val', cfg.img_size, classes=base.classes)  # labels by class name
     except (FileNotFoundError, ValueError) as e:
         sys.exit(f'error: {e}')
+    absent = getattr(val_base, 'absent', [])  # training classes val/ has no image of (a folder's)
     num_classes = len(base.classes)
     base, val_base = data.subset(base, cfg.train_samples), data.subset(val_base, cfg.eval_samples)
     val_set = data.Seeded(val_base, eval_transform(cfg.img_size))
+    if master:  # the first line: the regime and what this mode uses, resolved; then what the user should know
+        print(json.dumps(run_config(cfg, world, device, dtype, len(base), num_classes, absent)))
+        for note in getattr(cfg, 'notes', []):
+            print(note)
+        knn_used = cfg.mode == 'knn' or (cfg.mode == 'linprobe' and cfg.cache and cfg.protocol == 'mae')
+        if knn_used and len(base) < cfg.knn_k:
+            print(f'kNN: {len(base)} training images, fewer than --knn_k {cfg.knn_k}: every val image is voted on by '
+                  f'all {len(base)}')
+        if cfg.mode != 'knn':
+            spe, _, end_step, _, _, warmup_steps = plan(cfg, len(base), world)
+            data.warn_warmup(warmup_steps, end_step, f'--warmup_epochs {cfg.warmup_epochs:g}')
 
     # the pre-trained backbone (same initial weights on every rank: the frozen ones are never broadcast)
     torch.manual_seed(cfg.seed)

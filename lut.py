@@ -44,6 +44,7 @@ import inspect
 import json
 import math
 import os
+import shlex
 import shutil
 import sys
 import time
@@ -583,8 +584,8 @@ def load_checkpoint(path, cfg):
     except ValueError as e:
         sys.exit(f'error: {e}')
     if not isinstance(ckpt, dict) or ckpt.get('method') != METHOD:
-        kind = ckpt.get('method', 'non-nanoMIM') if isinstance(ckpt, dict) else 'non-nanoMIM'
-        sys.exit(f'error: {path} is a {kind} checkpoint, not {METHOD}')
+        kind = ckpt.get('method') if isinstance(ckpt, dict) else None
+        sys.exit(f'error: {path} is {vit.checkpoint_kind(kind)}, not {vit.checkpoint_kind(METHOD)}')
     old = ckpt['config']
     diff = [f'{k}={old.get(k)} (now {getattr(cfg, k)})' for k in ARCH_KEYS if old.get(k) != getattr(cfg, k)]
     if diff:
@@ -700,7 +701,8 @@ def main(argv=None):
     try:
         loader, sampler = data.make_loader(dataset, cfg.batch_size, world, rank, cfg.seed, cfg.num_workers)
     except ValueError as e:
-        sys.exit(f'error: {e}')
+        regime = data.regime(cfg.data)
+        sys.exit(f'error: {e} (the {regime} regime picks {REGIMES[regime]["batch_size"]})')
     steps_per_epoch = sampler.batches_per_epoch() // cfg.accum_iter
     total_steps = cfg.epochs * steps_per_epoch
     end_step = min(total_steps, cfg.max_steps) if cfg.max_steps > 0 else total_steps
@@ -733,6 +735,7 @@ def main(argv=None):
         print(f'encoder {vit.count_params(model.encoder) / 1e6:.2f}M params, '
               f'total {vit.count_params(model) / 1e6:.2f}M, '
               f'{len(base)} images, {steps_per_epoch} steps/epoch')
+        data.warn_warmup(warmup_steps, end_step, f'--warmup_epochs {cfg.warmup_epochs:g}')
     # DDP first, then compile: dynamo splits the graph at DDP's buckets so the all-reduce overlaps backward
     fwd = DDP(model, device_ids=[local_rank] if device_type == 'cuda' else None) if ddp else model
     fwd = torch.compile(fwd) if cfg.compile else fwd
@@ -825,10 +828,12 @@ def main(argv=None):
             snapshot(epoch)
         if save_now and master:
             checkpoint()
+    evaluator = os.path.relpath(os.path.join(os.path.dirname(os.path.abspath(__file__)), 'finetune.py'))
     if master:
         print(f'done: {step} steps in {(time.time() - t_start) / 60:.1f} min; wrote {cfg.out_dir}/checkpoint.pt, '
-              f'log.jsonl, recon.png\nnext: python finetune.py --mode knn --checkpoint {cfg.out_dir}/checkpoint.pt'
-              f'{" --data " + cfg.data if cfg.data else ""}')
+              f'log.jsonl, recon.png\nnext: python {evaluator} --mode knn --checkpoint '
+              f'{shlex.quote(os.path.join(cfg.out_dir, "checkpoint.pt"))}'
+              f'{" --data " + shlex.quote(cfg.data) if cfg.data else ""}')
     if ddp:
         dist.destroy_process_group()
 

@@ -447,6 +447,15 @@ def is_torchscript(path):
         return any(name.split('/', 1)[-1] == 'constants.pkl' for name in z.namelist())
 
 
+METHOD_NAMES = {'mae': 'an MAE', 'lut': 'a LUT', 'ibot': 'an iBOT', 'dtm': 'a DTM', 'finetune': 'a finetune.py',
+                'seg': 'an eval_seg.py'}  # the `method` a nanoMIM checkpoint records, as a message names it
+
+
+def checkpoint_kind(method):
+    """'an iBOT checkpoint' for method 'ibot', 'a non-nanoMIM checkpoint' for None: what an error line calls it."""
+    return f"{METHOD_NAMES.get(method, f'a {method}') if method else 'a non-nanoMIM'} checkpoint"
+
+
 def read_checkpoint(path, verbose=True, trust=False):
     """Load a checkpoint file on the CPU through safe_load (weights only; trust=True: the full unpickler, see there).
     FileNotFoundError (missing) or ValueError (unreadable, or refused) with one line naming the file.
@@ -508,6 +517,20 @@ def checkpoint_arch(ckpt, num_heads=0):
                 method=method or ('ibot' if fmt.startswith('ibot') else None))
 
 
+def pretrained_arch(path, key='', trust=False):
+    """What an evaluation script needs to know before it builds anything: (checkpoint_arch of the backbone in `path`
+    (of its entry `key` when given), the nanoMIM `config` the file holds ({} for another file)). Errors as
+    read_checkpoint / checkpoint_arch."""
+    ckpt = read_checkpoint(path, verbose=False, trust=trust)
+    config = ckpt.get('config') if isinstance(ckpt, dict) and isinstance(ckpt.get('config'), dict) else {}
+    if key:
+        if not isinstance(ckpt, dict) or key not in ckpt:
+            keys = ', '.join(map(str, ckpt)) if isinstance(ckpt, dict) else type(ckpt).__name__
+            raise ValueError(f'checkpoint {path} has no key {key!r} (it has: {keys})')
+        ckpt = ckpt[key]
+    return checkpoint_arch(ckpt), config
+
+
 def load_vit(src, key='', img_size=0, model='', patch_size=0, num_heads=0, verbose=True, trust=False, **kw):
     """The one way every script gets a pre-trained ViT: read `src` (a path or a loaded checkpoint; `key` picks one
     entry of it, e.g. model_ema or student), build the VisionTransformer its backbone holds (checkpoint_arch: width,
@@ -525,10 +548,12 @@ def load_vit(src, key='', img_size=0, model='', patch_size=0, num_heads=0, verbo
     arch = checkpoint_arch(ckpt, num_heads)
     D, depth, p = arch['embed_dim'], arch['depth'], arch['patch_size']
     if (model and model != arch['model']) or (patch_size and patch_size != p):
+        given = (('model', model, arch['model']), ('patch_size', patch_size, p))
+        asked = ' and '.join(f'{k}={v!r}' for k, v, own in given if v and v != own)  # what the checkpoint contradicts
         want = f'width {SIZES[model][0]}, depth {SIZES[model][1]}' if model in SIZES else f'ViT-{model}'
         raise ValueError(f'checkpoint backbone is width {D}, depth {depth}, patch {p} (ViT-{arch["model"] or "?"}); '
-                         f'the model asked for is {want}, patch {patch_size or p} -- pick the matching --model / '
-                         f'--patch_size')
+                         f'asked for {want}, patch {patch_size or p} ({asked}): drop {asked} to build the ViT the '
+                         f'checkpoint holds')
     img_size = img_size or arch['img_size']
     if img_size % p:
         raise ValueError(f'image size {img_size} is not divisible by the checkpoint\'s patch size {p}')
@@ -541,6 +566,12 @@ def load_vit(src, key='', img_size=0, model='', patch_size=0, num_heads=0, verbo
             net.pos_embed.zero_()
     arch['missing'], arch['unexpected'] = load_backbone(ckpt, net, verbose, src if isinstance(src, str) else None)
     return net, arch
+
+
+def as_flags(msg):
+    """A load_vit error as a script's user reads it: the arguments model='tiny' / patch_size=8 / img_size=64 as the
+    flags --model tiny / --patch_size 8 / --img_size 64."""
+    return re.sub(r"\b(model|patch_size|img_size)=('?)([^',\s)]*)\2", r'--\1 \3', str(msg))
 
 
 def load_backbone(path_or_ckpt, model, verbose=True, name=None):
@@ -556,8 +587,8 @@ def load_backbone(path_or_ckpt, model, verbose=True, name=None):
     depth = 1 + max((int(k.split('.')[1]) for k in sd if k.startswith('blocks.')), default=-1)
     if (D, depth, p) != (model.embed_dim, len(model.blocks), model.patch_size):
         raise ValueError(f'checkpoint backbone is width {D}, depth {depth}, patch {p}; the model is width '
-                         f'{model.embed_dim}, depth {len(model.blocks)}, patch {model.patch_size} -- pick the '
-                         f'matching --model / --patch_size')
+                         f'{model.embed_dim}, depth {len(model.blocks)}, patch {model.patch_size} -- build the ViT the '
+                         f'checkpoint holds (load_vit)')
     if 'pos_embed' in sd:
         pe = sd['pos_embed'].reshape(1, -1, D)
         n = pe.shape[1]

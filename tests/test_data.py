@@ -37,16 +37,20 @@ def write_images(root):
     (root / 'b' / '4.jpg').write_bytes(b'\xff\xd8\xff\xe0 this is not a jpeg')
 
 
-def test_image_folder_modes_and_corrupt_file(tmp_path):
+def test_image_folder_modes_and_corrupt_file(tmp_path, capsys):
     write_images(tmp_path)
     ds = data.ImageFolder(str(tmp_path))
     assert ds.classes == ['a', 'b'] and len(ds) == 5
     for i in range(4):
         assert ds[i][0].mode == 'RGB'
     assert ds[3][0].getpixel((0, 0)) == (255, 255, 255)
-    with pytest.warns(UserWarning, match='4.jpg'):
-        img, label = ds[4]  # the corrupt file is skipped: the next readable image comes instead
+    capsys.readouterr()
+    img, label = ds[4]  # the corrupt file is skipped: the next readable image comes instead
     assert img.mode == 'RGB' and ds.num_bad == 1
+    err = capsys.readouterr().err.splitlines()
+    assert len(err) == 1 and err[0].startswith('warning: skipping unreadable image') and '4.jpg' in err[0]
+    ds[4]
+    assert capsys.readouterr().err == '' and ds.num_bad == 1  # one line per bad file, not per visit
 
 
 def test_folder_errors(tmp_path):
@@ -374,7 +378,7 @@ def test_gpu_path_params_are_pure_functions_of_seed_epoch_index(tmp_path):
     assert not (torch.equal(a[1], c[1]) and torch.equal(a[3], c[3]))
 
 
-def test_gpu_path_decodes_non_jpegs_on_the_cpu(tmp_path):
+def test_gpu_path_decodes_non_jpegs_on_the_cpu(tmp_path, capsys):
     write_images(tmp_path)  # PNG, greyscale JPEG, CMYK JPEG, transparent PNG, corrupt JPEG
     ds = data.build_dataset(str(tmp_path), encoded=True)
     assert isinstance(ds, data.EncodedFolder)
@@ -384,8 +388,8 @@ def test_gpu_path_decodes_non_jpegs_on_the_cpu(tmp_path):
                                 8, 'cpu')
     for i in range(4):
         assert diff(out[i], pil_resized_crop(data.load_rgb(ds.samples[i][0]), (0, 0, 16, 20), 8)).max() <= LEVELS
-    with pytest.warns(UserWarning, match='4.jpg'):
-        assert ds[4][0].size == (16, 20)  # the corrupt file is skipped, like ImageFolder
+    assert ds[4][0].size == (16, 20)  # the corrupt file is skipped, like ImageFolder
+    assert '4.jpg' in capsys.readouterr().err
     with pytest.raises(ValueError, match='--decode gpu'):
         data.build_dataset('shapes', encoded=True)
 
@@ -476,3 +480,59 @@ def test_blur_matches_pil_gaussian_blur_on_an_impulse(size):
         assert abs(ours / pil - 1) < 0.03, f'{size} px, sigma {sigma}: ours {ours:.3f} px, PIL {pil:.3f} px'
         exact = impulse_std(data.blur(torch.from_numpy(line)[None].float(), sigma)[0].numpy())
         assert abs(exact - sigma) < 1e-3 * sigma  # before 8-bit rounding: variance sigma^2, as PIL's box blur is built
+
+
+def test_val_folder_labelled_by_the_training_classes(tmp_path, capsys):
+    """val/ lacking one of train/'s classes keeps every label (no shift); a val class train lacks is one error; an
+    empty class folder is named in one line."""
+    for split, classes in (('train', 'abcd'), ('val', 'acd')):
+        for c in classes:
+            (tmp_path / split / c).mkdir(parents=True)
+            Image.new('RGB', (8, 8), (10 * ord(c), 0, 0)).save(tmp_path / split / c / f'{c}.png')
+    train = data.build_dataset(str(tmp_path), 'train')
+    val = data.build_dataset(str(tmp_path), 'val', classes=train.classes)
+    assert train.classes == val.classes == ['a', 'b', 'c', 'd'] and val.absent == ['b']
+    assert [(os.path.basename(p), y) for p, y in val.samples] == [('a.png', 0), ('c.png', 2), ('d.png', 3)]
+    (tmp_path / 'val' / 'e').mkdir()
+    with pytest.raises(ValueError, match=r'class folder\(s\) e not among the 4 training classes'):
+        data.build_dataset(str(tmp_path), 'val', classes=train.classes)
+    (tmp_path / 'val' / 'e').rmdir()
+    (tmp_path / 'train' / 'e').mkdir()
+    (tmp_path / 'train' / 'f').mkdir()
+    capsys.readouterr()
+    train = data.build_dataset(str(tmp_path), 'train')
+    err = capsys.readouterr().err.splitlines()
+    assert len(err) == 1 and err[0].endswith('2 empty class folder(s) (no image files): e, f')
+    assert train.absent == ['e', 'f']
+
+
+def test_folder_of_unreadable_files(tmp_path, capsys):
+    """Only unreadable files: one line per file, then one error before any training (here and in a script)."""
+    (tmp_path / 'a').mkdir()
+    for i in range(3):
+        (tmp_path / 'a' / f'{i}.jpg').write_bytes(b'not a jpeg')
+    with pytest.raises(ValueError, match=r'no readable image in data folder .* \(3 files, none opens'):
+        data.ImageFolder(str(tmp_path))
+    err = capsys.readouterr().err.splitlines()
+    assert len(err) == 3 and all(line.startswith('warning: skipping unreadable image') for line in err)
+    import mae
+    with pytest.raises(SystemExit, match='^error: no readable image in data folder'):
+        mae.main(['--data', str(tmp_path), '--num_workers', '0'])
+
+
+def test_batch_larger_than_the_data_names_the_flag_and_regime(tmp_path):
+    (tmp_path / 'a').mkdir()
+    for i in range(12):
+        Image.new('RGB', (8, 8)).save(tmp_path / 'a' / f'{i}.png')
+    import mae
+    with pytest.raises(SystemExit, match=r'dataset of 12 images is smaller than one global batch \(--batch_size 512 '
+                                         r'x 1 process\): pass a smaller --batch_size \(the folder regime picks 512\)'):
+        mae.main(['--data', str(tmp_path), '--num_workers', '0'])
+
+
+def test_warmup_line(capsys):
+    assert not data.warn_warmup(0, 5, '--warmup_epochs 0') and not data.warn_warmup(4, 5, '--warmup_epochs 1')
+    assert data.warn_warmup(5, 5, '--warmup_epochs 1') and data.warn_warmup(30, 5, '--warmup_iters 30')
+    out = capsys.readouterr().out.splitlines()
+    assert len(out) == 2 and out[1].startswith('warning: the warm-up (--warmup_iters 30: 30 steps) is as long as this '
+                                               'run (5 steps) or longer')

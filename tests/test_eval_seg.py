@@ -453,10 +453,12 @@ def test_cli_on_a_voc_folder(tmp_path, tiny_ckpt):
     assert Image.open(os.path.join(out, 'seg.png')).size[0] > 3 * 32
 
 
-def test_resume_equals_uninterrupted(tmp_path, tiny_ckpt):
+def test_resume_equals_uninterrupted(tmp_path, tiny_ckpt, capsys):
     a, b = str(tmp_path / 'a'), str(tmp_path / 'b')
     common = ['--checkpoint', tiny_ckpt[0], '--iters', '4', '--save_every', '2'] + TINY
     es.main(common + ['--out_dir', a])
+    assert 'warning: the warm-up (--warmup_iters 30: 30 steps) is as long as this run (4 steps)' in \
+        capsys.readouterr().out  # the embedded default warm-up is longer than these 4 iterations
     es.main(common + ['--out_dir', b, '--max_steps', '2'])
     assert load_ckpt(b)['step'] == 2
     es.main(common + ['--out_dir', b, '--resume', 'auto'])
@@ -522,3 +524,28 @@ def test_dtm_checkpoint_features_equal_in_eval_seg_finetune_and_dtm(tmp_path):
         vit.load_backbone(ck, plain, verbose=False)
         err = (plain.forward_intermediates(x, [12])[0] - own.forward_intermediates(x, [12])[0]).norm()
         assert err > 0.1 * own.forward_intermediates(x, [12])[0].norm()
+
+
+def test_evaluation_scripts_build_the_checkpoints_vit(tmp_path, capsys):
+    """No --model / --patch_size / --img_size: eval_seg, finetune and analyze take them from the checkpoint (ViT-mini
+    /4 trained at 16 px), and without --data say or take the data it was trained on."""
+    import analyze
+    import finetune
+    path = str(tmp_path / 'mini.pt')
+    enc = vit.backbone_state_dict(vit.vit('mini', img_size=16, patch_size=4, num_classes=0))
+    torch.save({'method': 'mae', 'encoder': enc, 'config': {'data': 'fashion-mnist', 'img_size': 16}}, path)
+    cfg = es.get_config(['--checkpoint', path])
+    assert (cfg.model, cfg.patch_size, cfg.img_size, cfg.data) == ('mini', 4, 16, '')
+    assert cfg.notes == ['data: the embedded shapes with their masks; the checkpoint was pre-trained on --data '
+                         'fashion-mnist, which has no segmentation masks here']
+    assert es.get_config(['--checkpoint', path, '--img_size', '32']).img_size == 32
+    cfg = finetune.get_config(['--mode', 'knn', '--checkpoint', path])
+    assert (cfg.model, cfg.patch_size, cfg.img_size, cfg.data) == ('mini', 4, 16, 'fashion-mnist')
+    torch.save({'method': 'mae', 'encoder': enc, 'config': {'data': str(tmp_path), 'img_size': 16}}, path)
+    cfg = finetune.get_config(['--mode', 'knn', '--checkpoint', path])
+    assert (cfg.model, cfg.patch_size, cfg.img_size, cfg.data) == ('mini', 4, 16, '')
+    assert cfg.notes[0].startswith(f'data: the embedded shapes; the checkpoint was pre-trained on --data {tmp_path}')
+    with pytest.raises(SystemExit, match=r"asked for width 192, depth 12, patch 4 \(--model tiny\): drop --model tiny"):
+        finetune.build_backbone(finetune.get_config(['--mode', 'knn', '--checkpoint', path, '--model', 'tiny']), 10)
+    analyze.main(['--checkpoint', path, '--what', 'aad', '--num_images', '2', '--out_dir', str(tmp_path / 'a')])
+    assert 'ViT-mini patch 4 at 16 px' in capsys.readouterr().out

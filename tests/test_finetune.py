@@ -449,3 +449,56 @@ def test_ibot_protocol_features_and_probe(tmp_path):
     assert sorted(ck['model']) == ['head.0.bias', 'head.0.weight']  # no BatchNorm
     assert ck['model']['head.0.weight'].shape == (10, 4 * 192)
     assert ck['optimizer']['param_groups'][0]['momentum'] == 0.9 and 'knn_acc1' not in results(out)
+
+
+def test_knn_says_what_it_uses_and_what_it_wrote(tmp_path, capsys):
+    """The first line is the regime and what kNN uses (no training knob); fewer training images than k is said; the
+    last line names results.json."""
+    out = str(tmp_path / 'knn')
+    finetune.main(TINY + ['--mode', 'knn', '--checkpoint', 'none', '--train_samples', '12', '--eval_samples', '5',
+                          '--out_dir', out])
+    lines = capsys.readouterr().out.splitlines()
+    first = json.loads(lines[0])
+    assert first['regime'] == 'embedded' and (first['mode'], first['knn_k'], first['train_images']) == ('knn', 20, 12)
+    assert not {'epochs', 'blr', 'warmup_epochs', 'mixup', 'layer_decay', 'cache'} & set(first)
+    assert any(s.startswith('kNN: 12 training images, fewer than --knn_k 20') for s in lines)
+    assert lines[-1].startswith('done: kNN top-1') and lines[-1].endswith(f'wrote {out}/results.json')
+    assert os.path.exists(os.path.join(out, 'results.json'))
+
+
+def test_linprobe_prints_its_configuration_first_and_a_short_warmup(tmp_path, capsys):
+    out = str(tmp_path / 'lp')
+    finetune.main(TINY + ['--mode', 'linprobe', '--checkpoint', 'none', '--train_samples', '32', '--eval_samples', '8',
+                          '--batch_size', '16', '--epochs', '2', '--out_dir', out])  # 10 warm-up epochs > 2 epochs
+    lines = capsys.readouterr().out.splitlines()
+    first = json.loads(lines[0])
+    assert (first['mode'], first['cache'], first['protocol'], first['warmup_epochs'], first['end_step']) == \
+        ('linprobe', 1, 'mae', 10, 4)
+    assert not {'mixup', 'cutmix', 'rand_augment', 'reprob', 'layer_decay', 'drop_path', 'smoothing'} & set(first)
+    warm = [i for i, s in enumerate(lines) if s.startswith('warning: the warm-up (--warmup_epochs 10: 20 steps)')]
+    feats = [i for i, s in enumerate(lines) if s.startswith('features:')]
+    assert len(warm) == 1 and warm[0] < feats[0]  # said before the features are extracted
+    assert lines[-1].endswith(f'wrote {out}/checkpoint.pt, results.json, log.jsonl')
+    finetune.main(TINY + ['--mode', 'finetune', '--checkpoint', 'none', '--train_samples', '32', '--eval_samples', '8',
+                          '--batch_size', '16', '--epochs', '2', '--warmup_epochs', '1', '--max_steps', '1',
+                          '--out_dir', str(tmp_path / 'ft')])  # warm-up 2 steps, the run 1: said
+    assert 'warning: the warm-up (--warmup_epochs 1: 2 steps) is as long as this run (1 steps)' in \
+        capsys.readouterr().out
+
+
+def test_val_folder_missing_a_class_keeps_its_labels(tmp_path, capsys):
+    """train/{a,b,c}, val/{a,c}: c must stay class 2 in val (it was 1 when each split numbered its own folders).
+    Raw pixels of one colour per class: a correct labelling scores 100."""
+    from PIL import Image
+    colours = {'a': (255, 0, 0), 'b': (0, 255, 0), 'c': (0, 0, 255)}
+    for split, classes, n in (('train', 'abc', 4), ('val', 'ac', 2)):
+        for c in classes:
+            (tmp_path / split / c).mkdir(parents=True)
+            for i in range(n):
+                Image.new('RGB', (32, 32), colours[c]).save(tmp_path / split / c / f'{i}.png')
+    out = str(tmp_path / 'knn')
+    finetune.main(TINY + ['--data', str(tmp_path), '--model', 'tiny', '--mode', 'knn', '--checkpoint', 'pixels',
+                          '--knn_k', '3', '--out_dir', out])
+    first = json.loads(capsys.readouterr().out.splitlines()[0])
+    assert first['classes'] == 3 and first['val_lacks_classes'] == ['b']
+    assert results(out)['acc1'] == 100.0

@@ -438,7 +438,7 @@ def test_bad_data_and_foreign_checkpoint(tmp_path):
         ibot.main(TINY + ['--data', '/no/such/folder', '--out_dir', str(tmp_path)])
     (tmp_path / 'x').mkdir()
     torch.save({'method': 'mae', 'config': {}}, tmp_path / 'x' / 'checkpoint.pt')
-    with pytest.raises(SystemExit, match='mae checkpoint, not ibot'):
+    with pytest.raises(SystemExit, match='is an MAE checkpoint, not an iBOT checkpoint'):
         ibot.main(TINY + ['--out_dir', str(tmp_path / 'x'), '--resume', 'auto', '--max_steps', '1'])
 
 

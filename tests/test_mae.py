@@ -213,7 +213,7 @@ def test_resume_refuses_other_method_or_size(tmp_path):
     out = tmp_path / 'x'
     out.mkdir()
     torch.save({'method': 'lut', 'config': {}}, out / 'checkpoint.pt')
-    with pytest.raises(SystemExit, match='lut checkpoint, not mae'):
+    with pytest.raises(SystemExit, match='is a LUT checkpoint, not an MAE checkpoint'):
         mae.main(TINY + ['--out_dir', str(out), '--resume', 'auto'])
     torch.save({'method': 'mae', 'config': {'model': 'small', 'img_size': 32, 'patch_size': 8, 'decoder_dim': 32,
                                             'decoder_depth': 1, 'decoder_heads': 2}}, out / 'checkpoint.pt')

@@ -194,7 +194,7 @@ def test_load_vit_builds_what_the_checkpoint_holds(tmp_path):
     torch.testing.assert_close(m.eval().forward_features(x), src.forward_features(x))
     m48, _ = vit.load_vit(path, img_size=48, num_classes=0, verbose=False)  # another resolution: interpolated
     assert m48.pos_embed.shape == (1, 1 + 144, 128)
-    with pytest.raises(ValueError, match='width 128, depth 6, patch 4 \\(ViT-mini\\).*pick the matching'):
+    with pytest.raises(ValueError, match='width 128, depth 6, patch 4 \\(ViT-mini\\).*drop model=.tiny. to build'):
         vit.load_vit(path, model='tiny', verbose=False)
     with pytest.raises(ValueError, match='patch 8'):
         vit.load_vit(path, patch_size=8, verbose=False)
