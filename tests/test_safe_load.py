@@ -119,6 +119,6 @@ def test_trust_flag_reaches_the_loader(tmp_path):
     path, marker = evil_checkpoint(tmp_path)
     cfg = mae.get_config(['--trust_checkpoint'])
     assert cfg.trust_checkpoint and not mae.get_config([]).trust_checkpoint  # never the default
-    with pytest.raises(SystemExit, match='non-nanoMIM checkpoint, not mae'):
+    with pytest.raises(SystemExit, match='a non-nanoMIM checkpoint, not an MAE checkpoint'):
         mae.load_checkpoint(path, cfg)
     assert os.path.exists(marker)
