@@ -44,7 +44,7 @@ IMG_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.bmp', '.webp', '.tif', '.tiff', '.p
 # -----------------------------------------------------------------------------
 # the embedded dataset: procedural shapes on textured backgrounds, with labels and segmentation masks
 
-SHAPE_CLASSES = ('disk', 'square', 'triangle', 'diamond', 'cross', 'ring', 'ellipse', 'star', 'half-disk', 'frame')
+SHAPE_CLASSES = ('disk', 'square', 'triangle', 'crescent', 'cross', 'ring', 'ellipse', 'star', 'half-disk', 'frame')
 SHAPES_SPLITS = {'train': (5000, 0), 'val': (1000, 10_000_019)}  # split: (number of images, seed offset)
 
 
@@ -57,8 +57,8 @@ def _shape_region(kind, u, v, R):
         return np.maximum(abs(u), abs(v)) < 0.8 * R
     if kind == 'triangle':  # equilateral, three half-planes
         return (v < 0.5 * R) & (np.sqrt(3) * u - v < R) & (-np.sqrt(3) * u - v < R)
-    if kind == 'diamond':
-        return abs(u) + abs(v) < R
+    if kind == 'crescent':  # a disk less an offset disk: concave, one sharp tip at each end
+        return (r < R) & ((u - 0.4 * R) ** 2 + v ** 2 > (0.8 * R) ** 2)
     if kind == 'cross':
         return ((abs(u) < R / 3) & (abs(v) < R)) | ((abs(v) < R / 3) & (abs(u) < R))
     if kind == 'ring':
