@@ -80,6 +80,20 @@ def test_every_pair_of_shape_classes_differs_beyond_rotation_and_scale():
             assert gap.max() > 0.01, f'{names[a]} and {names[b]} overlap in every invariant: gaps {gap.round(3)}'
 
 
+
+def test_image_grid_caption_lines_and_colour_key(tmp_path):
+    """Two caption lines and a title row above the grid, a key of colour swatches below it: each swatch's colour is
+    drawn under the grid, and the image grows by one 14-px line per caption line and key line."""
+    imgs = torch.full((2, 3, 64, 64), 0.5)
+    data.save_image_grid(imgs, 2, tmp_path / 'a.png', ('x', 'y'), caption='one')
+    data.save_image_grid(imgs, 2, tmp_path / 'b.png', ('x', 'y'), caption='one\ntwo',
+                         key=[('red', (255, 0, 0)), ('green', (0, 200, 0))])
+    a, b = (np.array(Image.open(tmp_path / n).convert('RGB')) for n in ('a.png', 'b.png'))
+    assert b.shape[1] == a.shape[1] and b.shape[0] == a.shape[0] + 14 + 14 + 4
+    below = b[14 * 3 + 2 + (64 + 4) * 2:]  # under the caption, titles and the grid (2 px padding, 2x enlarged)
+    for rgb in ((255, 0, 0), (0, 200, 0)):
+        assert (below == rgb).all(-1).sum() >= 9 * 9, rgb
+
 def write_images(root):
     (root / 'a').mkdir(parents=True)
     (root / 'b').mkdir()
