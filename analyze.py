@@ -6,8 +6,10 @@ analyze.py -- the measurements and pictures used to compare MIM encoders, for on
             queries and images. Table per layer, PNG with one dot per head (layer on x, pixels on y).
   attn      attention maps of one layer (default the last) for the [CLS] query, or for one patch query, per head,
             overlaid on the images in grey (PNG grid, one file per checkpoint).
-  spectrum  per-layer singular values of the feature covariance (LUT; Jing et al. 2022): table of log10 values,
-            PNG with one panel per layer on a log axis.
+  spectrum  per-layer singular values s_1 >= s_2 >= ... of the feature covariance (LUT; Jing et al. 2022).
+            Effective rank = exp(-sum_k p_k ln p_k) with p_k = s_k / sum_j s_j (Roy & Vetterli 2007): D for a
+            flat spectrum, 1 for a single direction. Table of effective rank and log10 values; PNG with one panel
+            per layer of p_k (the normalised values the effective rank is computed from) on a log axis.
   recon     MAE / LUT reconstructions of masked images, for checkpoints that hold a decoder (PNG grid).
   curves    training curves of one or several runs (--log, no checkpoint): each logged training statistic (the
             method's loss terms, grad norm) and the kNN monitor's top-1 against the epoch, one line per run, in
@@ -288,16 +290,21 @@ def query_attention(attn, query):
 
 @torch.no_grad()
 def reconstruct(model, imgs, noise, mask_ratio):
-    """imgs (B, 3, S, S) normalised, noise (B, L) -> (masked input, reconstruction with the visible patches pasted),
-    both (B, 3, S, S) normalised. Under norm_pix each predicted patch is un-normalised with the true patch's mean
-    and std (the usual way to look at norm-pix models; it leaks the masked patches' first two moments)."""
+    """imgs (B, 3, S, S) normalised, noise (B, L) -> (masked input, reconstruction with the visible patches pasted,
+    the same un-normalised with statistics the model could know), each (B, 3, S, S) normalised. Under norm_pix the
+    model predicts normalised patches: the second output un-normalises each with the true patch's mean and std (the
+    usual way to look at norm-pix models; it leaks the masked patches' first two moments, so the target shows
+    through), the third with the mean and std of the image's visible patches (mae.unnormalize_prediction). Without
+    norm_pix the prediction is in pixels and the two are equal."""
+    import mae
     _, pred, mask = model(imgs, noise, mask_ratio, model.norm_pix)  # pred (B, L, P), mask (B, L) 1 = removed
     p = model.patch_size
     target = vit.patchify(imgs, p)  # (B, L, P)
-    if model.norm_pix:
-        pred = pred * (target.var(dim=-1, keepdim=True) + 1e-6) ** 0.5 + target.mean(dim=-1, keepdim=True)
+    true_stats, vis_stats = mae.unnormalize_prediction(pred.float(), target, mask) if model.norm_pix \
+        else (pred.float(), pred.float())
     m = mask[..., None]  # (B, L, 1)
-    return vit.unpatchify(target * (1 - m), p), vit.unpatchify(target * (1 - m) + pred.float() * m, p)
+    return (vit.unpatchify(target * (1 - m), p), vit.unpatchify(target * (1 - m) + true_stats * m, p),
+            vit.unpatchify(target * (1 - m) + vis_stats * m, p))
 
 # -----------------------------------------------------------------------------
 # figures: matplotlib, an optional dependency of this script only (the tables and results.json need none)
@@ -346,13 +353,15 @@ def plot_aad(labels, aad, layers, path, title, uniform=None):
 
 
 def plot_spectrum(labels, spectra, path, title, ncols=4):
-    """spectra: list (one per checkpoint) of (depth, D) singular values, same shape. One panel per layer: rank on x,
-    singular value on a log y axis, one line per checkpoint."""
+    """spectra: list (one per checkpoint) of (depth, D) singular values, same shape. One panel per layer: rank k on x,
+    p_k = s_k / sum_j s_j (what effective_rank measures) on a log y axis, one line per checkpoint, each with its
+    effective rank written in the panel. Normalised, a spectrum that is flatter (higher effective rank) lies higher in
+    its tail whatever the features' overall scale."""
     plt = pyplot()
     depth, D = spectra[0].shape
     ncols = min(ncols, depth)
     nrows = math.ceil(depth / ncols)
-    fig, axes = plt.subplots(nrows, ncols, figsize=(3.2 * ncols, 2.4 * nrows + 1.0), layout='constrained',
+    fig, axes = plt.subplots(nrows, ncols, figsize=(3.2 * ncols, 2.4 * nrows + 1.3), layout='constrained',
                              squeeze=False)
     ranks = np.arange(1, D + 1)
     for i, ax in enumerate(axes.flat):
@@ -360,16 +369,19 @@ def plot_spectrum(labels, spectra, path, title, ncols=4):
             ax.axis('off')
             continue
         for k, s in enumerate(spectra):
-            v = s[i].double()
-            ax.plot(ranks, v.clamp_min(float(v.max()) * 1e-10 + 1e-30).numpy(), color=f'C{k}', lw=1.5,
-                    label=labels[k])  # clamped: exact zeros have no logarithm
+            v = s[i].double().clamp_min(0)
+            p = (v / v.sum().clamp_min(1e-30)).numpy()  # (D,) sums to 1
+            p[p < 1e-10] = np.nan  # numerically zero (fewer samples than D): no logarithm, not drawn
+            ax.plot(ranks, p, color=f'C{k}', lw=1.5, label=labels[k])
+            ax.text(0.97, 0.95 - 0.12 * k, f'eff. rank {effective_rank(s[i]):.1f}', color=f'C{k}', fontsize=8,
+                    ha='right', va='top', transform=ax.transAxes)
         ax.set_yscale('log')
         ax.set_title(f'block {i + 1}', fontsize=10)
         ax.grid(alpha=0.3)
         if i % ncols == 0:
-            ax.set_ylabel('singular value')
+            ax.set_ylabel(r'$p_k = s_k\ /\ \sum_j s_j$')
         if i + ncols >= depth:  # lowest panel of its column
-            ax.set_xlabel('rank')
+            ax.set_xlabel('rank k')
     fig.suptitle(title, fontsize=11)
     fig.legend(*axes.flat[0].get_legend_handles_labels(), loc='outside lower center', ncols=len(labels),
                frameon=False)
@@ -703,8 +715,10 @@ def main(argv=None):
             results[lb]['effective_rank'] = [effective_rank(v) for v in s]
         if plt and len({s.shape for s in spectra}) == 1:
             plot_spectrum(labels, spectra, os.path.join(cfg.out_dir, 'spectrum.png'),
-                          title=f'Singular values of the feature covariance ({cfg.spectrum_tokens} tokens) per block\n'
-                                f'{names}\n{source}')
+                          title=r'Normalised singular values $p_k = s_k / \sum_j s_j$ of the feature covariance '
+                                f'({cfg.spectrum_tokens} tokens) per block;\n'
+                                r'effective rank $= \exp(-\sum_k p_k \ln p_k)$ (D if flat, 1 for one direction)'
+                                f'\n{names}\n{source}')
             written.append(os.path.join(cfg.out_dir, 'spectrum.png'))
         elif plt:
             print('note: checkpoints differ in width or depth; no overlaid spectrum plot')
@@ -722,24 +736,33 @@ def main(argv=None):
 
     if 'recon' in what and plt:
         cols, masked_before, cols_names, recon_labels = [data.denormalize(vis).cpu()], None, ['original'], []
+        norm_pix = False  # any norm-pix checkpoint: the title says how its predictions are un-normalised
         for lb, e in zip(labels, entries):
             if e.rec is None:
                 print(f'note: {lb} has no pixel decoder; not in recon.png')
                 continue
             noise = torch.rand(vis.shape[0], e.rec.num_patches, generator=torch.Generator().manual_seed(cfg.seed))
             ratio = cfg.mask_ratio or e.rec.mask_ratio
-            masked, pasted = reconstruct(e.rec, vis, noise.to(device), ratio)
+            masked, pasted, pasted_vis = reconstruct(e.rec, vis, noise.to(device), ratio)
             if masked_before is None or not torch.equal(masked, masked_before):  # same mask: show the input once
                 cols.append(data.denormalize(masked).cpu())
                 cols_names.append(f'{lb} input\n({ratio:.0%} masked)')
             masked_before = masked
-            cols.append(data.denormalize(pasted).cpu())
-            cols_names.append(lb)
+            if e.rec.norm_pix:  # both un-normalisations side by side
+                cols += [data.denormalize(pasted).cpu(), data.denormalize(pasted_vis).cpu()]
+                cols_names += [f'{lb}\ntrue stats', f'{lb}\nvisible stats']
+                norm_pix = True
+            else:
+                cols.append(data.denormalize(pasted).cpu())
+                cols_names.append(lb)
             recon_labels.append(lb)
         report.append('\nrecon.png columns: ' + ' | '.join(n.replace('\n', ' ') for n in cols_names))
         path = os.path.join(cfg.out_dir, 'recon.png')
+        stats = ('\nnorm-pix: "true stats" un-normalises each predicted patch with the real patch\'s mean and std, '
+                 'which the model\nis not given (the target shows through); "visible stats" with the mean and std of '
+                 'the image\'s\nvisible patches, which the model could know') if norm_pix else ''
         plot_images(cols, cols_names, path, title=f'Reconstructions: {textwrap.fill(", ".join(recon_labels), 60)}\n'
-                                                  f'masked patches predicted, visible ones pasted\n{source}')
+                                                  f'masked patches predicted, visible ones pasted\n{source}{stats}')
         written.append(path)
 
     with open(os.path.join(cfg.out_dir, 'report.md'), 'w') as f:

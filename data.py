@@ -59,7 +59,7 @@ IMG_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.bmp', '.webp', '.tif', '.tiff', '.p
 # -----------------------------------------------------------------------------
 # the embedded dataset: procedural shapes on textured backgrounds, with labels and segmentation masks
 
-SHAPE_CLASSES = ('disk', 'square', 'triangle', 'diamond', 'cross', 'ring', 'ellipse', 'star', 'half-disk', 'frame')
+SHAPE_CLASSES = ('disk', 'square', 'triangle', 'crescent', 'cross', 'ring', 'ellipse', 'star', 'half-disk', 'frame')
 SHAPES_SPLITS = {'train': (5000, 0), 'val': (1000, 10_000_019)}  # split: (number of images, seed offset)
 
 
@@ -72,8 +72,8 @@ def _shape_region(kind, u, v, R):
         return np.maximum(abs(u), abs(v)) < 0.8 * R
     if kind == 'triangle':  # equilateral, three half-planes
         return (v < 0.5 * R) & (np.sqrt(3) * u - v < R) & (-np.sqrt(3) * u - v < R)
-    if kind == 'diamond':
-        return abs(u) + abs(v) < R
+    if kind == 'crescent':  # a disk less an offset disk: concave, one sharp tip at each end
+        return (r < R) & ((u - 0.4 * R) ** 2 + v ** 2 > (0.8 * R) ** 2)
     if kind == 'cross':
         return ((abs(u) < R / 3) & (abs(v) < R)) | ((abs(v) < R / 3) & (abs(u) < R))
     if kind == 'ring':
@@ -815,10 +815,11 @@ def batches(loader, sampler, start_step):
 # pictures and progress lines
 
 
-def save_image_grid(images, ncol, path, titles=(), caption=''):
-    """images (N, 3, H, W) in [0, 1], row-major with ncol columns -> a PNG with a caption line and a title over each
-    column, in PIL's built-in font (the training scripts need no plotting library). Images narrower than 128 px are
-    enlarged (nearest neighbour) so that the titles fit."""
+def save_image_grid(images, ncol, path, titles=(), caption='', key=()):
+    """images (N, 3, H, W) in [0, 1], row-major with ncol columns -> a PNG with a caption (one line per '\n') and a
+    title over each column, in PIL's built-in font (the training scripts need no plotting library). Images narrower
+    than 128 px are enlarged (nearest neighbour) so that the titles fit. `key`: (name, (r, g, b) uint8) pairs drawn
+    under the grid as colour swatches with their names, wrapped to the width."""
     from PIL import ImageDraw
     from torchvision.utils import make_grid
     H, W = images.shape[-2:]
@@ -826,12 +827,26 @@ def save_image_grid(images, ncol, path, titles=(), caption=''):
     grid = make_grid(images.detach().float().cpu().clamp(0, 1), nrow=ncol, padding=2, pad_value=1.0)
     pil = v2.functional.to_pil_image(grid)
     pil = pil.resize((pil.width * k, pil.height * k), Image.NEAREST)
-    top = 14 * (bool(caption) + bool(titles)) + 2
-    canvas = Image.new('RGB', (pil.width, pil.height + top), 'white')
+    lines = caption.split('\n') if caption else []
+    top = 14 * (len(lines) + bool(titles)) + 2
+    draw = ImageDraw.Draw(Image.new('RGB', (1, 1)))  # text widths before the canvas size is known
+    spots, x, y = [], 4, 0  # key entries: (x, line) of each swatch
+    for name, _ in key:
+        w = 14 + draw.textlength(name) + 12
+        if x > 4 and x + w > pil.width:
+            x, y = 4, y + 1
+        spots.append((x, y))
+        x += w
+    bottom = 14 * (y + 1) + 4 if key else 0
+    canvas = Image.new('RGB', (pil.width, pil.height + top + bottom), 'white')
     canvas.paste(pil, (0, top))
     draw = ImageDraw.Draw(canvas)
-    if caption:
-        draw.text((4, 2), caption, fill='black')
+    for (name, rgb), (x, line) in zip(key, spots):
+        y = top + pil.height + 2 + 14 * line
+        draw.rectangle((x, y + 1, x + 10, y + 11), fill=tuple(int(c) for c in rgb), outline='black')
+        draw.text((x + 14, y), name, fill='black')
+    for i, line in enumerate(lines):
+        draw.text((4, 2 + 14 * i), line, fill='black')
     for j, t in enumerate(titles):  # centred over column j
         x = (2 + j * (W + 2) + W / 2) * k - draw.textlength(t) / 2
         draw.text((max(0, x), top - 14), t, fill='black')

@@ -842,21 +842,23 @@ def palette():
 
 
 @torch.no_grad()
-def save_predictions(model, items, num_classes, cfg, device, path):
+def save_predictions(model, items, num_classes, classes, cfg, device, path, caption=''):
     """PNG rows: image | prediction | ground truth, labels coloured with the VOC palette, each at img_size x
-    img_size."""
+    img_size, under `caption`; a key from colour to class name below, for every label shown (255: ignore)."""
     was_training = model.training
     model.eval()
-    pal, S, tiles = torch.from_numpy(palette()).to(device), cfg.img_size, []
+    pal, S, tiles, shown = torch.from_numpy(palette()).to(device), cfg.img_size, [], set()
     for img, mask in items:
         img, mask = img[None].to(device), mask[None].to(device)
-        pred = label_logits(predict(model, img, num_classes, cfg), mask.shape[-2:]).argmax(1)
+        pred = label_logits(predict(model, img, num_classes, cfg), mask.shape[-2:]).argmax(1)  # (1, H, W)
         for lab in (pred, mask):
+            shown.update(lab.unique().tolist())
             rgb = pal[lab.clamp(0, 255)].permute(0, 3, 1, 2).float() / 255  # (1, 3, H, W)
             tiles.append(F.interpolate(rgb, size=(S, S), mode='nearest'))
         tiles.insert(-2, F.interpolate(data.denormalize(img), size=(S, S), mode='bilinear', align_corners=False))
-    data.save_image_grid(torch.cat(tiles), 3, path, ('image', 'prediction', 'ground truth'),
-                         caption=f'{cfg.head} head, {cfg.checkpoint or "resumed"}'[-60:])
+    key = [(classes[c] if c < len(classes) else 'ignore' if c == IGNORE else str(c), palette()[min(c, 255)])
+           for c in sorted(shown)]
+    data.save_image_grid(torch.cat(tiles), 3, path, ('image', 'prediction', 'ground truth'), caption=caption, key=key)
     model.train(was_training)
 
 # -----------------------------------------------------------------------------
@@ -948,7 +950,10 @@ def main(argv=None):
               f"({len(val)} images, {cfg.eval_mode})\nper-class IoU: {per_class}", flush=True)
         with open(os.path.join(cfg.out_dir, 'log.jsonl'), 'a') as f:
             f.write(json.dumps({'step': step, **metrics}) + '\n')
-        save_predictions(model, vis_items, num_classes, cfg, device, os.path.join(cfg.out_dir, 'seg.png'))
+        caption = (f"step {step}, mIoU {metrics['mIoU']:.2f} on {len(val)} val images ({cfg.eval_mode})\n"
+                   + f'{cfg.head} head, {cfg.checkpoint or "resumed"}'[-60:])
+        save_predictions(model, vis_items, num_classes, names, cfg, device, os.path.join(cfg.out_dir, 'seg.png'),
+                         caption)
 
     def checkpoint():
         state = {'method': METHOD, 'model': model.state_dict(), 'optimizer': optimizer.state_dict(),

@@ -448,23 +448,44 @@ def train_step(fwd, model, optimizer, scaler, autocast, batches, sched, cfg):
     return torch.stack([loss_sum, grad_norm.float()])
 
 
+def unnormalize_prediction(pred, target, mask):
+    """Norm-pix predictions back to pixels, for pictures only. pred, target (B, L, P), mask (B, L) 1 = removed ->
+    (pred with each true patch's own mean and std: what the loss compares, but at a masked patch the model is not
+    given them; pred with one mean and std per image, the averages of its visible patches' own: what it could know)."""
+    mean, std = target.mean(-1, keepdim=True), (target.var(-1, keepdim=True) + 1e-6) ** 0.5  # (B, L, 1) each
+    vis = 1 - mask[..., None]  # (B, L, 1)
+    n = vis.sum(1, keepdim=True).clamp_min(1)  # (B, 1, 1)
+    vis_mean, vis_std = (mean * vis).sum(1, keepdim=True) / n, (std * vis).sum(1, keepdim=True) / n  # (B, 1, 1)
+    return pred * std + mean, pred * vis_std + vis_mean
+
+
 @torch.no_grad()
 def save_reconstructions(model, imgs, noise, cfg, path, step=0):
-    """PNG rows: original | masked | reconstruction | reconstruction with the visible patches pasted.
-    Under norm_pix_loss each predicted patch is un-normalised with the true patch's mean and std."""
+    """PNG rows: original | masked | prediction | prediction with the visible patches pasted. Under norm_pix_loss the
+    predicted patches are un-normalised twice, side by side: with each true patch's mean and std (as the loss sees
+    them, which shows the target's brightness and contrast, not the model's), and with the mean and std of the
+    image's visible patches (what the model could know)."""
     model.eval()
     _, pred, mask = model(imgs, noise, cfg.mask_ratio, cfg.norm_pix_loss)
     p = cfg.patch_size
     target = vit.patchify(imgs, p)  # (B, L, P)
-    if cfg.norm_pix_loss:
-        pred = pred * (target.var(-1, keepdim=True) + 1e-6) ** 0.5 + target.mean(-1, keepdim=True)
     m = mask[..., None]  # (B, L, 1)
-    rows = [target, target * (1 - m), pred, target * (1 - m) + pred * m]
+    rows, titles = [target, target * (1 - m)], ['original', f'masked {cfg.mask_ratio:.0%}']
+    preds = zip(unnormalize_prediction(pred, target, mask), (': true stats', ': visible stats')) \
+        if cfg.norm_pix_loss else [(pred, '')]
+    for pr, stats in preds:  # (B, L, P) in pixels
+        rows += [pr, target * (1 - m) + pr * m]
+        titles += ['pred.' + stats, 'pasted' + stats]
     rows = [data.denormalize(vit.unpatchify(r.float(), p)) for r in rows]
-    grid = torch.stack(rows, dim=1).flatten(0, 1)  # (4B, 3, H, W): one image per row
-    data.save_image_grid(grid, 4, path, ('original', f'masked {cfg.mask_ratio:.0%}', 'prediction', 'pred. + visible'),
-                         caption=f'{METHOD} {cfg.model}/{p} {os.path.basename(os.path.normpath(cfg.out_dir))} '
-                                 f'step {step}, val images')
+    grid = torch.stack(rows, dim=1).flatten(0, 1)  # (len(rows) B, 3, H, W): one image per row
+    run = os.path.basename(os.path.normpath(cfg.out_dir))
+    caption = (f'{METHOD} ViT-{cfg.model}/{p}' + (f' ({run})' if run != METHOD else '') + f', step {step}, val '
+               'images; pasted = the prediction with the visible patches put back')
+    if cfg.norm_pix_loss:  # the model predicts normalised patches: their mean and std come from elsewhere
+        caption += ('\nnorm-pix: "true stats" un-normalises each predicted patch with the real patch\'s mean and '
+                    'std, which the\nmodel is not given (the target shows through); "visible stats" with the mean '
+                    'and std of the\nimage\'s visible patches, which the model could know')
+    data.save_image_grid(grid, len(rows), path, titles, caption=caption)
     model.train()
 
 # -----------------------------------------------------------------------------

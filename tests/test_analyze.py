@@ -121,12 +121,24 @@ def test_reconstruct_pastes_the_visible_patches():
                                 decoder_heads=2)).eval()
     m.norm_pix = True
     imgs, noise = torch.randn(2, 3, 32, 32), torch.rand(2, 16)
-    masked, pasted = analyze.reconstruct(m, imgs, noise, 0.75)
+    masked, pasted, pasted_vis = analyze.reconstruct(m, imgs, noise, 0.75)
     keep = noise.argsort(dim=1)[:, :4]  # int(16 * 0.25) smallest noise values are kept
     vis = torch.zeros(2, 16, dtype=torch.bool).scatter_(1, keep, True)
-    t, pm, pp = (vit.patchify(x, 8) for x in (imgs, masked, pasted))
+    t, pm, pp, pv = (vit.patchify(x, 8) for x in (imgs, masked, pasted, pasted_vis))
     assert torch.allclose(pm[vis], t[vis]) and torch.all(pm[~vis] == 0)
     assert torch.allclose(pp[vis], t[vis]) and not torch.allclose(pp[~vis], t[~vis])
+    assert torch.allclose(pv[vis], t[vis])
+    # one normalised prediction, two un-normalisations: with each true patch's mean and std, and with one mean and
+    # std per image, the averages of its visible patches' own
+    mean, std = t.mean(-1, keepdim=True), (t.var(-1, keepdim=True) + 1e-6) ** 0.5  # (B, L, 1)
+    for b in range(2):
+        v_mean, v_std = mean[b][vis[b]].mean(), std[b][vis[b]].mean()
+        pred_a = (pp[b][~vis[b]] - mean[b][~vis[b]]) / std[b][~vis[b]]  # (12, P)
+        pred_b = (pv[b][~vis[b]] - v_mean) / v_std
+        assert torch.allclose(pred_a, pred_b, atol=1e-4)
+    m.norm_pix = False  # pixel predictions: nothing to un-normalise, the two reconstructions agree
+    _, pasted, pasted_vis = analyze.reconstruct(m, imgs, noise, 0.75)
+    assert torch.equal(pasted, pasted_vis)
 
 
 @pytest.fixture(scope='module')
@@ -186,8 +198,10 @@ def test_end_to_end_pngs_with_matplotlib(mae_ckpt, tmp_path, capsys):
         lo, hi = im.getextrema()
         assert hi - lo > 100, name  # drawn on: dark text or lines on a light background
     report = open(os.path.join(out, 'report.md')).read()
-    # recon.png: original | masked input (one mask for both: shown once) | mae:2 | mae:2-2 (random: no decoder)
-    assert 'recon.png columns: original | mae:2 input (75% masked) | mae:2 | mae:2-2' in report
+    # recon.png: original | masked input (one mask for both: shown once) | mae:2 and mae:2-2 (norm-pix: each with the
+    # true patches' and with the visible patches' statistics) (random: no decoder)
+    assert ('recon.png columns: original | mae:2 input (75% masked) | mae:2 true stats | mae:2 visible stats | '
+            'mae:2-2 true stats | mae:2-2 visible stats') in report
 
 
 def test_official_mae_layout_gives_the_same_reconstruction(mae_ckpt):

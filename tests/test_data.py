@@ -27,6 +27,77 @@ def test_shapes_deterministic_balanced_and_masks_match_labels():
     assert counts.min() == counts.max() == 500
 
 
+
+def shape_descriptor(mask):
+    """Rotation- and scale-invariant numbers of one binary mask (H, W): solidity (area / area of the convex hull of
+    the pixel squares), moment of inertia about the centroid / that of a disk of the same area (1 for a disk),
+    smaller / larger eigenvalue of the pixel covariance (1 for any shape with 90-degree symmetry), and the farthest
+    pixel from the centroid / the radius of the disk of the same area."""
+    ys, xs = np.nonzero(mask)
+    area = len(xs)
+    d = np.stack([xs - xs.mean(), ys - ys.mean()])  # (2, area)
+    ev = np.linalg.eigvalsh(d @ d.T / area)  # ascending
+    pts = sorted({(x + a, y + b) for x, y in zip(xs.tolist(), ys.tolist()) for a in (0, 1) for b in (0, 1)})
+
+    def half(points):  # Andrew's monotone chain, one half of the hull
+        h = []
+        for p in points:
+            while len(h) >= 2 and ((h[-1][0] - h[-2][0]) * (p[1] - h[-2][1])
+                                   - (h[-1][1] - h[-2][1]) * (p[0] - h[-2][0])) <= 0:  # no left turn
+                h.pop()
+            h.append(p)
+        return h[:-1]
+    hull = np.array(half(pts) + half(pts[::-1]), dtype=float)
+    hull_area = 0.5 * abs(np.dot(hull[:, 0], np.roll(hull[:, 1], 1)) - np.dot(hull[:, 1], np.roll(hull[:, 0], 1)))
+    return np.array([area / hull_area, 2 * np.pi * ev.sum() / area, ev[0] / ev[1],
+                     np.sqrt((d ** 2).sum(0).max()) / np.sqrt(area / np.pi)])
+
+
+def test_shape_descriptor_by_hand():
+    """A 10 x 10 square: solidity 1, inertia 2 pi (99 / 6) / 100 over 1, eigenvalue ratio 1, farthest pixel
+    centre 4.5 sqrt 2 from the centroid against sqrt(100 / pi)."""
+    m = np.zeros((16, 16), bool)
+    m[3:13, 3:13] = True
+    want = [1, 2 * np.pi * 99 / 6 / 100, 1, 4.5 * 2 ** 0.5 / (100 / np.pi) ** 0.5]
+    np.testing.assert_allclose(shape_descriptor(m), want)
+
+
+def test_every_pair_of_shape_classes_differs_beyond_rotation_and_scale():
+    """No class is another turned and scaled: for every pair, some rotation- and scale-invariant number of the
+    rendered masks takes disjoint ranges on the two classes (with a gap), over ~20 images of each at random
+    rotation, size and position (masks that touch the border are clipped and left out). A square turned 45 degrees
+    (the former `diamond`) overlaps the square in all four."""
+    found = {c: [] for c in range(len(data.SHAPE_CLASSES))}
+    for i in range(300):
+        _, label, mask = data.render_shape(i, 64)
+        m = mask > 0
+        if not (m[0].any() or m[-1].any() or m[:, 0].any() or m[:, -1].any()):
+            found[label].append(shape_descriptor(m))
+    desc = {c: np.stack(v) for c, v in found.items()}
+    assert min(len(v) for v in desc.values()) >= 10
+    names = data.SHAPE_CLASSES
+    for a in range(len(names)):
+        for b in range(a + 1, len(names)):
+            lo = np.maximum(desc[a].min(0), desc[b].min(0))
+            hi = np.minimum(desc[a].max(0), desc[b].max(0))
+            gap = (lo - hi) / np.maximum(desc[a].max(0), desc[b].max(0))  # > 0: disjoint ranges, relative gap
+            assert gap.max() > 0.01, f'{names[a]} and {names[b]} overlap in every invariant: gaps {gap.round(3)}'
+
+
+
+def test_image_grid_caption_lines_and_colour_key(tmp_path):
+    """Two caption lines and a title row above the grid, a key of colour swatches below it: each swatch's colour is
+    drawn under the grid, and the image grows by one 14-px line per caption line and key line."""
+    imgs = torch.full((2, 3, 64, 64), 0.5)
+    data.save_image_grid(imgs, 2, tmp_path / 'a.png', ('x', 'y'), caption='one')
+    data.save_image_grid(imgs, 2, tmp_path / 'b.png', ('x', 'y'), caption='one\ntwo',
+                         key=[('red', (255, 0, 0)), ('green', (0, 200, 0))])
+    a, b = (np.array(Image.open(tmp_path / n).convert('RGB')) for n in ('a.png', 'b.png'))
+    assert b.shape[1] == a.shape[1] and b.shape[0] == a.shape[0] + 14 + 14 + 4
+    below = b[14 * 3 + 2 + (64 + 4) * 2:]  # under the caption, titles and the grid (2 px padding, 2x enlarged)
+    for rgb in ((255, 0, 0), (0, 200, 0)):
+        assert (below == rgb).all(-1).sum() >= 9 * 9, rgb
+
 def write_images(root):
     (root / 'a').mkdir(parents=True)
     (root / 'b').mkdir()

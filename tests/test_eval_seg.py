@@ -453,6 +453,25 @@ def test_cli_on_a_voc_folder(tmp_path, tiny_ckpt):
     assert Image.open(os.path.join(out, 'seg.png')).size[0] > 3 * 32
 
 
+
+def test_seg_png_has_a_colour_key_the_step_and_the_miou(tmp_path, tiny_ckpt, monkeypatch):
+    """seg.png's caption names the step and the mIoU just measured; its key maps the colour of every label drawn
+    (ground truth: background, cat, dog and the ignore border) to its class name in the VOC palette."""
+    root = str(tmp_path / 'voc')
+    write_voc(root)
+    out = str(tmp_path / 'out')
+    calls = []
+    monkeypatch.setattr(es.data, 'save_image_grid', lambda images, ncol, path, titles=(), caption='', key=():
+                        calls.append((caption, [(n, tuple(int(c) for c in rgb)) for n, rgb in key])))
+    es.main(['--data', f'voc:{root}', '--checkpoint', tiny_ckpt[0], '--iters', '2', '--out_dir', out] + TINY)
+    miou = [json.loads(line) for line in open(os.path.join(out, 'log.jsonl'))][-1]['mIoU']
+    caption, key = calls[-1]
+    assert caption.startswith(f'step 2, mIoU {miou:.2f} on ')
+    pal = es.palette()
+    want = {'_background_': 0, 'cat': 1, 'dog': 2, 'ignore': 255}
+    assert {n: tuple(int(c) for c in pal[i]) for n, i in want.items()}.items() <= dict(key).items()
+
+
 def test_resume_equals_uninterrupted(tmp_path, tiny_ckpt, capsys):
     a, b = str(tmp_path / 'a'), str(tmp_path / 'b')
     common = ['--checkpoint', tiny_ckpt[0], '--iters', '4', '--save_every', '2'] + TINY

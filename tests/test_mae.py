@@ -64,6 +64,19 @@ def test_norm_pix_target_formula():
     assert torch.equal(mae.pixel_target(img, 2, norm_pix=False)[0, 0], vals)
 
 
+
+def test_unnormalize_prediction_hand_computed():
+    """Patches [0, 2], [4, 4], [1, 5] (means 1, 4, 3; unbiased variances 2, 0, 8), the middle one removed, every
+    predicted patch [1, -1]. True stats: patch 1 becomes 4 +- sqrt(0 + 1e-6). Visible stats: the mean of the visible
+    means (1 + 3) / 2 = 2 and of their stds (sqrt 2 + sqrt 8) / 2 = 1.5 sqrt 2, for every patch of the image."""
+    target = torch.tensor([[[0.0, 2.0], [4.0, 4.0], [1.0, 5.0]]])  # (B=1, L=3, P=2)
+    mask = torch.tensor([[0.0, 1.0, 0.0]])
+    pred = torch.tensor([1.0, -1.0]).expand(1, 3, 2)
+    true_stats, vis_stats = mae.unnormalize_prediction(pred, target, mask)
+    assert torch.allclose(true_stats[0, 1], torch.tensor([4.001, 3.999]), atol=1e-6)
+    s = 1.5 * 2 ** 0.5
+    assert torch.allclose(vis_stats[0], torch.tensor([2 + s, 2 - s]).expand(3, 2), atol=1e-5)
+
 def test_model_masks_exact_count():
     cfg = SimpleNamespace(model='tiny', img_size=32, patch_size=8, decoder_dim=32, decoder_depth=1, decoder_heads=2)
     m = mae.MAE(cfg)

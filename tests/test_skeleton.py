@@ -22,7 +22,8 @@ SHARED_FUNCTIONS = {
                                   'exit_on_failed_write')},
     'ema_update': ('lut.py', 'ibot.py', 'dtm.py', 'finetune.py'),
     'momentum_at': ('lut.py', 'ibot.py', 'dtm.py'),
-    **{name: ('mae.py', 'lut.py') for name in ('random_masking', 'mask_from_ids', 'pixel_target', 'mae_loss')},
+    **{name: ('mae.py', 'lut.py') for name in ('random_masking', 'mask_from_ids', 'pixel_target', 'mae_loss',
+                                             'unnormalize_prediction')},
 }
 
 # blocks of main(), by their first and last lines: set-up, resume, and the log / save cadence after each step
