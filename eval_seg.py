@@ -358,8 +358,7 @@ class PhotoMetricDistortion:
     """mmseg PhotoMetricDistortion on a uint8 image (3, H, W), each step with probability 0.5: brightness + U(-32, 32)
     (additive), contrast x U(0.5, 1.5) (a plain product, not a blend with the mean), saturation x U(0.5, 1.5), hue
     + U{-18..18} OpenCV units (1/180 of a turn); contrast first or last at random. Brightness and contrast truncate
-    to uint8 as mmseg's convert(); saturation and hue are torchvision's (a blend with the grey image, an HSV hue
-    shift) where mmseg scales S in OpenCV's HSV."""
+    to uint8 as mmseg's convert(); saturation and hue are torchvision's (a deliberate difference, file docstring)."""
 
     def __call__(self, img):
         coin = lambda: torch.rand(()).item() < 0.5
@@ -393,7 +392,7 @@ class SegTrainTransform:
         self.finish = v2.Compose(data._to_tensor()[1:])
 
     def crop_box(self, mask):
-        """(top, left, h, w) of the crop: up to 10 draws until no class holds cat_max_ratio of the labelled pixels."""
+        """(top, left, h, w) of the crop, drawn again while one class dominates (cat_max_ratio, above)."""
         H, W = mask.shape[-2:]
         h, w = min(self.size, H), min(self.size, W)
         for _ in range(10):
@@ -590,13 +589,6 @@ def confusion_matrix(pred, label, num_classes):
     return torch.bincount(idx, minlength=num_classes ** 2).reshape(num_classes, num_classes)
 
 
-def reduce_confusion(cm):
-    """Sum the per-process confusion matrices in place (every process then holds the total)."""
-    if dist.is_available() and dist.is_initialized():
-        dist.all_reduce(cm, op=dist.ReduceOp.SUM)
-    return cm
-
-
 def seg_metrics(cm):
     """Confusion matrix (C, C) -> mIoU, mAcc, aAcc (percent) and per-class IoU (C,) (percent, NaN for a class absent
     from both prediction and label, which the mean skips; a class predicted but absent from the labels scores 0)."""
@@ -648,14 +640,14 @@ def label_logits(logits, size):
 @torch.no_grad()
 def evaluate(model, loader, num_classes, cfg, device, autocast):
     """Confusion matrix over this process's share of the validation set, summed over processes -> seg_metrics."""
-    if dist.is_available() and dist.is_initialized():  # plain BN (gloo) drifts per rank: score with rank 0's
-        for b in model.buffers():  # running statistics, the ones its checkpoint holds
+    ddp = dist.is_available() and dist.is_initialized()
+    if ddp:  # plain BN (gloo) drifts per rank: score with rank 0's running statistics, the ones its checkpoint holds
+        for b in model.buffers():
             dist.broadcast(b, 0)
     was_training = model.training
     model.eval()
     cm = torch.zeros(num_classes, num_classes, dtype=torch.long, device=device)
-    prog = data.Progress(f'eval ({cfg.eval_mode})', len(loader.sampler),
-                         enabled=not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0)
+    prog = data.Progress(f'eval ({cfg.eval_mode})', len(loader.sampler), enabled=not ddp or dist.get_rank() == 0)
     for (imgs, masks), _ in loader:
         same = len({(i.shape, m.shape) for i, m in zip(imgs, masks)}) == 1
         groups = [(torch.stack(imgs), torch.stack(masks))] if same else \
@@ -668,7 +660,9 @@ def evaluate(model, loader, num_classes, cfg, device, autocast):
         prog.update(len(imgs))
     prog.close()
     model.train(was_training)
-    return seg_metrics(reduce_confusion(cm)), cm
+    if ddp:  # every process then holds the total
+        dist.all_reduce(cm, op=dist.ReduceOp.SUM)
+    return seg_metrics(cm), cm
 
 # -----------------------------------------------------------------------------
 # optimizer and schedules
@@ -703,9 +697,9 @@ def param_groups(model, weight_decay, layer_decay, depth):
     return list(groups.values())
 
 
-def lr_at(step, base_lr, min_lr, warmup_steps, total_steps, power=1.0):
-    """Poly decay from base_lr to min_lr, (1 - step / total)^power, times a linear warm-up from 0 (mmseg 'poly')."""
-    lr = min_lr + (base_lr - min_lr) * (1 - min(step, total_steps) / total_steps) ** power
+def lr_at(step, base_lr, min_lr, warmup_steps, total_steps):
+    """Poly decay (power 1) from base_lr to min_lr, 1 - step / total, times a linear warm-up from 0 (mmseg 'poly')."""
+    lr = min_lr + (base_lr - min_lr) * (1 - min(step, total_steps) / total_steps)
     return lr * step / warmup_steps if step < warmup_steps else lr
 
 # -----------------------------------------------------------------------------
@@ -804,10 +798,8 @@ def restore(ckpt, stateful):
 def pretrained_backbone(cfg, verbose=True):
     """The backbone to start from, built as its checkpoint holds it (vit.load_vit: width, depth, heads, patch, layer
     scale; --model / --patch_size must match): --checkpoint's, or for a run that only resumes, the `encoder` of the
-    checkpoint to resume; None = a random init (--checkpoint none). Then fills the knobs left to the recipe that follow
-    the pre-training method: out_norm -1 -> 1 for an iBOT / DINO checkpoint (iBOT's segmentation configs need
-    out_with_norm=true), else 0 (or the resumed run's value); lr 0 (folder) -> 8e-4 with the linear head, 8e-5 for an
-    iBOT checkpoint (both iBOT's README, ViT-B), else 1e-4 (MAE)."""
+    checkpoint to resume; None = a random init (--checkpoint none). Then fills --out_norm -1 and --lr 0 from the
+    pre-training method as their Config comments say (or from the resumed run's config)."""
     resume = os.path.join(cfg.out_dir, 'checkpoint.pt') if cfg.resume == 'auto' else cfg.resume
     own = cfg.checkpoint.lower() not in ('', 'none')
     backbone, method, old = None, None, {}
