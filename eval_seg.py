@@ -49,6 +49,7 @@ import time
 import warnings
 from contextlib import nullcontext
 from dataclasses import dataclass
+from types import SimpleNamespace
 
 import numpy as np
 import torch
@@ -857,118 +858,112 @@ def save_predictions(model, items, num_classes, classes, cfg, device, path, capt
 # training
 
 
-def main(argv=None):
-    cfg = get_config(argv)
-
-    ddp, rank, local_rank, world, device = setup_distributed(cfg)
-    master = rank == 0
-    device_type = 'cuda' if device.startswith('cuda') else 'cpu'
-    dtype, autocast, scaler = setup_precision(cfg, device_type)
-
-    # the pre-trained backbone, built as its checkpoint holds it; the recipe knobs that follow its method
-    backbone = pretrained_backbone(cfg, master)
-
-    # data
+def build_data(cfg, env):
+    """The train / val sets (val: the first --val_size images) with their joint transforms, and their loaders."""
     try:
         base = build_seg_dataset(cfg.data, 'train', cfg.img_size)
         val = build_seg_dataset(cfg.data, 'val', cfg.img_size)
     except (FileNotFoundError, ValueError) as e:
         sys.exit(f'error: {e}')
-    num_classes = base.num_classes
     if cfg.val_size > 0:
         val = torch.utils.data.Subset(val, range(min(cfg.val_size, len(val))))
     dataset = data.Seeded(base, SegTrainTransform(cfg.img_size))
     val_set = data.Seeded(val, SegEvalTransform(cfg.img_size))
     try:
-        loader, sampler = data.make_loader(dataset, cfg.batch_size, world, rank, cfg.seed, cfg.num_workers)
+        loader, sampler = data.make_loader(dataset, cfg.batch_size, env.world, env.rank, cfg.seed, cfg.num_workers)
     except ValueError as e:
         regime = data.regime(cfg.data)
         sys.exit(f'error: {e} (the {regime} regime picks {REGIMES[regime]["batch_size"]})')
-    val_loader, _ = data.make_loader(val_set, cfg.batch_size, world, rank, cfg.seed, cfg.num_workers, train=False,
-                                     collate_fn=collate_lists)
-    steps_per_epoch = max(1, sampler.batches_per_epoch() // cfg.accum_iter)
-    total_steps = cfg.iters
-    end_step = min(total_steps, cfg.max_steps) if cfg.max_steps > 0 else total_steps
-    eff_batch = cfg.batch_size * cfg.accum_iter * world
-    base_lr = cfg.lr
-    warmup_steps = cfg.warmup_iters
+    val_loader, _ = data.make_loader(val_set, cfg.batch_size, env.world, env.rank, cfg.seed, cfg.num_workers,
+                                     train=False, collate_fn=collate_lists)
+    return SimpleNamespace(base=base, val=val, val_set=val_set, num_classes=base.num_classes, loader=loader,
+                           sampler=sampler, val_loader=val_loader)
 
-    # model, optimizer
-    model = Segmenter(cfg, num_classes, backbone).to(device)
+
+def build_model(cfg, env, backbone, num_classes):
+    """The Segmenter on `backbone`, AdamW with layer-wise lr decay, and the state of --resume.
+    Returns (model, optimizer, step)."""
+    model = Segmenter(cfg, num_classes, backbone).to(env.device)
     depth = len(model.backbone.blocks)
-    optimizer = torch.optim.AdamW(param_groups(model, cfg.weight_decay, cfg.layer_decay, depth), lr=base_lr,
-                                  betas=(0.9, 0.999), fused=device_type == 'cuda', foreach=device_type != 'cuda')
+    optimizer = torch.optim.AdamW(param_groups(model, cfg.weight_decay, cfg.layer_decay, depth), lr=cfg.lr,
+                                  betas=(0.9, 0.999), fused=env.device_type == 'cuda',
+                                  foreach=env.device_type != 'cuda')
     step = 0
     resume = os.path.join(cfg.out_dir, 'checkpoint.pt') if cfg.resume == 'auto' else cfg.resume
     if resume and not (cfg.resume == 'auto' and not os.path.exists(resume)):
         ckpt = load_checkpoint(resume, cfg, num_classes)
-        restore(ckpt, {'model': model, 'optimizer': optimizer, 'scaler': scaler})
+        restore(ckpt, {'model': model, 'optimizer': optimizer, 'scaler': env.scaler})
         step = ckpt['step']
-        if master:
+        if env.master:
             print(f'resumed from {resume} at step {step}')
         del ckpt
     elif cfg.checkpoint.lower() == 'none':
-        if master:
+        if env.master:
             print('backbone: random initialisation (--checkpoint none)')
     elif not cfg.checkpoint:
         sys.exit(f'error: no checkpoint to resume in {cfg.out_dir}; give --checkpoint PATH or --checkpoint none')
-    if master:
-        os.makedirs(cfg.out_dir, exist_ok=True)
-        print(json.dumps({'method': METHOD, **dataclasses.asdict(cfg), 'world': world, 'device': device,
-                          'dtype': dtype, 'effective_batch': eff_batch, 'lr': base_lr, 'steps': total_steps,
-                          'num_classes': num_classes}))
-        print(f'backbone {vit.count_params(model.backbone) / 1e6:.2f}M params, '
-              f'total {vit.count_params(model) / 1e6:.2f}M '
-              f'({vit.count_params(model, trainable=True) / 1e6:.3g}M trained), {len(base)} train / {len(val)} val '
-              f'images, {num_classes} classes, {cfg.head} head on blocks {model.layers}')
-        for note in getattr(cfg, 'notes', []):
-            print(note)
-        data.warn_warmup(warmup_steps, end_step, f'--warmup_iters {cfg.warmup_iters}')
-    if ddp and device_type == 'cuda':  # the heads' BatchNorm sees 2 images per GPU in the recipe: statistics over all
-        # GPUs (in place, same parameters); gloo/CPU keeps plain BN
-        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
-    fwd = torch.compile(model) if cfg.compile else model
-    if ddp:
-        fwd = DDP(fwd, device_ids=[local_rank] if device_type == 'cuda' else None)
-    vis_items = [val_set[i][0] for i in range(min(4, len(val_set)))] if master else None
+    return model, optimizer, step
 
-    def report(metrics):
-        """Rank 0 prints mIoU / mAcc / aAcc and the per-class IoU, and logs them."""
-        if not master:
-            return
-        names = base.classes
-        per_class = ', '.join(f'{names[c]} {v:.1f}' for c, v in enumerate(metrics['iou']) if not math.isnan(v))
-        print(f"eval step {step}: mIoU {metrics['mIoU']:.2f} mAcc {metrics['mAcc']:.2f} aAcc {metrics['aAcc']:.2f} "
-              f"({len(val)} images, {cfg.eval_mode})\nper-class IoU: {per_class}", flush=True)
-        with open(os.path.join(cfg.out_dir, 'log.jsonl'), 'a') as f:
-            f.write(json.dumps({'step': step, **metrics}) + '\n')
-        caption = (f"step {step}, mIoU {metrics['mIoU']:.2f} on {len(val)} val images ({cfg.eval_mode})\n"
-                   + f'{cfg.head} head, {cfg.checkpoint or "resumed"}'[-60:])
-        save_predictions(model, vis_items, num_classes, names, cfg, device, os.path.join(cfg.out_dir, 'seg.png'),
-                         caption)
+
+def last_step(cfg):
+    """The step this run stops at: --max_steps cuts it short of --iters, the schedule still spans --iters."""
+    return min(cfg.iters, cfg.max_steps) if cfg.max_steps > 0 else cfg.iters
+
+
+def print_config(cfg, env, model, sets):
+    """Rank 0's first lines: the configuration as resolved, the model and data sizes, notes, a too long warm-up."""
+    os.makedirs(cfg.out_dir, exist_ok=True)
+    print(json.dumps({'method': METHOD, **dataclasses.asdict(cfg), 'world': env.world, 'device': env.device,
+                      'dtype': env.dtype, 'effective_batch': cfg.batch_size * cfg.accum_iter * env.world,
+                      'lr': cfg.lr, 'steps': cfg.iters, 'num_classes': sets.num_classes}))
+    print(f'backbone {vit.count_params(model.backbone) / 1e6:.2f}M params, '
+          f'total {vit.count_params(model) / 1e6:.2f}M '
+          f'({vit.count_params(model, trainable=True) / 1e6:.3g}M trained), {len(sets.base)} train / {len(sets.val)} '
+          f'val images, {sets.num_classes} classes, {cfg.head} head on blocks {model.layers}')
+    for note in cfg.notes:
+        print(note)
+    data.warn_warmup(cfg.warmup_iters, last_step(cfg), f'--warmup_iters {cfg.warmup_iters}')
+
+
+def report(cfg, env, model, sets, step, metrics):
+    """Rank 0 prints mIoU / mAcc / aAcc and the per-class IoU, logs them, and draws seg.png."""
+    if not env.master:
+        return
+    names = sets.base.classes
+    per_class = ', '.join(f'{names[c]} {v:.1f}' for c, v in enumerate(metrics['iou']) if not math.isnan(v))
+    print(f"eval step {step}: mIoU {metrics['mIoU']:.2f} mAcc {metrics['mAcc']:.2f} aAcc {metrics['aAcc']:.2f} "
+          f"({len(sets.val)} images, {cfg.eval_mode})\nper-class IoU: {per_class}", flush=True)
+    with open(os.path.join(cfg.out_dir, 'log.jsonl'), 'a') as f:
+        f.write(json.dumps({'step': step, **metrics}) + '\n')
+    caption = (f"step {step}, mIoU {metrics['mIoU']:.2f} on {len(sets.val)} val images ({cfg.eval_mode})\n"
+               + f'{cfg.head} head, {cfg.checkpoint or "resumed"}'[-60:])
+    save_predictions(model, sets.vis_items, sets.num_classes, names, cfg, env.device,
+                     os.path.join(cfg.out_dir, 'seg.png'), caption)
+
+
+def train(cfg, env, model, fwd, optimizer, step, sets):
+    """The loop from `step`: one optimizer step = accum_iter micro-batches; logs, checkpoints and evaluations on
+    their cadences, always at the last step."""
+    ddp, master, device, scaler = env.ddp, env.master, env.device, env.scaler
+    steps_per_epoch = max(1, sets.sampler.batches_per_epoch() // cfg.accum_iter)
+    end_step = last_step(cfg)
+    eff_batch = cfg.batch_size * cfg.accum_iter * env.world
 
     def checkpoint():
         state = {'method': METHOD, 'model': model.state_dict(), 'optimizer': optimizer.state_dict(),
                  'scaler': scaler.state_dict(), 'step': step, 'epoch': step / max(1, steps_per_epoch),
-                 'config': dataclasses.asdict(cfg), 'num_classes': num_classes,
+                 'config': dataclasses.asdict(cfg), 'num_classes': sets.num_classes,
                  'encoder': vit.backbone_state_dict(model.backbone)}
         save_checkpoint(os.path.join(cfg.out_dir, 'checkpoint.pt'), state)
 
-    if cfg.eval_only:
-        report(evaluate(model, val_loader, num_classes, cfg, device, autocast)[0])
-        if ddp:
-            dist.destroy_process_group()
-        return
-
-    # the loop: one optimizer step = accum_iter micro-batches
     model.train()
-    stream = data.batches(loader, sampler, step * cfg.accum_iter)
+    stream = data.batches(sets.loader, sets.sampler, step * cfg.accum_iter)
     loss_sum = torch.zeros((), device=device)  # summed on the device, read only on log steps
     bad = torch.zeros((), device=device)  # any non-finite loss since the last check
     t0, t_start, step_start = time.time(), time.time(), step
     while step < end_step:
-        torch.manual_seed(step_seed(cfg.seed, rank, step))  # in-step randomness: a function of (seed, rank, step)
-        lr = lr_at(step, base_lr, cfg.min_lr, warmup_steps, total_steps)
+        torch.manual_seed(step_seed(cfg.seed, env.rank, step))  # in-step randomness: a function of (seed, rank, step)
+        lr = lr_at(step, cfg.lr, cfg.min_lr, cfg.warmup_iters, cfg.iters)
         for g in optimizer.param_groups:
             g['lr'] = lr * g['lr_scale']
         for micro in range(cfg.accum_iter):
@@ -979,7 +974,7 @@ def main(argv=None):
             imgs, masks = imgs.to(device, non_blocking=True), masks.to(device, non_blocking=True)
             sync = nullcontext() if (not ddp or micro == cfg.accum_iter - 1) else fwd.no_sync()
             with sync:
-                with autocast:
+                with env.autocast:
                     logits, aux = fwd(imgs)
                 loss = seg_loss(logits, masks, aux, cfg.aux_weight)
                 scaler.scale(loss / cfg.accum_iter).backward()
@@ -1019,11 +1014,42 @@ def main(argv=None):
         if save_now and master:
             checkpoint()
         if (cfg.eval_every > 0 and step % cfg.eval_every == 0) or step == end_step:
-            report(evaluate(model, val_loader, num_classes, cfg, device, autocast)[0])
+            report(cfg, env, model, sets, step, evaluate(model, sets.val_loader, sets.num_classes, cfg, device,
+                                                         env.autocast)[0])
             t0 = time.time()  # evaluation time is not training throughput
     if master:
         print(f'done: {step} steps in {(time.time() - t_start) / 60:.1f} min; wrote {cfg.out_dir}/checkpoint.pt, '
               f'log.jsonl, seg.png')
+
+
+def main(argv=None):
+    cfg = get_config(argv)
+
+    ddp, rank, local_rank, world, device = setup_distributed(cfg)
+    master = rank == 0
+    device_type = 'cuda' if device.startswith('cuda') else 'cpu'
+    dtype, autocast, scaler = setup_precision(cfg, device_type)
+
+    env = SimpleNamespace(ddp=ddp, rank=rank, world=world, master=master, device=device, device_type=device_type,
+                          dtype=dtype, autocast=autocast, scaler=scaler)
+    backbone = pretrained_backbone(cfg, master)  # fills --out_norm / --lr from the pre-training method
+    sets = build_data(cfg, env)
+    model, optimizer, step = build_model(cfg, env, backbone, sets.num_classes)
+    if master:
+        print_config(cfg, env, model, sets)
+    if ddp and device_type == 'cuda':  # the heads' BatchNorm sees 2 images per GPU in the recipe: statistics over all
+        # GPUs (in place, same parameters); gloo/CPU keeps plain BN
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    fwd = torch.compile(model) if cfg.compile else model
+    if ddp:
+        fwd = DDP(fwd, device_ids=[local_rank] if device_type == 'cuda' else None)
+    sets.vis_items = [sets.val_set[i][0] for i in range(min(4, len(sets.val_set)))] if master else None  # seg.png
+
+    if cfg.eval_only:
+        report(cfg, env, model, sets, step, evaluate(model, sets.val_loader, sets.num_classes, cfg, device,
+                                                     autocast)[0])
+    else:
+        train(cfg, env, model, fwd, optimizer, step, sets)
     if ddp:
         dist.destroy_process_group()
 
