@@ -591,15 +591,10 @@ def run_curves(cfg):
         print('no PNGs: matplotlib is not installed; `pip install matplotlib` and rerun to get them')
 
 
-def main(argv=None):
-    cfg = get_config(argv)
-    if cfg.what == 'curves':
-        return run_curves(cfg)
-    what = cfg.what.split(',')
-    device = resolve_device(cfg.device, 0, False, torch.cuda.is_available())
-
-    # checkpoints and the one architecture / resolution they are all measured at; without --data, the images the
-    # first nanoMIM checkpoint was pre-trained on when they are the embedded or a small set (a line says which)
+def load_encoders(cfg, what, device):
+    """The checkpoints and the one architecture / resolution they are all measured at; without --data, the images the
+    first nanoMIM checkpoint was pre-trained on when they are the embedded or a small set (a line says which).
+    Returns (img_size, labels, entries: one (path, enc, rec) each, layers of the AAD table)."""
     ckpts = [read_checkpoint(path, cfg.trust_checkpoint) for path in cfg.checkpoint]
     trained = next((ck['config'].get('data') for ck in ckpts if isinstance(ck, dict) and 'encoder' in ck
                     and isinstance(ck.get('config'), dict)), None)
@@ -640,8 +635,12 @@ def main(argv=None):
                  f'{min(e.enc.num_patches for e in entries)} patches at {img_size} px)')
     if 'recon' in what and not any(e.rec is not None for e in entries):
         sys.exit('error: --what recon needs a checkpoint with a pixel decoder (MAE or LUT pre-training checkpoint)')
+    return img_size, labels, entries, layers
 
-    # images: evenly spaced over the split (covers all classes of a sorted ImageNet val), eval transform
+
+def image_loader(cfg, img_size):
+    """--num_images images evenly spaced over the split (covers all classes of a sorted ImageNet val), eval
+    transform, in order."""
     try:
         base = data.build_dataset(cfg.data, cfg.split, img_size)
     except (FileNotFoundError, ValueError) as e:
@@ -649,15 +648,20 @@ def main(argv=None):
     n = min(cfg.num_images, len(base))
     idx = np.unique(np.linspace(0, len(base) - 1, n).round().astype(int)).tolist()
     dataset = data.Seeded(torch.utils.data.Subset(base, idx), data.eval_transform(img_size))
+    defaults = REGIMES[data.regime(cfg.data)]
     workers = data.default_workers(defaults['num_workers'] if cfg.num_workers < 0 else cfg.num_workers)
     loader, _ = data.make_loader(dataset, cfg.batch_size, num_workers=workers, train=False)
+    return loader
 
-    # one pass over the images; every checkpoint sees every batch
+
+def measure(cfg, what, entries, loader, device):
+    """One pass over the images; every checkpoint sees every batch. Returns the attention distances summed over
+    images (depth, H) and the feature moments per block, for each checkpoint; the first --num_vis images; the count."""
     aad_sum = [torch.zeros(e.enc.depth, e.enc.num_heads, dtype=torch.float64) for e in entries]
     moments = [[None] * e.enc.depth for e in entries]
     dists = [patch_distances(e.enc.grid, e.enc.grid, e.enc.patch_size) for e in entries]
     vis, count = [], 0
-    prog = data.Progress(f'analyze, {len(entries)} checkpoint(s)', total=len(dataset), unit='img')
+    prog = data.Progress(f'analyze, {len(entries)} checkpoint(s)', total=len(loader.dataset), unit='img')
     for imgs, _ in loader:
         imgs = imgs.to(device)
         if count < cfg.num_vis:
@@ -678,101 +682,128 @@ def main(argv=None):
                     moments[k][i] = m if moments[k][i] is None else tuple(x + y for x, y in zip(moments[k][i], m))
         prog.update(imgs.shape[0])
     prog.close()
-    vis = torch.cat(vis)
-    source = f'{count} images of {cfg.data or "the embedded shapes"} ({cfg.split}) at {img_size} px'
+    return SimpleNamespace(aad_sum=aad_sum, moments=moments, dists=dists, vis=torch.cat(vis), count=count)
+
+
+def aad_section(cfg, out, m, layers):
+    """Average attention distance: table (printed and in report.md), results, aad.png."""
+    aad = [s / m.count for s in m.aad_sum]  # (depth, H) per checkpoint
+    uniform = float(m.dists[0].mean()) if len({d.shape for d in m.dists}) == 1 else None  # AAD of uniform attention
+    title = f'px at {out.img_size} px; [CLS] key: {cfg.cls_key}'
+    title += f'; uniform attention: {uniform:.1f}' if uniform else ''
+    tables = aad_tables(out.labels, aad, layers)
+    print(f'\naverage attention distance ({title})\n' + tables[0])
+    out.report += [f'\n## Average attention distance ({title})\n'] + tables
+    for lb, a in zip(out.labels, aad):
+        out.results[lb]['aad'] = a.tolist()
+    if out.plt:
+        plot_aad(out.labels, aad, layers, os.path.join(cfg.out_dir, 'aad.png'), uniform=uniform,
+                 title=f'Average attention distance per layer and head\n{out.names}\n{out.source}, [CLS] key: '
+                       f'{cfg.cls_key}')
+        out.written.append(os.path.join(cfg.out_dir, 'aad.png'))
+
+
+def spectrum_section(cfg, out, m):
+    """Feature covariance spectrum: table (printed and in report.md), results, spectrum.png."""
+    spectra = [torch.stack([covariance_spectrum(*mo) for mo in ms]).float() for ms in m.moments]  # (depth, D) each
+    tables = spectrum_table(out.labels, spectra)
+    print(f'\nfeature covariance spectrum ({cfg.spectrum_tokens} tokens)\n' + tables[0])
+    out.report += [f'\n## Feature covariance spectrum ({cfg.spectrum_tokens} tokens, block outputs)\n'] + tables
+    for lb, s in zip(out.labels, spectra):
+        out.results[lb]['singular_values'] = s.tolist()
+        out.results[lb]['effective_rank'] = [effective_rank(v) for v in s]
+    if out.plt and len({s.shape for s in spectra}) == 1:
+        plot_spectrum(out.labels, spectra, os.path.join(cfg.out_dir, 'spectrum.png'),
+                      title=r'Normalised singular values $p_k = s_k / \sum_j s_j$ of the feature covariance '
+                            f'({cfg.spectrum_tokens} tokens) per block;\n'
+                            r'effective rank $= \exp(-\sum_k p_k \ln p_k)$ (D if flat, 1 for one direction)'
+                            f'\n{out.names}\n{out.source}')
+        out.written.append(os.path.join(cfg.out_dir, 'spectrum.png'))
+    elif out.plt:
+        print('note: checkpoints differ in width or depth; no overlaid spectrum plot')
+
+
+def attn_figures(cfg, out, vis):
+    """attn_<label>.png per checkpoint: one block's attention of the [CLS] or a patch query, per head."""
+    query = '[CLS] query' if cfg.attn_query < 0 else f'query patch {cfg.attn_query} (outlined)'
+    for lb, e in zip(out.labels, out.entries):
+        layer = cfg.attn_layer or e.enc.depth
+        att = query_attention(e.enc.forward_attention(vis)[layer - 1], cfg.attn_query)  # (B, H, L)
+        path = os.path.join(cfg.out_dir, f'attn_{safe_name(lb)}.png')
+        plot_attention(data.denormalize(vis).cpu(), att.cpu(), e.enc.grid, path, query=cfg.attn_query,
+                       title=f'{lb}: attention of the {query}, block {layer} of {e.enc.depth}\n'
+                             + (e.path if e.path != 'none' else f'random init, seed {cfg.seed}'))
+        out.written.append(path)
+
+
+def recon_figure(cfg, out, vis, device):
+    """recon.png: the images, each decoder checkpoint's masked input and its reconstruction, one column each."""
+    cols, masked_before, cols_names, recon_labels = [data.denormalize(vis).cpu()], None, ['original'], []
+    norm_pix = False  # any norm-pix checkpoint: the title says how its predictions are un-normalised
+    for lb, e in zip(out.labels, out.entries):
+        if e.rec is None:
+            print(f'note: {lb} has no pixel decoder; not in recon.png')
+            continue
+        noise = torch.rand(vis.shape[0], e.rec.num_patches, generator=torch.Generator().manual_seed(cfg.seed))
+        ratio = cfg.mask_ratio or e.rec.mask_ratio
+        masked, pasted, pasted_vis = reconstruct(e.rec, vis, noise.to(device), ratio)
+        if masked_before is None or not torch.equal(masked, masked_before):  # same mask: show the input once
+            cols.append(data.denormalize(masked).cpu())
+            cols_names.append(f'{lb} input\n({ratio:.0%} masked)')
+        masked_before = masked
+        if e.rec.norm_pix:  # both un-normalisations side by side
+            cols += [data.denormalize(pasted).cpu(), data.denormalize(pasted_vis).cpu()]
+            cols_names += [f'{lb}\ntrue stats', f'{lb}\nvisible stats']
+            norm_pix = True
+        else:
+            cols.append(data.denormalize(pasted).cpu())
+            cols_names.append(lb)
+        recon_labels.append(lb)
+    out.report.append('\nrecon.png columns: ' + ' | '.join(n.replace('\n', ' ') for n in cols_names))
+    path = os.path.join(cfg.out_dir, 'recon.png')
+    stats = ('\nnorm-pix: "true stats" un-normalises each predicted patch with the real patch\'s mean and std, '
+             'which the model\nis not given (the target shows through); "visible stats" with the mean and std of '
+             'the image\'s\nvisible patches, which the model could know') if norm_pix else ''
+    plot_images(cols, cols_names, path, title=f'Reconstructions: {textwrap.fill(", ".join(recon_labels), 60)}\n'
+                                              f'masked patches predicted, visible ones pasted\n{out.source}{stats}')
+    out.written.append(path)
+
+
+def main(argv=None):
+    cfg = get_config(argv)
+    if cfg.what == 'curves':
+        return run_curves(cfg)
+    what = cfg.what.split(',')
+    device = resolve_device(cfg.device, 0, False, torch.cuda.is_available())
+    img_size, labels, entries, layers = load_encoders(cfg, what, device)
+    m = measure(cfg, what, entries, image_loader(cfg, img_size), device)
+    source = f'{m.count} images of {cfg.data or "the embedded shapes"} ({cfg.split}) at {img_size} px'
     print(source)
 
+    # every table goes to report.md and results.json, every figure to a PNG (plt None: no matplotlib, no PNGs)
     os.makedirs(cfg.out_dir, exist_ok=True)
     report = [f'# analyze.py: {", ".join(what)}\n', f'{source}.\n',
               markdown_table(['label', 'checkpoint'], [[lb, e.path] for lb, e in zip(labels, entries)])]
-    results = {lb: {'checkpoint': e.path} for lb, e in zip(labels, entries)}
-    written, plt = [], pyplot()  # plt None: no matplotlib, tables and results.json only
-    names = textwrap.fill(', '.join(labels), 90)  # checkpoint names in figure titles
-
+    out = SimpleNamespace(labels=labels, entries=entries, img_size=img_size, source=source, report=report,
+                          results={lb: {'checkpoint': e.path} for lb, e in zip(labels, entries)}, written=[],
+                          plt=pyplot(), names=textwrap.fill(', '.join(labels), 90))  # names: in figure titles
     if 'aad' in what:
-        aad = [s / count for s in aad_sum]  # (depth, H) per checkpoint
-        uniform = float(dists[0].mean()) if len({d.shape for d in dists}) == 1 else None  # AAD of uniform attention
-        title = f'px at {img_size} px; [CLS] key: {cfg.cls_key}'
-        title += f'; uniform attention: {uniform:.1f}' if uniform else ''
-        tables = aad_tables(labels, aad, layers)
-        print(f'\naverage attention distance ({title})\n' + tables[0])
-        report += [f'\n## Average attention distance ({title})\n'] + tables
-        for lb, a in zip(labels, aad):
-            results[lb]['aad'] = a.tolist()
-        if plt:
-            plot_aad(labels, aad, layers, os.path.join(cfg.out_dir, 'aad.png'), uniform=uniform,
-                     title=f'Average attention distance per layer and head\n{names}\n{source}, [CLS] key: '
-                           f'{cfg.cls_key}')
-            written.append(os.path.join(cfg.out_dir, 'aad.png'))
-
+        aad_section(cfg, out, m, layers)
     if 'spectrum' in what:
-        spectra = [torch.stack([covariance_spectrum(*m) for m in ms]).float() for ms in moments]  # (depth, D) each
-        tables = spectrum_table(labels, spectra)
-        print(f'\nfeature covariance spectrum ({cfg.spectrum_tokens} tokens)\n' + tables[0])
-        report += [f'\n## Feature covariance spectrum ({cfg.spectrum_tokens} tokens, block outputs)\n'] + tables
-        for lb, s in zip(labels, spectra):
-            results[lb]['singular_values'] = s.tolist()
-            results[lb]['effective_rank'] = [effective_rank(v) for v in s]
-        if plt and len({s.shape for s in spectra}) == 1:
-            plot_spectrum(labels, spectra, os.path.join(cfg.out_dir, 'spectrum.png'),
-                          title=r'Normalised singular values $p_k = s_k / \sum_j s_j$ of the feature covariance '
-                                f'({cfg.spectrum_tokens} tokens) per block;\n'
-                                r'effective rank $= \exp(-\sum_k p_k \ln p_k)$ (D if flat, 1 for one direction)'
-                                f'\n{names}\n{source}')
-            written.append(os.path.join(cfg.out_dir, 'spectrum.png'))
-        elif plt:
-            print('note: checkpoints differ in width or depth; no overlaid spectrum plot')
-
-    if 'attn' in what and plt:
-        query = '[CLS] query' if cfg.attn_query < 0 else f'query patch {cfg.attn_query} (outlined)'
-        for lb, e in zip(labels, entries):
-            layer = cfg.attn_layer or e.enc.depth
-            att = query_attention(e.enc.forward_attention(vis)[layer - 1], cfg.attn_query)  # (B, H, L)
-            path = os.path.join(cfg.out_dir, f'attn_{safe_name(lb)}.png')
-            plot_attention(data.denormalize(vis).cpu(), att.cpu(), e.enc.grid, path, query=cfg.attn_query,
-                           title=f'{lb}: attention of the {query}, block {layer} of {e.enc.depth}\n'
-                                 + (e.path if e.path != 'none' else f'random init, seed {cfg.seed}'))
-            written.append(path)
-
-    if 'recon' in what and plt:
-        cols, masked_before, cols_names, recon_labels = [data.denormalize(vis).cpu()], None, ['original'], []
-        norm_pix = False  # any norm-pix checkpoint: the title says how its predictions are un-normalised
-        for lb, e in zip(labels, entries):
-            if e.rec is None:
-                print(f'note: {lb} has no pixel decoder; not in recon.png')
-                continue
-            noise = torch.rand(vis.shape[0], e.rec.num_patches, generator=torch.Generator().manual_seed(cfg.seed))
-            ratio = cfg.mask_ratio or e.rec.mask_ratio
-            masked, pasted, pasted_vis = reconstruct(e.rec, vis, noise.to(device), ratio)
-            if masked_before is None or not torch.equal(masked, masked_before):  # same mask: show the input once
-                cols.append(data.denormalize(masked).cpu())
-                cols_names.append(f'{lb} input\n({ratio:.0%} masked)')
-            masked_before = masked
-            if e.rec.norm_pix:  # both un-normalisations side by side
-                cols += [data.denormalize(pasted).cpu(), data.denormalize(pasted_vis).cpu()]
-                cols_names += [f'{lb}\ntrue stats', f'{lb}\nvisible stats']
-                norm_pix = True
-            else:
-                cols.append(data.denormalize(pasted).cpu())
-                cols_names.append(lb)
-            recon_labels.append(lb)
-        report.append('\nrecon.png columns: ' + ' | '.join(n.replace('\n', ' ') for n in cols_names))
-        path = os.path.join(cfg.out_dir, 'recon.png')
-        stats = ('\nnorm-pix: "true stats" un-normalises each predicted patch with the real patch\'s mean and std, '
-                 'which the model\nis not given (the target shows through); "visible stats" with the mean and std of '
-                 'the image\'s\nvisible patches, which the model could know') if norm_pix else ''
-        plot_images(cols, cols_names, path, title=f'Reconstructions: {textwrap.fill(", ".join(recon_labels), 60)}\n'
-                                                  f'masked patches predicted, visible ones pasted\n{source}{stats}')
-        written.append(path)
+        spectrum_section(cfg, out, m)
+    if 'attn' in what and out.plt:
+        attn_figures(cfg, out, m.vis)
+    if 'recon' in what and out.plt:
+        recon_figure(cfg, out, m.vis, device)
 
     with open(os.path.join(cfg.out_dir, 'report.md'), 'w') as f:
-        files = (', '.join(written) or 'none') if plt else 'no PNGs (matplotlib is not installed)'
-        f.write('\n'.join(report) + f'\n\nfiles: {files}\n')
+        files = (', '.join(out.written) or 'none') if out.plt else 'no PNGs (matplotlib is not installed)'
+        f.write('\n'.join(out.report) + f'\n\nfiles: {files}\n')
     with open(os.path.join(cfg.out_dir, 'results.json'), 'w') as f:
         json.dump({'config': {k: v for k, v in dataclasses.asdict(cfg).items()}, 'img_size': img_size,
-                   'num_images': count, 'results': results}, f)
-    print('\nwrote ' + ', '.join(written + [os.path.join(cfg.out_dir, n) for n in ('report.md', 'results.json')]))
-    if plt is None:
+                   'num_images': m.count, 'results': out.results}, f)
+    print('\nwrote ' + ', '.join(out.written + [os.path.join(cfg.out_dir, n) for n in ('report.md', 'results.json')]))
+    if out.plt is None:
         print('no PNGs: matplotlib is not installed; `pip install matplotlib` and rerun to get them')
 
 
