@@ -840,7 +840,8 @@ def save_predictions(model, items, num_classes, classes, cfg, device, path, capt
     img_size, under `caption`; a key from colour to class name below, for every label shown (255: ignore)."""
     was_training = model.training
     model.eval()
-    pal, S, tiles, shown = torch.from_numpy(palette()).to(device), cfg.img_size, [], set()
+    colours = palette()
+    pal, S, tiles, shown = torch.from_numpy(colours).to(device), cfg.img_size, [], set()
     for img, mask in items:
         img, mask = img[None].to(device), mask[None].to(device)
         pred = label_logits(predict(model, img, num_classes, cfg), mask.shape[-2:]).argmax(1)  # (1, H, W)
@@ -849,7 +850,7 @@ def save_predictions(model, items, num_classes, classes, cfg, device, path, capt
             rgb = pal[lab.clamp(0, 255)].permute(0, 3, 1, 2).float() / 255  # (1, 3, H, W)
             tiles.append(F.interpolate(rgb, size=(S, S), mode='nearest'))
         tiles.insert(-2, F.interpolate(data.denormalize(img), size=(S, S), mode='bilinear', align_corners=False))
-    key = [(classes[c] if c < len(classes) else 'ignore' if c == IGNORE else str(c), palette()[min(c, 255)])
+    key = [(classes[c] if c < len(classes) else 'ignore' if c == IGNORE else str(c), colours[min(c, 255)])
            for c in sorted(shown)]
     data.save_image_grid(torch.cat(tiles), 3, path, ('image', 'prediction', 'ground truth'), caption=caption, key=key)
     model.train(was_training)
