@@ -25,8 +25,8 @@ builds the ViT the file holds (layer scale included).
 
 Measured on the embedded shapes (ViT-tiny/8, 64 px, 5000 train / 1000 val, CPU fp32), [CLS] kNN / linear-probe
 top-1: random init 16.7 / 23.0; `python mae.py` (8 epochs) 16.4 / 29.4; `python lut.py --max_steps 200` 14.8 /
-21.9. The default fine-tuning of that MAE
-checkpoint (5 epochs, mixup / cutmix / RandAugment / erasing) stays at chance: 11.6 (README, Evaluation).
+21.9. The default fine-tuning of that MAE checkpoint (5 epochs, mixup / cutmix / RandAugment / erasing) stays at
+chance: 11.6 (README, Evaluation).
 
 Deliberate differences from the official evaluation code (each small; what and why):
 - RandAugment: timm's 'rand-m9-mstd0.5-inc1' ops, ranges, noise and p 0.5 (the RandAugment class), called through
